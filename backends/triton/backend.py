@@ -1,0 +1,97 @@
+"""The Triton backend object: availability, per-descriptor support, device guard, dispatch."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Optional
+
+import torch
+
+from kvdispatch.registry import OPS, Backend
+
+INTERPRET = "TRITON_INTERPRET"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the machine
+        return f"triton is not importable ({type(e).__name__}: {e}); pip install 'kvdispatch[triton]'"
+    return None
+
+
+def _intel_triton_xpu() -> bool:
+    try:
+        import triton
+        return hasattr(torch, "xpu") and torch.xpu.is_available() and \
+            "xpu" in str(getattr(triton.runtime.driver.active, "get_current_target", lambda: "")())
+    except Exception:
+        return False
+
+
+def interpreting() -> bool:
+    return os.environ.get(INTERPRET, "0") not in ("", "0")
+
+
+def device_guard(t: torch.Tensor):
+    """Launch under the tensor's device (tensors on cuda:1 while cuda:0 is current)."""
+    if t.device.type == "cuda" and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device.index)
+    if t.device.type == "xpu" and t.device.index != torch.xpu.current_device():
+        return torch.xpu.device(t.device.index)
+    return contextlib.nullcontext()
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    priority = 100
+    platforms = ("nvidia", "rocm", "xpu")
+    ops = OPS
+    description = "Triton kernels; launch configs per compute capability / gfx arch"
+
+    def available(self, platform) -> Optional[str]:
+        err = _triton_import_error()
+        if err:
+            return err
+        if platform.name in ("nvidia", "rocm"):
+            return None if torch.cuda.is_available() else "torch sees no CUDA/ROCm device"
+        if platform.name == "xpu":
+            return None if _intel_triton_xpu() else \
+                "Intel's Triton XPU backend is not installed (needs torch XPU + intel triton)"
+        if platform.name == "cpu":
+            return None if interpreting() else \
+                "runs on CPU tensors only under TRITON_INTERPRET=1 (the kernel test mode)"
+        return f"no Triton target for platform {platform.name!r}"
+
+    def supports(self, op, desc, platform) -> Optional[str]:
+        if op in ("reshape_and_cache_flash", "concat_and_cache_mla"):
+            from . import write
+            return write.supports(op, desc, platform)
+        from . import attention
+        return attention.supports(op, desc, platform)
+
+    def versions(self) -> dict:
+        try:
+            import triton
+            return {"triton": triton.__version__}
+        except Exception:
+            return {}
+
+    def reshape_and_cache_flash(self, key, value, key_cache, value_cache, slot_mapping, desc):
+        from .write import reshape_and_cache_flash
+        with device_guard(key_cache):
+            reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, desc)
+
+    def concat_and_cache_mla(self, kv_c, k_pe, kv_cache, slot_mapping, desc):
+        from .write import concat_and_cache_mla
+        with device_guard(kv_cache):
+            concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, desc)
+
+    def flash_attn_varlen_func(self, q, k, v, out, desc, args):
+        from .attention import flash_attn_varlen_func
+        with device_guard(q):
+            flash_attn_varlen_func(q, k, v, out, desc, args)

@@ -1,0 +1,364 @@
+"""``KVCacheDescriptor``: one description of a paged KV cache that every backend consumes.
+
+Every supported layout is addressed by one formula over five numbers per cache (K and V each)::
+
+    offset(block, token, head, d) = block*s_block + token*s_token + head*s_head
+                                    + (d // x)*s_chunk + d % x
+
+* 4-D caches, indexed ``[block, token_in_block, head, dim]`` whatever their memory order (NHD,
+  HND permuted views, slices of a combined ``[blocks, 2, bs, H, D]`` buffer, one layer of a
+  cross-layer buffer, ``[..., :Dk]`` / ``[..., Dk:]`` "diffkv" slices): ``x = head_size``, so
+  ``d // x == 0`` and ``d % x == d``.
+* vLLM's classic head-major layout: key ``[blocks, H, D // x, bs, x]`` (x = 16 bytes / element),
+  value ``[blocks, H, D, bs]`` (x = 1: dims are ``s_chunk`` apart).
+* the MLA latent cache ``[blocks, bs, kv_lora_rank + rope_dim]``: one head, no value cache.
+
+The strides are the tensors' REAL strides (in elements), never assumed from a layout name, so a
+kernel that addresses through them cannot write to the wrong place on a permuted view.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .platform import Platform, platform_of
+
+__all__ = ["KVCacheDescriptor", "CacheStrides", "FP8_DTYPES", "normalize_kv_cache_dtype"]
+
+INT32_MAX = 2**31 - 1
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2)
+_E4M3 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
+
+# user spelling -> canonical name
+_KV_CACHE_DTYPES = {
+    "auto": "auto",
+    "fp8": "fp8_e4m3",
+    "fp8_e4m3": "fp8_e4m3",
+    "fp8_e5m2": "fp8_e5m2",
+}
+
+
+def normalize_kv_cache_dtype(kv_cache_dtype: str) -> str:
+    """``"auto"``, ``"fp8_e4m3"`` or ``"fp8_e5m2"``; raises ValueError naming the argument otherwise."""
+    if not isinstance(kv_cache_dtype, str) or kv_cache_dtype not in _KV_CACHE_DTYPES:
+        raise ValueError(
+            f"kv_cache_dtype: expected one of {sorted(_KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}"
+        )
+    return _KV_CACHE_DTYPES[kv_cache_dtype]
+
+
+@dataclass(frozen=True)
+class CacheStrides:
+    """Real element strides of one cache (K or V) for the addressing formula."""
+
+    block: int
+    token: int
+    head: int
+    chunk: int
+    x: int
+
+    def offset(self, block: int, token: int, head: int, d: int) -> int:
+        return (block * self.block + token * self.token + head * self.head
+                + (d // self.x) * self.chunk + d % self.x)
+
+    def as_tuple(self) -> tuple[int, int, int, int, int]:
+        return (self.block, self.token, self.head, self.chunk, self.x)
+
+
+def _max_offset(t: torch.Tensor) -> int:
+    return sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if n > 0)
+
+
+def _strides_4d(t: torch.Tensor) -> CacheStrides:
+    sb, st, sh, sd = t.stride()
+    return CacheStrides(block=sb, token=st, head=sh, chunk=t.shape[3], x=t.shape[3])
+
+
+def _check_last_dim(t: torch.Tensor, name: str) -> None:
+    if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(
+            f"{name}: the last dimension must be contiguous (stride(-1) == 1), "
+            f"got strides {tuple(t.stride())}"
+        )
+    if any(s < 0 for s in t.stride()):
+        raise ValueError(f"{name}: negative strides are not supported, got {tuple(t.stride())}")
+
+
+def _fp8_dtype_for(kind: str, storage: torch.dtype, platform: Platform, name: str) -> torch.dtype:
+    """The fp8 element type for kv_cache_dtype ``kind`` given a cache stored as ``storage``."""
+    if kind == "fp8_e4m3":
+        if storage in _E4M3:
+            return storage
+        if storage == torch.uint8:
+            return platform.fp8_e4m3_dtype
+    elif kind == "fp8_e5m2":
+        if storage == torch.float8_e5m2:
+            return storage
+        if storage == torch.uint8:
+            return torch.float8_e5m2
+    raise TypeError(
+        f"{name}: kv_cache_dtype={kind!r} needs a cache of an fp8 {kind[4:]} dtype or a uint8 view, "
+        f"got {storage}"
+    )
+
+
+def _check_scale(scale, name: str, num_heads: int, device: torch.device) -> str:
+    """Return the scale kind ("tensor" or "head"); raise on anything unusable."""
+    if scale is None:
+        raise ValueError(f"{name}: an fp8 kv_cache_dtype needs a float32 scale tensor, got None")
+    if not isinstance(scale, torch.Tensor):
+        raise TypeError(f"{name}: expected a float32 tensor, got {type(scale).__name__}")
+    if scale.dtype != torch.float32:
+        raise TypeError(f"{name}: expected dtype torch.float32, got {scale.dtype}")
+    if scale.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (the cache's device), got {scale.device}")
+    n = scale.numel()
+    if n == 1:
+        return "tensor"
+    if n == num_heads and scale.dim() == 1:
+        return "head"
+    raise ValueError(
+        f"{name}: expected one element (per-tensor) or shape [{num_heads}] (per kv head), "
+        f"got shape {tuple(scale.shape)}"
+    )
+
+
+class KVCacheDescriptor:
+    """Layout, real strides and fp8 scales of a paged KV cache.
+
+    Build it with :meth:`from_tensors` (cheap: cached by the tensors' metadata). Static fields:
+
+    ``layout`` (a name for humans: ``"NHD"``, ``"HND"``, ``"combined"``, ``"cross-layer"``,
+    ``"diffkv"``, ``"strided"``, ``"head-major"``, ``"mla"``), ``num_blocks``, ``block_size``,
+    ``num_kv_heads``, ``head_size_k``, ``head_size_v``, ``storage_dtype`` (the tensor's dtype, maybe
+    uint8), ``cache_dtype`` (the element type kernels read and write, fp8 resolved),
+    ``kv_cache_dtype`` (canonical), ``fp8`` (``None``, ``"e4m3"``, ``"e5m2"``), ``k`` / ``v``
+    (:class:`CacheStrides`; ``v`` is None for the MLA latent cache), ``scale_kind`` (``"none"``,
+    ``"tensor"``, ``"head"``), ``packed`` (K and V are packed-contiguous NHD: the fast path),
+    ``int32_offsets`` (every element offset fits in int32), ``key`` (hashable, no tensors).
+    Per-instance: ``k_scale``, ``v_scale`` (float32 tensors or None), ``device``.
+    """
+
+    __slots__ = (
+        "layout", "num_blocks", "block_size", "num_kv_heads", "head_size_k", "head_size_v",
+        "storage_dtype", "cache_dtype", "kv_cache_dtype", "fp8", "k", "v", "scale_kind",
+        "packed", "int32_offsets", "key", "device", "platform", "k_scale", "v_scale",
+    )
+
+    # -- construction ---------------------------------------------------------------------------
+    _cache: dict = {}
+    _CACHE_LIMIT = 4096
+
+    @classmethod
+    def from_tensors(
+        cls,
+        key_cache: torch.Tensor,
+        value_cache: Optional[torch.Tensor],
+        kv_cache_dtype: str = "auto",
+        k_scale: Optional[torch.Tensor] = None,
+        v_scale: Optional[torch.Tensor] = None,
+    ) -> "KVCacheDescriptor":
+        """Describe ``key_cache`` / ``value_cache`` (``value_cache=None``: MLA latent cache).
+
+        Raises ValueError/TypeError naming the argument for anything a backend could not address.
+        Cached by the tensors' shapes, strides, dtypes, device and the scale tensors' identity,
+        so calling it on every step costs a dict lookup.
+        """
+        if not isinstance(key_cache, torch.Tensor):
+            raise TypeError(f"key_cache: expected a tensor, got {type(key_cache).__name__}")
+        vc = value_cache
+        ck = (
+            key_cache.shape, key_cache.stride(), key_cache.dtype, key_cache.device,
+            None if vc is None else (vc.shape, vc.stride(), vc.dtype, vc.device)
+            if isinstance(vc, torch.Tensor) else type(vc),
+            kv_cache_dtype, id(k_scale), id(v_scale),
+        )
+        d = cls._cache.get(ck)
+        if d is not None and d.k_scale is k_scale and d.v_scale is v_scale:
+            return d
+        d = cls._build(key_cache, value_cache, kv_cache_dtype, k_scale, v_scale)
+        if len(cls._cache) >= cls._CACHE_LIMIT:
+            cls._cache.clear()
+        cls._cache[ck] = d
+        return d
+
+    @classmethod
+    def _build(cls, kc, vc, kv_cache_dtype, k_scale, v_scale) -> "KVCacheDescriptor":
+        kind = normalize_kv_cache_dtype(kv_cache_dtype)
+        _check_last_dim(kc, "key_cache")
+        platform = platform_of(kc)
+        d = object.__new__(cls)
+        d.device = kc.device
+        d.platform = platform
+
+        if vc is None:
+            # MLA latent cache [blocks, block_size, kv_lora_rank + rope_dim]
+            if kc.dim() != 3:
+                raise ValueError(
+                    "kv_cache: the MLA latent cache must be 3-D [num_blocks, block_size, "
+                    f"kv_lora_rank + rope_dim], got shape {tuple(kc.shape)}"
+                )
+            nb, bs, dk = kc.shape
+            d.layout = "mla"
+            d.num_blocks, d.block_size, d.num_kv_heads = nb, bs, 1
+            d.head_size_k, d.head_size_v = dk, 0
+            d.k = CacheStrides(block=kc.stride(0), token=kc.stride(1), head=0, chunk=dk, x=dk)
+            d.v = None
+            packed = kc.is_contiguous()
+            max_off = _max_offset(kc)
+        else:
+            if not isinstance(vc, torch.Tensor):
+                raise TypeError(f"value_cache: expected a tensor, got {type(vc).__name__}")
+            _check_last_dim(vc, "value_cache")
+            if vc.device != kc.device:
+                raise ValueError(
+                    f"value_cache: expected the key_cache's device {kc.device}, got {vc.device}"
+                )
+            if vc.dtype != kc.dtype:
+                raise TypeError(
+                    f"value_cache: expected the key_cache's dtype {kc.dtype}, got {vc.dtype}"
+                )
+            if kc.dim() == 5:
+                # head-major: key [blocks, H, D // x, bs, x], value [blocks, H, D, bs]
+                if vc.dim() != 4:
+                    raise ValueError(
+                        "value_cache: with a 5-D head-major key_cache the value cache must be 4-D "
+                        f"[num_blocks, num_kv_heads, head_size, block_size], got shape {tuple(vc.shape)}"
+                    )
+                nb, h, nchunk, bs, x = kc.shape
+                vnb, vh, dv, vbs = vc.shape
+                d.layout = "head-major"
+                d.head_size_k = nchunk * x
+                d.k = CacheStrides(block=kc.stride(0), token=kc.stride(3), head=kc.stride(1),
+                                   chunk=kc.stride(2), x=x)
+                d.v = CacheStrides(block=vc.stride(0), token=vc.stride(3), head=vc.stride(1),
+                                   chunk=vc.stride(2), x=1)
+                packed = False
+            elif kc.dim() == 4:
+                if vc.dim() != 4:
+                    raise ValueError(
+                        "value_cache: expected 4-D [num_blocks, block_size, num_kv_heads, head_size] "
+                        f"like key_cache, got shape {tuple(vc.shape)}"
+                    )
+                nb, bs, h, dk = kc.shape
+                vnb, vbs, vh, dv = vc.shape
+                d.head_size_k = dk
+                d.k = _strides_4d(kc)
+                d.v = _strides_4d(vc)
+                packed = kc.is_contiguous() and vc.is_contiguous()
+                d.layout = _name_4d(d.k, d.v, bs, h, dk, dv, packed)
+            else:
+                raise ValueError(
+                    "key_cache: expected 4-D [num_blocks, block_size, num_kv_heads, head_size], "
+                    "5-D head-major [num_blocks, num_kv_heads, head_size // x, block_size, x], "
+                    f"or 3-D MLA with value_cache=None; got shape {tuple(kc.shape)}"
+                )
+            if (vnb, vbs, vh) != (nb, bs, h):
+                raise ValueError(
+                    "value_cache: expected the key_cache's num_blocks, block_size and num_kv_heads "
+                    f"{(nb, bs, h)}, got {(vnb, vbs, vh)}"
+                )
+            d.num_blocks, d.block_size, d.num_kv_heads, d.head_size_v = nb, bs, h, dv
+            max_off = max(_max_offset(kc), _max_offset(vc))
+
+        storage = kc.dtype
+        d.storage_dtype = storage
+        if kind == "auto":
+            if storage == torch.uint8:
+                raise TypeError(
+                    "kv_cache_dtype: 'auto' cannot read a uint8 cache; say 'fp8_e4m3' or 'fp8_e5m2'"
+                )
+            d.cache_dtype = storage
+            if storage in _E4M3:
+                kind_fp8 = "e4m3"
+            elif storage == torch.float8_e5m2:
+                kind_fp8 = "e5m2"
+            else:
+                kind_fp8 = None
+            d.kv_cache_dtype = "auto"
+        else:
+            d.cache_dtype = _fp8_dtype_for(kind, storage, platform,
+                                           "kv_cache" if vc is None else "key_cache")
+            kind_fp8 = kind[4:]
+            d.kv_cache_dtype = kind
+        d.fp8 = kind_fp8
+
+        # Scales: required for an explicit fp8 kv_cache_dtype (the write quantizes with them);
+        # optional with "auto" (an fp8 cache written by a copy of fp8 inputs).
+        heads = d.num_kv_heads
+        if kind != "auto":
+            ks = _check_scale(k_scale, "scale" if vc is None else "k_scale", heads, kc.device)
+            if vc is not None:
+                vs = _check_scale(v_scale, "v_scale", heads, kc.device)
+                scale_kind = "head" if "head" in (ks, vs) else "tensor"
+            else:
+                scale_kind = ks
+            d.k_scale, d.v_scale = k_scale, v_scale
+        else:
+            scale_kind = "none"
+            d.k_scale = d.v_scale = None
+        d.scale_kind = scale_kind
+        d.packed = bool(packed)
+        d.int32_offsets = max_off <= INT32_MAX
+        d.key = (
+            d.layout, d.num_blocks, d.block_size, d.num_kv_heads, d.head_size_k, d.head_size_v,
+            d.storage_dtype, d.cache_dtype, d.kv_cache_dtype, d.fp8,
+            d.k.as_tuple(), None if d.v is None else d.v.as_tuple(),
+            d.scale_kind, d.packed, d.int32_offsets, kc.device.type,
+        )
+        return d
+
+    # -- derived helpers ------------------------------------------------------------------------
+    @property
+    def is_mla(self) -> bool:
+        return self.v is None
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.fp8 is not None
+
+    @property
+    def is_head_major(self) -> bool:
+        return self.layout == "head-major"
+
+    def __repr__(self) -> str:
+        v = "" if self.v is None else f", v_strides={self.v.as_tuple()}"
+        fp8 = f", fp8={self.fp8}({self.cache_dtype}), scales={self.scale_kind}" if self.fp8 else ""
+        return (
+            f"KVCacheDescriptor(layout={self.layout!r}, blocks={self.num_blocks}, "
+            f"block_size={self.block_size}, kv_heads={self.num_kv_heads}, "
+            f"head_size={self.head_size_k}/{self.head_size_v}, dtype={self.storage_dtype}{fp8}, "
+            f"k_strides={self.k.as_tuple()}{v} (block, token, head, chunk, x), "
+            f"packed={self.packed}, int32_offsets={self.int32_offsets}, device={self.device})"
+        )
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, KVCacheDescriptor) and self.key == other.key
+                and self.k_scale is other.k_scale and self.v_scale is other.v_scale)
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    # -- descriptor-first API ---------------------------------------------------------------------
+    def write(self, key, value, key_cache, value_cache, slot_mapping) -> None:
+        """``reshape_and_cache_flash`` with this descriptor's kv_cache_dtype and scales."""
+        from .ops import reshape_and_cache_flash
+        reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping,
+                                self.kv_cache_dtype, self.k_scale, self.v_scale)
+
+
+def _name_4d(k: CacheStrides, v: CacheStrides, bs: int, h: int, dk: int, dv: int, packed: bool) -> str:
+    if packed:
+        return "NHD"
+    if h > 1 and k.head > k.token:
+        return "HND"
+    if dk != dv:
+        return "diffkv"
+    page = bs * k.token
+    if k.token == h * k.head and k.head == dk and k.block % page == 0 and k.block > page:
+        return "combined" if k.block == 2 * page else "cross-layer"
+    return "strided"

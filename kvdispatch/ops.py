@@ -1,0 +1,439 @@
+"""The public operations: check arguments (no values, nothing written yet), describe the cache,
+pick the backend (cached), run it.
+
+Each op is also a ``torch.library`` custom op (``torch.ops.kvdispatch.*``, mutated arguments
+declared, fake kernels given) so it runs inside ``torch.compile(fullgraph=True)`` and CUDA-graph
+capture. In eager mode the public functions call the implementation directly, which keeps the
+dispatcher's round trip out of the per-call overhead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from .descriptor import FP8_DTYPES, KVCacheDescriptor
+from .registry import AttentionArgs, registry
+
+__all__ = ["reshape_and_cache_flash", "concat_and_cache_mla", "flash_attn_varlen_func"]
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_FLOAT_IN = (torch.float16, torch.bfloat16, torch.float32)
+_compiling = torch.compiler.is_compiling
+
+
+def debug_checks() -> bool:
+    """KVDISPATCH_DEBUG=1: GPU backends get the value-range checks the reference always does."""
+    return os.environ.get("KVDISPATCH_DEBUG", "0") not in ("", "0")
+
+
+def _fail(name: str, expected: str, got) -> None:
+    raise ValueError(f"{name}: expected {expected}, got {got}")
+
+
+def _tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+
+
+def _same_device(t: torch.Tensor, name: str, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (the cache's device), got {t.device}")
+
+
+def _rows(t: torch.Tensor, name: str, dims: int, what: str) -> None:
+    if t.dim() != dims:
+        raise ValueError(f"{name}: expected {dims}-D {what}, got shape {tuple(t.shape)}")
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(
+            f"{name}: the last dimension must be contiguous (stride(-1) == 1), got strides {tuple(t.stride())}"
+        )
+
+
+def _check_slot_mapping(slot_mapping, device, num_tokens: int) -> None:
+    _tensor(slot_mapping, "slot_mapping")
+    if slot_mapping.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"slot_mapping: expected dtype torch.int32 or torch.int64, got {slot_mapping.dtype}")
+    if slot_mapping.dim() != 1:
+        _fail("slot_mapping", "a 1-D tensor [num_tokens]", f"shape {tuple(slot_mapping.shape)}")
+    if slot_mapping.shape[0] > num_tokens:
+        raise ValueError(
+            f"slot_mapping: has {slot_mapping.shape[0]} entries but key/kv_c hold only {num_tokens} tokens"
+        )
+    _same_device(slot_mapping, "slot_mapping", device)
+
+
+def _check_write_dtype(t: torch.Tensor, name: str, desc: KVCacheDescriptor) -> None:
+    if desc.kv_cache_dtype == "auto":
+        if t.dtype != desc.cache_dtype:
+            raise TypeError(
+                f"{name}: with kv_cache_dtype='auto' the dtype must equal the cache's {desc.cache_dtype}, "
+                f"got {t.dtype}"
+            )
+    elif t.dtype not in _FLOAT_IN and t.dtype != desc.cache_dtype:
+        raise TypeError(
+            f"{name}: with kv_cache_dtype={desc.kv_cache_dtype!r} expected float16/bfloat16/float32 "
+            f"(quantized on write) or {desc.cache_dtype} (stored as is), got {t.dtype}"
+        )
+
+
+def _check_slot_values(slot_mapping: torch.Tensor, desc: KVCacheDescriptor) -> None:
+    if slot_mapping.numel():
+        hi = int(slot_mapping.max())
+        total = desc.num_blocks * desc.block_size
+        if hi >= total:
+            raise ValueError(
+                f"slot_mapping: slot {hi} is out of range: the cache has {desc.num_blocks} blocks x "
+                f"{desc.block_size} = {total} slots (negative slots mark padding)"
+            )
+
+
+# -- reshape_and_cache_flash --------------------------------------------------------------------
+def _write(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale) -> None:
+    _tensor(key, "key")
+    _tensor(value, "value")
+    _tensor(value_cache, "value_cache")
+    desc = KVCacheDescriptor.from_tensors(key_cache, value_cache, kv_cache_dtype, k_scale, v_scale)
+    dev = desc.device
+    _rows(key, "key", 3, "[num_tokens, num_kv_heads, head_size]")
+    _rows(value, "value", 3, "[num_tokens, num_kv_heads, head_size_v]")
+    t, h, dk = key.shape
+    if h != desc.num_kv_heads or dk != desc.head_size_k:
+        _fail("key", f"[num_tokens, {desc.num_kv_heads}, {desc.head_size_k}] (the key_cache's heads and "
+              "head size)", f"shape {tuple(key.shape)}")
+    if value.shape[0] != t or value.shape[1] != h or value.shape[2] != desc.head_size_v:
+        _fail("value", f"[{t}, {desc.num_kv_heads}, {desc.head_size_v}] (key's tokens, the value_cache's "
+              "heads and head size)", f"shape {tuple(value.shape)}")
+    if value.dtype != key.dtype:
+        raise TypeError(f"value: expected key's dtype {key.dtype}, got {value.dtype}")
+    _check_write_dtype(key, "key", desc)
+    _same_device(key, "key", dev)
+    _same_device(value, "value", dev)
+    _check_slot_mapping(slot_mapping, dev, t)
+    backend = registry.select("reshape_and_cache_flash", desc.platform, desc)
+    if backend.name != "reference" and debug_checks():
+        _check_slot_values(slot_mapping, desc)
+    backend.reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, desc)
+
+
+def reshape_and_cache_flash(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_cache_dtype: str = "auto",
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
+) -> None:
+    """Write each token's key/value into the paged cache at its slot (vLLM's signature).
+
+    Args:
+        key: ``(num_tokens, num_kv_heads, head_size)``; any token stride, last dim contiguous.
+        value: ``(num_tokens, num_kv_heads, head_size_v)``.
+        key_cache, value_cache: 4-D ``(num_blocks, block_size, num_kv_heads, head_size[_v])`` views in any
+            memory order (NHD, HND, combined/cross-layer slices, diffkv), or the head-major pair
+            ``(num_blocks, num_kv_heads, head_size // x, block_size, x)`` /
+            ``(num_blocks, num_kv_heads, head_size, block_size)``.
+        slot_mapping: int32/int64 ``(n,)`` with ``n <= num_tokens`` (extra key rows, e.g. CUDA-graph
+            padding, are ignored); slot ``s`` goes to block ``s // block_size``, offset
+            ``s % block_size``; ``s < 0`` is a padding token and is skipped.
+        kv_cache_dtype: ``"auto"`` (cache dtype == key dtype), ``"fp8"``/``"fp8_e4m3"``, ``"fp8_e5m2"``:
+            stores ``x / scale`` rounded to the cache's fp8 type, saturating at its max.
+        k_scale, v_scale: float32, one element or ``(num_kv_heads,)``; required for fp8.
+    """
+    if _compiling():
+        torch.ops.kvdispatch.reshape_and_cache_flash(
+            key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale)
+        return
+    _write(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale)
+
+
+# -- concat_and_cache_mla ----------------------------------------------------------------------
+def _write_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale) -> None:
+    _tensor(kv_c, "kv_c")
+    _tensor(k_pe, "k_pe")
+    desc = KVCacheDescriptor.from_tensors(kv_cache, None, kv_cache_dtype, scale, None)
+    dev = desc.device
+    _rows(kv_c, "kv_c", 2, "[num_tokens, kv_lora_rank]")
+    _rows(k_pe, "k_pe", 2, "[num_tokens, rope_dim]")
+    t, rank = kv_c.shape
+    if k_pe.shape[0] != t:
+        _fail("k_pe", f"{t} tokens (kv_c's)", f"shape {tuple(k_pe.shape)}")
+    if rank + k_pe.shape[1] != desc.head_size_k:
+        _fail("kv_c/k_pe", f"kv_lora_rank + rope_dim == {desc.head_size_k} (the kv_cache's last dim)",
+              f"{rank} + {k_pe.shape[1]}")
+    if k_pe.dtype != kv_c.dtype:
+        raise TypeError(f"k_pe: expected kv_c's dtype {kv_c.dtype}, got {k_pe.dtype}")
+    _check_write_dtype(kv_c, "kv_c", desc)
+    _same_device(kv_c, "kv_c", dev)
+    _same_device(k_pe, "k_pe", dev)
+    _check_slot_mapping(slot_mapping, dev, t)
+    backend = registry.select("concat_and_cache_mla", desc.platform, desc)
+    if backend.name != "reference" and debug_checks():
+        _check_slot_values(slot_mapping, desc)
+    backend.concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, desc)
+
+
+def concat_and_cache_mla(
+    kv_c: torch.Tensor,
+    k_pe: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_cache_dtype: str = "auto",
+    scale: Optional[torch.Tensor] = None,
+) -> None:
+    """Write MLA latents: ``kv_cache[slot] = concat(kv_c, k_pe)`` (vLLM's signature).
+
+    Args:
+        kv_c: ``(num_tokens, kv_lora_rank)``; k_pe: ``(num_tokens, rope_dim)``; last dims contiguous.
+        kv_cache: ``(num_blocks, block_size, kv_lora_rank + rope_dim)``, any strides, last dim contiguous.
+        slot_mapping, kv_cache_dtype: as in :func:`reshape_and_cache_flash`; ``scale``: one float32 element.
+    """
+    if _compiling():
+        torch.ops.kvdispatch.concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale)
+        return
+    _write_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale)
+
+
+# -- flash_attn_varlen_func --------------------------------------------------------------------
+def _check_index(t, name: str, shape: tuple, device, what: str) -> None:
+    _tensor(t, name)
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name}: expected dtype torch.int32, got {t.dtype}")
+    if t.dim() != len(shape) or any(e is not None and e != g for e, g in zip(shape, t.shape)):
+        _fail(name, what, f"shape {tuple(t.shape)}")
+    _same_device(t, name, device)
+
+
+def _check_descale(t, name: str, batch: int, heads: int, device) -> None:
+    if t is None:
+        return
+    _tensor(t, name)
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name}: expected dtype torch.float32, got {t.dtype}")
+    if t.numel() != 1 and tuple(t.shape) != (batch, heads):
+        _fail(name, f"one element or shape [{batch}, {heads}] (batch, num_kv_heads)", f"shape {tuple(t.shape)}")
+    _same_device(t, name, device)
+
+
+def _check_attention_values(args: AttentionArgs, desc: KVCacheDescriptor) -> None:
+    """Value checks (reference always; other backends with KVDISPATCH_DEBUG=1). Syncs."""
+    cu = args.cu_seqlens_q.long()
+    if cu.numel() and (int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any())):
+        raise ValueError("cu_seqlens_q: expected non-decreasing offsets starting at 0")
+    if args.block_table is None:
+        ck = args.cu_seqlens_k.long()
+        if ck.numel() and (int(ck[0]) != 0 or bool((ck[1:] < ck[:-1]).any())):
+            raise ValueError("cu_seqlens_k: expected non-decreasing offsets starting at 0")
+        if int(ck[-1]) > desc.block_size:  # non-paged: the "cache" is one block of total_k tokens
+            raise ValueError(f"cu_seqlens_k: last offset {int(ck[-1])} exceeds k's {desc.block_size} tokens")
+        return
+    used = args.seqused_k.long()
+    capacity = args.block_table.shape[1] * desc.block_size
+    if used.numel() and (int(used.min()) < 0 or int(used.max()) > capacity):
+        raise ValueError(
+            f"seqused_k: expected lengths in [0, {capacity}] (block_table's {args.block_table.shape[1]} "
+            f"blocks x block_size {desc.block_size}), got range [{int(used.min())}, {int(used.max())}]"
+        )
+    nblk = (used + desc.block_size - 1) // desc.block_size
+    cols = torch.arange(args.block_table.shape[1], device=used.device)
+    live = cols[None, :] < nblk[:, None]
+    ids = args.block_table.long()[live]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= desc.num_blocks):
+        raise ValueError(
+            f"block_table: block ids must be in [0, {desc.num_blocks}) for the blocks a sequence uses, "
+            f"got range [{int(ids.min())}, {int(ids.max())}]"
+        )
+
+
+def _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
+               softmax_scale, causal, window_left, window_right, softcap, block_table,
+               q_descale, k_descale, v_descale) -> None:
+    _tensor(q, "q")
+    _tensor(k, "k")
+    _tensor(v, "v")
+    _tensor(out, "out")
+    paged = block_table is not None
+    if paged:
+        desc = KVCacheDescriptor.from_tensors(k, v)
+        if desc.layout == "head-major" or desc.is_mla:
+            _fail("k", "a 4-D paged cache [num_blocks, block_size, num_kv_heads, head_size] (any strides)",
+                  f"shape {tuple(k.shape)}")
+    else:
+        if k.dim() != 3 or v.dim() != 3:
+            _fail("k" if k.dim() != 3 else "v", "[total_k, num_kv_heads, head_size] without block_table "
+                  "(or pass block_table for a paged cache)", f"shape {tuple((k if k.dim() != 3 else v).shape)}")
+        # the non-paged case is one "block" holding every key: same descriptor, same kernels
+        desc = KVCacheDescriptor.from_tensors(k.unsqueeze(0), v.unsqueeze(0))
+    dev = desc.device
+    _rows(q, "q", 3, "[total_q, num_q_heads, head_size]")
+    _same_device(q, "q", dev)
+    total_q, hq, d = q.shape
+    hkv = desc.num_kv_heads
+    if d != desc.head_size_k:
+        _fail("q", f"head_size {desc.head_size_k} (k's)", f"shape {tuple(q.shape)}")
+    if hq % hkv:
+        _fail("q", f"num_q_heads a multiple of num_kv_heads={hkv}", f"{hq} heads")
+    if desc.is_fp8:
+        if q.dtype not in _FLOAT_IN + FP8_DTYPES:
+            raise TypeError(f"q: expected float16/bfloat16/float32 (or fp8 with q_descale), got {q.dtype}")
+    elif q.dtype != desc.cache_dtype:
+        raise TypeError(f"q: expected k/v's dtype {desc.cache_dtype}, got {q.dtype}")
+    if q.dtype in FP8_DTYPES and out.dtype in FP8_DTYPES:
+        raise TypeError(f"out: expected float16/bfloat16/float32 for fp8 q, got {out.dtype}")
+    _rows(out, "out", 3, "[total_q, num_q_heads, head_size_v]")
+    if tuple(out.shape) != (total_q, hq, desc.head_size_v):
+        _fail("out", f"shape {(total_q, hq, desc.head_size_v)}", f"shape {tuple(out.shape)}")
+    if out.dtype not in _FLOAT_IN:
+        raise TypeError(f"out: expected float16/bfloat16/float32, got {out.dtype}")
+    _same_device(out, "out", dev)
+    _tensor(cu_seqlens_q, "cu_seqlens_q")
+    if cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape[0] < 1:
+        _fail("cu_seqlens_q", "int32 [batch + 1]", f"shape {tuple(cu_seqlens_q.shape)}")
+    batch = cu_seqlens_q.shape[0] - 1
+    _check_index(cu_seqlens_q, "cu_seqlens_q", (batch + 1,), dev, "int32 [batch + 1]")
+    if paged:
+        _check_index(block_table, "block_table", (batch, None), dev, f"int32 [batch={batch}, max_blocks_per_seq]")
+        if seqused_k is None:
+            raise ValueError("seqused_k: required with block_table (int32 [batch], kv length per sequence)")
+        _check_index(seqused_k, "seqused_k", (batch,), dev, f"int32 [batch={batch}]")
+        if cu_seqlens_k is not None:
+            _check_index(cu_seqlens_k, "cu_seqlens_k", (batch + 1,), dev, "int32 [batch + 1]")
+    else:
+        if cu_seqlens_k is None:
+            raise ValueError("cu_seqlens_k: required without block_table (int32 [batch + 1])")
+        _check_index(cu_seqlens_k, "cu_seqlens_k", (batch + 1,), dev, "int32 [batch + 1]")
+        if seqused_k is not None:
+            _check_index(seqused_k, "seqused_k", (batch,), dev, f"int32 [batch={batch}]")
+    for name, val in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not isinstance(val, int) or val < 0:
+            _fail(name, "a non-negative int", repr(val))
+    if softcap < 0:
+        _fail("softcap", ">= 0 (0 disables it)", softcap)
+    if window_left < -1 or window_right < -1:
+        _fail("window_size", "(left, right) with -1 for unbounded", (window_left, window_right))
+    _check_descale(q_descale, "q_descale", batch, hkv, dev)
+    _check_descale(k_descale, "k_descale", batch, hkv, dev)
+    _check_descale(v_descale, "v_descale", batch, hkv, dev)
+    if softmax_scale is None or softmax_scale <= 0:
+        softmax_scale = 1.0 / math.sqrt(d)
+    if causal:
+        window_right = 0
+    args = AttentionArgs(cu_seqlens_q, max_seqlen_q, cu_seqlens_k, seqused_k, max_seqlen_k, block_table,
+                         float(softmax_scale), bool(causal), int(window_left), int(window_right),
+                         float(softcap), q_descale, k_descale, v_descale)
+    backend = registry.select("flash_attn_varlen_func", desc.platform, desc)
+    if backend.name != "reference" and debug_checks():
+        _check_attention_values(args, desc)
+    backend.flash_attn_varlen_func(q, k if paged else k.unsqueeze(0), v if paged else v.unsqueeze(0),
+                                   out, desc, args)
+
+
+def flash_attn_varlen_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    max_seqlen_q: int,
+    cu_seqlens_q: torch.Tensor,
+    max_seqlen_k: int,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+    seqused_k: Optional[torch.Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    block_table: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    q_descale: Optional[torch.Tensor] = None,
+    k_descale: Optional[torch.Tensor] = None,
+    v_descale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Variable-length attention, paged or not (flash-attn / vLLM signature). Returns ``out``.
+
+    Args:
+        q: ``(total_q, num_q_heads, head_size)``; ``cu_seqlens_q`` int32 ``(batch + 1,)``.
+        k, v: paged (``block_table`` given): caches ``(num_blocks, block_size, num_kv_heads, head_size[_v])``
+            in any memory order, with ``block_table`` int32 ``(batch, max_blocks_per_seq)`` and
+            ``seqused_k`` int32 ``(batch,)``. Not paged: ``(total_k, num_kv_heads, head_size[_v])`` with
+            ``cu_seqlens_k`` int32 ``(batch + 1,)``. num_q_heads % num_kv_heads == 0 (GQA/MQA).
+        causal: bottom-right aligned. With Lq = 2 queries and Lk = 5 keys (1 = attends)::
+
+                keys  0 1 2 3 4
+                q0    1 1 1 1 0
+                q1    1 1 1 1 1
+
+        window_size: ``(left, right)``: query i (aligned as above, at key position p = i + Lk - Lq)
+            sees keys in ``[p - left, p + right]``; -1 = unbounded.
+        softcap: > 0 applies ``softcap * tanh(s / softcap)`` to the scaled scores.
+        softmax_scale: default ``1 / sqrt(head_size)``.
+        out: optional ``(total_q, num_q_heads, head_size_v)``, written in place.
+        q_descale, k_descale, v_descale: float32, one element or ``(batch, num_kv_heads)``; multiply the
+            stored fp8 values.
+    Rows that see no key (empty sequence, window excluding all) are 0.
+    """
+    if out is None:
+        _tensor(q, "q")
+        _tensor(v, "v")
+        if q.dim() != 3 or v.dim() not in (3, 4):
+            _fail("q" if q.dim() != 3 else "v", "3-D q and 3-D/4-D v", f"shapes {tuple(q.shape)}, {tuple(v.shape)}")
+        out_dtype = torch.bfloat16 if q.dtype in FP8_DTYPES else q.dtype
+        out = q.new_empty((q.shape[0], q.shape[1], v.shape[-1]), dtype=out_dtype)
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        _fail("window_size", "a (left, right) pair", repr(window_size))
+    wl, wr = window_size
+    if _compiling():
+        torch.ops.kvdispatch.flash_attn_varlen_func(
+            q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
+            softmax_scale, causal, wl, wr, softcap, block_table, q_descale, k_descale, v_descale)
+        return out
+    _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
+               softmax_scale, causal, wl, wr, softcap, block_table, q_descale, k_descale, v_descale)
+    return out
+
+
+# -- torch.library registration --------------------------------------------------------------------
+@torch.library.custom_op("kvdispatch::reshape_and_cache_flash", mutates_args=("key_cache", "value_cache"))
+def _reshape_and_cache_flash_op(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                                value_cache: torch.Tensor, slot_mapping: torch.Tensor, kv_cache_dtype: str,
+                                k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor]) -> None:
+    _write(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale)
+
+
+@_reshape_and_cache_flash_op.register_fake
+def _(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale) -> None:
+    return None
+
+
+@torch.library.custom_op("kvdispatch::concat_and_cache_mla", mutates_args=("kv_cache",))
+def _concat_and_cache_mla_op(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
+                             slot_mapping: torch.Tensor, kv_cache_dtype: str,
+                             scale: Optional[torch.Tensor]) -> None:
+    _write_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale)
+
+
+@_concat_and_cache_mla_op.register_fake
+def _(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale) -> None:
+    return None
+
+
+@torch.library.custom_op("kvdispatch::flash_attn_varlen_func", mutates_args=("out",))
+def _flash_attn_varlen_func_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, max_seqlen_q: int,
+    cu_seqlens_q: torch.Tensor, max_seqlen_k: int, cu_seqlens_k: Optional[torch.Tensor],
+    seqused_k: Optional[torch.Tensor], softmax_scale: Optional[float], causal: bool, window_left: int,
+    window_right: int, softcap: float, block_table: Optional[torch.Tensor],
+    q_descale: Optional[torch.Tensor], k_descale: Optional[torch.Tensor], v_descale: Optional[torch.Tensor],
+) -> None:
+    _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
+               softmax_scale, causal, window_left, window_right, softcap, block_table,
+               q_descale, k_descale, v_descale)
+
+
+@_flash_attn_varlen_func_op.register_fake
+def _(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k, softmax_scale,
+      causal, window_left, window_right, softcap, block_table, q_descale, k_descale, v_descale) -> None:
+    return None

@@ -1,0 +1,143 @@
+"""Platform detection: the one place that answers "what is this device?".
+
+Everything is read from torch alone (no subprocess, no vendor CLI), once per device, and cached.
+Kernels and backends ask a :class:`Platform` (is it ROCm, which fp8 e4m3 type, which arch)
+instead of looking at ``torch.version.hip`` themselves.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["Platform", "platform_of", "cpu_platform", "as_device"]
+
+# Platform names, as backends declare them in ``Backend.platforms``.
+CPU, NVIDIA, ROCM, XPU = "cpu", "nvidia", "rocm", "xpu"
+
+# gfx archs whose fp8 is the "fnuz" flavour (no negative zero, bias 8). MI300 family only;
+# gfx950 (MI350) uses the OCP float8_e4m3fn like NVIDIA.
+_FNUZ_ARCHS = ("gfx940", "gfx941", "gfx942")
+
+
+@dataclass(frozen=True)
+class Platform:
+    """What kvdispatch needs to know about one device.
+
+    ``name`` is the routing key: ``"cpu"``, ``"nvidia"``, ``"rocm"``, ``"xpu"``, or the raw torch
+    device type for anything else (``"mps"``, ``"meta"``, ...), which the reference backend serves.
+    ``arch`` is ``"sm90"``-style for NVIDIA, the gfx name for ROCm, the device name for XPU.
+    """
+
+    name: str
+    device_type: str
+    arch: str | None = None
+    capability: tuple[int, int] | None = None
+    multiprocessors: int | None = None
+    device_name: str | None = None
+    # free-form extras (warp size, ...) kept out of hashing/equality
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def is_rocm(self) -> bool:
+        return self.name == ROCM
+
+    @property
+    def is_nvidia(self) -> bool:
+        return self.name == NVIDIA
+
+    @property
+    def fp8_e4m3_dtype(self) -> torch.dtype:
+        """The e4m3 type this platform's hardware uses (what ``kv_cache_dtype="fp8"`` means)."""
+        if self.name == ROCM and (self.arch or "").split(":")[0] in _FNUZ_ARCHS:
+            return torch.float8_e4m3fnuz
+        return torch.float8_e4m3fn
+
+    @property
+    def warp_size(self) -> int:
+        return int(self.extra.get("warp_size", 64 if self.name == ROCM else 32))
+
+    def __str__(self) -> str:
+        parts = [self.name]
+        if self.arch:
+            parts.append(self.arch)
+        if self.device_name:
+            parts.append(f"({self.device_name})")
+        return " ".join(parts)
+
+
+def as_device(tensor_or_device) -> torch.device:
+    """Accept a tensor, a ``torch.device`` or a device string."""
+    if isinstance(tensor_or_device, torch.Tensor):
+        return tensor_or_device.device
+    if isinstance(tensor_or_device, torch.device):
+        return tensor_or_device
+    if isinstance(tensor_or_device, str):
+        return torch.device(tensor_or_device)
+    raise TypeError(
+        f"expected a tensor, a torch.device or a device string, got {type(tensor_or_device).__name__}"
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_platform() -> Platform:
+    return Platform(name=CPU, device_type="cpu")
+
+
+def _detect_cuda(index: int) -> Platform:
+    props = torch.cuda.get_device_properties(index)
+    if torch.version.hip:
+        arch = getattr(props, "gcnArchName", None) or "gfx"
+        return Platform(
+            name=ROCM,
+            device_type="cuda",
+            arch=arch.split(":")[0],
+            capability=(props.major, props.minor),
+            multiprocessors=props.multi_processor_count,
+            device_name=props.name,
+            extra={"warp_size": getattr(props, "warp_size", 64), "hip": torch.version.hip},
+        )
+    return Platform(
+        name=NVIDIA,
+        device_type="cuda",
+        arch=f"sm{props.major}{props.minor}",
+        capability=(props.major, props.minor),
+        multiprocessors=props.multi_processor_count,
+        device_name=props.name,
+        extra={"warp_size": 32, "cuda": torch.version.cuda,
+               "l2_bytes": getattr(props, "L2_cache_size", None)},
+    )
+
+
+def _detect_xpu(index: int) -> Platform:
+    name = None
+    units = None
+    try:
+        props = torch.xpu.get_device_properties(index)
+        name = props.name
+        units = getattr(props, "gpu_subslice_count", None) or getattr(props, "max_compute_units", None)
+    except Exception:  # torch built without XPU: the device type is still routable
+        pass
+    return Platform(name=XPU, device_type="xpu", arch=name, multiprocessors=units, device_name=name)
+
+
+@functools.lru_cache(maxsize=None)
+def _platform_cached(device_type: str, index: int | None) -> Platform:
+    if device_type == "cpu":
+        return cpu_platform()
+    if device_type == "cuda" and torch.cuda.is_available():
+        return _detect_cuda(index if index is not None else torch.cuda.current_device())
+    if device_type == "xpu":
+        return _detect_xpu(index or 0)
+    return Platform(name=device_type, device_type=device_type)
+
+
+def platform_of(tensor_or_device) -> Platform:
+    """The platform of a tensor or device; detection runs once per (type, index)."""
+    dev = as_device(tensor_or_device)
+    index = dev.index
+    if index is None and dev.type == "cuda" and torch.cuda.is_available():
+        index = torch.cuda.current_device()
+    return _platform_cached(dev.type, index)
