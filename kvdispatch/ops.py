@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from .descriptor import FP8_DTYPES, KVCacheDescriptor
+from .checks import check_attention_values, check_slot_values
 from .registry import AttentionArgs, registry
 
 __all__ = ["reshape_and_cache_flash", "concat_and_cache_mla", "flash_attn_varlen_func"]
@@ -80,17 +81,6 @@ def _check_write_dtype(t: torch.Tensor, name: str, desc: KVCacheDescriptor) -> N
         )
 
 
-def _check_slot_values(slot_mapping: torch.Tensor, desc: KVCacheDescriptor) -> None:
-    if slot_mapping.numel():
-        hi = int(slot_mapping.max())
-        total = desc.num_blocks * desc.block_size
-        if hi >= total:
-            raise ValueError(
-                f"slot_mapping: slot {hi} is out of range: the cache has {desc.num_blocks} blocks x "
-                f"{desc.block_size} = {total} slots (negative slots mark padding)"
-            )
-
-
 # -- reshape_and_cache_flash --------------------------------------------------------------------
 def _write(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale) -> None:
     _tensor(key, "key")
@@ -115,7 +105,7 @@ def _write(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_s
     _check_slot_mapping(slot_mapping, dev, t)
     backend = registry.select("reshape_and_cache_flash", desc.platform, desc)
     if backend.name != "reference" and debug_checks():
-        _check_slot_values(slot_mapping, desc)
+        check_slot_values(slot_mapping, desc)
     backend.reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, desc)
 
 
@@ -174,7 +164,7 @@ def _write_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale) -> Non
     _check_slot_mapping(slot_mapping, dev, t)
     backend = registry.select("concat_and_cache_mla", desc.platform, desc)
     if backend.name != "reference" and debug_checks():
-        _check_slot_values(slot_mapping, desc)
+        check_slot_values(slot_mapping, desc)
     backend.concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, desc)
 
 
@@ -218,36 +208,6 @@ def _check_descale(t, name: str, batch: int, heads: int, device) -> None:
     if t.numel() != 1 and tuple(t.shape) != (batch, heads):
         _fail(name, f"one element or shape [{batch}, {heads}] (batch, num_kv_heads)", f"shape {tuple(t.shape)}")
     _same_device(t, name, device)
-
-
-def _check_attention_values(args: AttentionArgs, desc: KVCacheDescriptor) -> None:
-    """Value checks (reference always; other backends with KVDISPATCH_DEBUG=1). Syncs."""
-    cu = args.cu_seqlens_q.long()
-    if cu.numel() and (int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any())):
-        raise ValueError("cu_seqlens_q: expected non-decreasing offsets starting at 0")
-    if args.block_table is None:
-        ck = args.cu_seqlens_k.long()
-        if ck.numel() and (int(ck[0]) != 0 or bool((ck[1:] < ck[:-1]).any())):
-            raise ValueError("cu_seqlens_k: expected non-decreasing offsets starting at 0")
-        if int(ck[-1]) > desc.block_size:  # non-paged: the "cache" is one block of total_k tokens
-            raise ValueError(f"cu_seqlens_k: last offset {int(ck[-1])} exceeds k's {desc.block_size} tokens")
-        return
-    used = args.seqused_k.long()
-    capacity = args.block_table.shape[1] * desc.block_size
-    if used.numel() and (int(used.min()) < 0 or int(used.max()) > capacity):
-        raise ValueError(
-            f"seqused_k: expected lengths in [0, {capacity}] (block_table's {args.block_table.shape[1]} "
-            f"blocks x block_size {desc.block_size}), got range [{int(used.min())}, {int(used.max())}]"
-        )
-    nblk = (used + desc.block_size - 1) // desc.block_size
-    cols = torch.arange(args.block_table.shape[1], device=used.device)
-    live = cols[None, :] < nblk[:, None]
-    ids = args.block_table.long()[live]
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= desc.num_blocks):
-        raise ValueError(
-            f"block_table: block ids must be in [0, {desc.num_blocks}) for the blocks a sequence uses, "
-            f"got range [{int(ids.min())}, {int(ids.max())}]"
-        )
 
 
 def _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
@@ -328,7 +288,7 @@ def _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlen
                          float(softcap), q_descale, k_descale, v_descale)
     backend = registry.select("flash_attn_varlen_func", desc.platform, desc)
     if backend.name != "reference" and debug_checks():
-        _check_attention_values(args, desc)
+        check_attention_values(args, desc)
     backend.flash_attn_varlen_func(q, k if paged else k.unsqueeze(0), v if paged else v.unsqueeze(0),
                                    out, desc, args)
 

@@ -38,8 +38,8 @@ def random_fill(t: torch.Tensor, generator: Optional[torch.Generator] = None) ->
         src = torch.randn(t.shape, generator=generator, device="cpu", dtype=torch.float32) * 4
         t.copy_(src.clamp(-fp8_max(t.dtype), fp8_max(t.dtype)).to(t.dtype).to(t.device))
     elif t.dtype == torch.uint8:
-        # random fp8 e4m3 bit patterns without NaN (0x7f / 0xff)
-        src = torch.randint(0, 0x7F, t.shape, generator=generator, device="cpu", dtype=torch.int16)
+        # random fp8 bit patterns that are finite as e4m3 AND e5m2 (e5m2: 0x7c.. is inf/NaN)
+        src = torch.randint(0, 0x7C, t.shape, generator=generator, device="cpu", dtype=torch.int16)
         sign = torch.randint(0, 2, t.shape, generator=generator, device="cpu", dtype=torch.int16) << 7
         t.copy_((src | sign).to(torch.uint8).to(t.device))
     elif t.dtype.is_floating_point:

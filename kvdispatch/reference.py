@@ -1,0 +1,175 @@
+"""The reference backend: plain PyTorch on any device. The embedded default on CPU (and on any
+device nothing else serves) and the ground truth of every test.
+
+Written to be obviously correct rather than fast: caches are addressed through ordinary tensor
+indexing of the views the caller passed (so PyTorch applies the real strides), fp8 goes through
+``Tensor.to``, attention is a float32 softmax per sequence. Writes are vectorized over tokens;
+attention loops over sequences (never over tokens). Value ranges (slots, block ids, lengths) are
+always checked here, before anything is written.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .checks import check_attention_values, check_slot_values
+from .descriptor import KVCacheDescriptor
+from .hookspecs import hookimpl
+from .registry import OPS, AttentionArgs, Backend
+
+__all__ = ["ReferenceBackend", "quantize_fp8", "dequantize_fp8"]
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
+    """``x / scale`` rounded to ``fp8_dtype``, saturating at its largest finite value.
+
+    ``scale`` broadcasts against ``x`` (one element, or per head shaped to line up with x's heads).
+    Saturation matters: fp8 e4m3fn has no infinity, so an unclamped cast of 500.0 is NaN.
+    """
+    fmax = torch.finfo(fp8_dtype).max
+    return (x.float() / scale).clamp(-fmax, fmax).to(fp8_dtype)
+
+
+def dequantize_fp8(x: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    y = x.float()
+    return y if scale is None else y * scale
+
+
+def _head_scale(scale: torch.Tensor, heads: int) -> torch.Tensor:
+    """A per-tensor or per-head scale shaped to broadcast over ``[tokens, heads, dim]``."""
+    return scale.reshape(1, -1, 1) if scale.numel() == heads and heads > 1 else scale.reshape(1, 1, 1)
+
+
+def _to_cache(x: torch.Tensor, cache_view: torch.Tensor, desc: KVCacheDescriptor,
+              scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """Convert rows of key/value/latents to what the cache stores, as the cache's own dtype."""
+    if desc.kv_cache_dtype != "auto" and x.dtype != desc.cache_dtype:
+        x = quantize_fp8(x, _head_scale(scale, x.shape[1]) if x.dim() == 3 else scale.reshape(1, 1),
+                         desc.cache_dtype)
+    return x.view(cache_view.dtype) if x.dtype != cache_view.dtype else x
+
+
+def _cache_view(cache: torch.Tensor, desc: KVCacheDescriptor) -> torch.Tensor:
+    """The cache as its element type (a uint8 fp8 cache reinterpreted), same strides."""
+    return cache.view(desc.cache_dtype) if cache.dtype != desc.cache_dtype else cache
+
+
+def _valid_slots(slot_mapping: torch.Tensor, desc: KVCacheDescriptor):
+    """(token indices that are not padding, their block ids, their offsets in the block)."""
+    check_slot_values(slot_mapping, desc)
+    slots = slot_mapping.long()
+    tokens = torch.nonzero(slots >= 0).flatten()
+    s = slots[tokens]
+    return tokens, s // desc.block_size, s % desc.block_size
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    priority = 0
+    platforms = ("*",)
+    ops = OPS
+    description = "pure PyTorch on any device; the ground truth of every test"
+
+    def versions(self) -> dict:
+        return {"torch": torch.__version__}
+
+    # -- writes ---------------------------------------------------------------------------------
+    def reshape_and_cache_flash(self, key, value, key_cache, value_cache, slot_mapping, desc) -> None:
+        tokens, blk, off = _valid_slots(slot_mapping, desc)
+        k = key[tokens]
+        v = value[tokens]
+        kc = _cache_view(key_cache, desc)
+        vc = _cache_view(value_cache, desc)
+        n, h = k.shape[0], desc.num_kv_heads
+        # Convert everything before the first store: a failure leaves both caches untouched.
+        k = _to_cache(k, kc, desc, desc.k_scale)
+        v = _to_cache(v, vc, desc, desc.v_scale)
+        if desc.layout == "head-major":
+            x = desc.k.x
+            # key [blocks, H, D // x, bs, x]: separated advanced indices put the token dim first
+            kc[blk, :, :, off] = k.reshape(n, h, desc.head_size_k // x, x)
+            # value [blocks, H, D, bs]
+            vc[blk, :, :, off] = v
+        else:
+            kc[blk, off] = k
+            vc[blk, off] = v
+
+    def concat_and_cache_mla(self, kv_c, k_pe, kv_cache, slot_mapping, desc) -> None:
+        tokens, blk, off = _valid_slots(slot_mapping, desc)
+        cache = _cache_view(kv_cache, desc)
+        rows = torch.cat([kv_c[tokens], k_pe[tokens]], dim=-1)
+        cache[blk, off] = _to_cache(rows, cache, desc, desc.k_scale)
+
+    # -- attention ------------------------------------------------------------------------------
+    def flash_attn_varlen_func(self, q, k, v, out, desc, args: AttentionArgs) -> None:
+        check_attention_values(args, desc)
+        batch = args.batch
+        cu_q = args.cu_seqlens_q.tolist()
+        if cu_q and cu_q[-1] > q.shape[0]:
+            raise ValueError(f"cu_seqlens_q: last offset {cu_q[-1]} exceeds q's {q.shape[0]} tokens")
+        if args.paged:
+            lens_k = args.seqused_k.tolist()
+            starts_k = [0] * batch
+        else:
+            cu_k = args.cu_seqlens_k.tolist()
+            starts_k = cu_k[:-1]
+            lens_k = [cu_k[b + 1] - cu_k[b] for b in range(batch)]
+            if args.seqused_k is not None:
+                lens_k = [min(a, b) for a, b in zip(lens_k, args.seqused_k.tolist())]
+        hq, hkv = q.shape[1], desc.num_kv_heads
+        group = hq // hkv
+        bs = desc.block_size
+        for b in range(batch):
+            q0, q1 = cu_q[b], cu_q[b + 1]
+            lq, lk = q1 - q0, lens_k[b]
+            if lq == 0:
+                continue
+            if args.paged:
+                pos = torch.arange(lk, device=q.device)
+                blocks = args.block_table[b].long()[pos // bs]
+                kb, vb = k[blocks, pos % bs], v[blocks, pos % bs]  # [lk, hkv, d]
+            else:
+                kb = k[0, starts_k[b]:starts_k[b] + lk]
+                vb = v[0, starts_k[b]:starts_k[b] + lk]
+            kf = dequantize_fp8(kb, _descale(args.k_descale, b, hkv))
+            vf = dequantize_fp8(vb, _descale(args.v_descale, b, hkv))
+            qf = q[q0:q1].float()
+            if args.q_descale is not None:
+                qf = qf * _descale(args.q_descale, b, hkv).repeat_interleave(group, dim=1)
+            kf = kf.repeat_interleave(group, dim=1)  # [lk, hq, d]
+            vf = vf.repeat_interleave(group, dim=1)
+            s = torch.einsum("qhd,khd->hqk", qf, kf) * args.softmax_scale
+            if args.softcap > 0:
+                s = args.softcap * torch.tanh(s / args.softcap)
+            s = s.masked_fill(~_visible(lq, lk, args.window_left, args.window_right, q.device), float("-inf"))
+            p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row that sees no key is all -inf -> 0
+            out[q0:q1] = torch.einsum("hqk,khd->qhd", p, vf).to(out.dtype)
+
+
+def _descale(t: Optional[torch.Tensor], b: int, heads: int) -> Optional[torch.Tensor]:
+    """A descale for sequence ``b`` shaped to broadcast over ``[tokens, heads, dim]``."""
+    if t is None:
+        return None
+    if t.numel() == 1:
+        return t.reshape(1, 1, 1)
+    return t[b].reshape(1, heads, 1)
+
+
+def _visible(lq: int, lk: int, left: int, right: int, device) -> torch.Tensor:
+    """[lq, lk] bool: query i (bottom-right aligned at key position i + lk - lq) sees key j."""
+    i = torch.arange(lq, device=device)[:, None]
+    j = torch.arange(lk, device=device)[None, :]
+    p = i + (lk - lq)
+    ok = torch.ones(lq, lk, dtype=torch.bool, device=device)
+    if right >= 0:
+        ok &= j <= p + right
+    if left >= 0:
+        ok &= j >= p - left
+    return ok
+
+
+@hookimpl
+def kvdispatch_backends():
+    return [ReferenceBackend()]
