@@ -62,7 +62,8 @@ def _check_slot_mapping(slot_mapping, device, num_tokens: int) -> None:
         _fail("slot_mapping", "a 1-D tensor [num_tokens]", f"shape {tuple(slot_mapping.shape)}")
     if slot_mapping.shape[0] > num_tokens:
         raise ValueError(
-            f"slot_mapping: has {slot_mapping.shape[0]} entries but key/kv_c hold only {num_tokens} tokens"
+            f"slot_mapping: expected at most one entry per key/kv_c row ({num_tokens}), "
+            f"got {slot_mapping.shape[0]} entries"
         )
     _same_device(slot_mapping, "slot_mapping", device)
 
