@@ -10,25 +10,26 @@ dispatcher's round trip out of the per-call overhead.
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Sequence
 
 import torch
 
 from .descriptor import FP8_DTYPES, KVCacheDescriptor
 from .checks import check_attention_values, check_slot_values
+from .platform import getenv
 from .registry import AttentionArgs, registry
 
 __all__ = ["reshape_and_cache_flash", "concat_and_cache_mla", "flash_attn_varlen_func"]
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
+_INT32 = torch.int32
 _FLOAT_IN = (torch.float16, torch.bfloat16, torch.float32)
 _compiling = torch.compiler.is_compiling
 
 
 def debug_checks() -> bool:
     """KVDISPATCH_DEBUG=1: GPU backends get the value-range checks the reference always does."""
-    return os.environ.get("KVDISPATCH_DEBUG", "0") not in ("", "0")
+    return getenv(b"KVDISPATCH_DEBUG") not in (None, "", "0")
 
 
 def _fail(name: str, expected: str, got) -> None:
@@ -192,12 +193,17 @@ def concat_and_cache_mla(
 
 # -- flash_attn_varlen_func --------------------------------------------------------------------
 def _check_index(t, name: str, shape: tuple, device, what: str) -> None:
-    _tensor(t, name)
-    if t.dtype != torch.int32:
+    """int32 index tensor of ``shape`` (None = any size) on ``device``. On the per-call path."""
+    if not isinstance(t, torch.Tensor):
+        _tensor(t, name)
+    if t.dtype != _INT32:
         raise TypeError(f"{name}: expected dtype torch.int32, got {t.dtype}")
-    if t.dim() != len(shape) or any(e is not None and e != g for e, g in zip(shape, t.shape)):
-        _fail(name, what, f"shape {tuple(t.shape)}")
-    _same_device(t, name, device)
+    got = t.shape
+    if len(got) != len(shape) or got[0] != shape[0] or (len(shape) == 2 and shape[1] is not None
+                                                        and got[1] != shape[1]):
+        _fail(name, what, f"shape {tuple(got)}")
+    if t.device != device:
+        _same_device(t, name, device)
 
 
 def _check_descale(t, name: str, batch: int, heads: int, device) -> None:

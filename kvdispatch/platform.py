@@ -8,11 +8,27 @@ instead of looking at ``torch.version.hip`` themselves.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Platform", "platform_of", "cpu_platform", "as_device"]
+__all__ = ["Platform", "platform_of", "cpu_platform", "as_device", "getenv"]
+
+# os.environ.get encodes the key and decodes the value on every call (~1 us here); on POSIX
+# CPython os.environ keeps its data in a bytes dict that it updates on every assignment, so a
+# lookup there sees the same values (tests set KVDISPATCH_BACKEND at run time) at dict speed.
+_ENV_BYTES = getattr(os.environ, "_data", None)
+if not (isinstance(_ENV_BYTES, dict) and all(isinstance(k, bytes) for k in list(_ENV_BYTES)[:1])):
+    _ENV_BYTES = None
+
+
+def getenv(name: bytes) -> "str | None":
+    """``os.environ.get`` for the per-call flags (``KVDISPATCH_BACKEND``, ``KVDISPATCH_DEBUG``)."""
+    if _ENV_BYTES is not None:
+        v = _ENV_BYTES.get(name)
+        return None if v is None else v.decode()
+    return os.environ.get(name.decode())
 
 # Platform names, as backends declare them in ``Backend.platforms``.
 CPU, NVIDIA, ROCM, XPU = "cpu", "nvidia", "rocm", "xpu"

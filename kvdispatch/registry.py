@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import threading
 from typing import Iterable, NamedTuple, Optional
 
@@ -12,7 +11,7 @@ import torch
 
 from . import hookspecs
 from .descriptor import KVCacheDescriptor
-from .platform import Platform, platform_of
+from .platform import Platform, getenv, platform_of
 
 __all__ = [
     "OPS", "Backend", "AttentionArgs", "Registry", "NoBackendError", "registry",
@@ -220,7 +219,7 @@ class Registry:
         return rows
 
     def select(self, op: str, platform: Platform, desc: Optional[KVCacheDescriptor] = None) -> Backend:
-        forced = os.environ.get(ENV_BACKEND) or None
+        forced = getenv(b"KVDISPATCH_BACKEND") or None
         ck = (op, platform, None if desc is None else desc.key, forced)
         b = self._selection.get(ck)
         if b is not None:

@@ -9,7 +9,7 @@ def test_info_lists_every_backend_and_selection(capsys):
     out = capsys.readouterr().out
     for name in ("reference", "triton", "reshape_and_cache_flash", "flash_attn_varlen_func", "torch"):
         assert name in out
-    assert "TRITON_INTERPRET" in out  # the triton backend says why it is not used on cpu
+    assert "not a backend for platform 'cpu'" in out  # -v explains why triton is not chosen on cpu
 
 
 def test_check_passes_on_cpu(capsys):
