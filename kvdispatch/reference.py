@@ -135,17 +135,17 @@ class ReferenceBackend(Backend):
                 vb = v[0, starts_k[b]:starts_k[b] + lk]
             kf = dequantize_fp8(kb, _descale(args.k_descale, b, hkv))
             vf = dequantize_fp8(vb, _descale(args.v_descale, b, hkv))
-            qf = q[q0:q1].float()
+            # query head h reads kv head h // group: view q as [lq, hkv, group, d]
+            qf = q[q0:q1].float().view(lq, hkv, group, -1)
             if args.q_descale is not None:
-                qf = qf * _descale(args.q_descale, b, hkv).repeat_interleave(group, dim=1)
-            kf = kf.repeat_interleave(group, dim=1)  # [lk, hq, d]
-            vf = vf.repeat_interleave(group, dim=1)
-            s = torch.einsum("qhd,khd->hqk", qf, kf) * args.softmax_scale
+                qf = qf * _descale(args.q_descale, b, hkv).unsqueeze(-1)
+            s = torch.einsum("qhgd,khd->hgqk", qf, kf) * args.softmax_scale
             if args.softcap > 0:
                 s = args.softcap * torch.tanh(s / args.softcap)
             s = s.masked_fill(~_visible(lq, lk, args.window_left, args.window_right, q.device), float("-inf"))
             p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row that sees no key is all -inf -> 0
-            out[q0:q1] = torch.einsum("hqk,khd->qhd", p, vf).to(out.dtype)
+            o = torch.einsum("hgqk,khd->qhgd", p, vf)
+            out[q0:q1] = o.reshape(lq, hq, -1).to(out.dtype)
 
 
 def _descale(t: Optional[torch.Tensor], b: int, heads: int) -> Optional[torch.Tensor]:
