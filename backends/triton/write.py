@@ -1,0 +1,430 @@
+"""Triton cache-write kernels: ``reshape_and_cache_flash`` and ``concat_and_cache_mla``.
+
+One kernel serves every layout. The unit of work is a *row*: the ``head_size`` elements of one
+(token, head), contiguous in the input and (for 4-D caches) contiguous in the cache. A program
+takes ``ROWS`` consecutive rows of K and the same rows of V, loads them as 16-byte vectors,
+converts if the cache is fp8, and stores each row at
+
+    block*S_BLOCK + token_in_block*S_TOKEN + head*S_HEAD + (d // X)*S_CHUNK + d % X
+
+with the five strides taken from the descriptor (never from a layout name) and passed as
+``tl.constexpr``: a cache's strides are fixed for its lifetime, so every layout gets a kernel
+compiled for its exact strides (the offset arithmetic folds to shifts and adds, and Triton proves
+the 16-byte alignment that vectorizes the stores). On caches where a token's heads are contiguous
+(NHD, combined and cross-layer slices) and the input's heads are too, a row is the whole token
+(``heads * head_size`` elements): fewer rows, one slot load per token, longer bursts.
+
+The MLA write is the same kernel with ``kv_c`` as "K" and ``k_pe`` as "V", both one head, "V"
+stored ``kv_lora_rank`` elements into the cache row.
+
+Offsets are int32 when the descriptor proves the cache fits (and the inputs do), else int64.
+FP8: ``x * (1 / scale)`` clamped to the type's largest finite value (so a finite input never
+becomes NaN/inf), rounded to nearest-even by the hardware conversion where Triton has one for the
+platform and type, otherwise by an exact integer encoder (``_fp8_encode``), which also serves the
+CPU interpreter (whose own fp8 casts do not round to nearest-even).
+
+Per-call Python is kept small: everything derived from the descriptor, the input strides, the
+pointer alignments and the token-count bucket is cached; on NVIDIA the cached compiled kernel is
+launched directly with raw pointers, skipping Triton's per-call argument specialization.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .write_configs import WriteConfig, config_for
+
+__all__ = ["supports", "reshape_and_cache_flash", "concat_and_cache_mla", "plan_for"]
+
+INT32_MAX = 2**31 - 1
+
+# fp8 type -> (exponent bias, mantissa bits, fnuz) for the integer encoder
+_FP8_FORMAT = {
+    torch.float8_e4m3fn: (7, 3, False),
+    torch.float8_e5m2: (15, 2, False),
+    torch.float8_e4m3fnuz: (8, 3, True),
+}
+_FP8 = tuple(_FP8_FORMAT)
+
+# mode of the element conversion (constexpr QUANT)
+COPY, NATIVE_FP8, SOFT_FP8 = 0, 1, 2
+
+# the widest row a program holds (elements, padded): MLA's 512 latents, or 16 heads x 256 merged
+_MAX_ROW = 1 << 14
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# -- kernels ----------------------------------------------------------------------------------------
+@triton.jit
+def _fp8_encode(y, BIAS: tl.constexpr, MAN: tl.constexpr, FNUZ: tl.constexpr):
+    """fp32 ``y`` (finite, already clamped to the type's range) -> fp8 bit patterns, uint8.
+
+    Round to nearest, ties to even, subnormals included; exact for e4m3fn, e5m2 and e4m3fnuz.
+    The retained mantissa is ``mant >> s``: ``s = 23 - MAN`` for normal results, larger below the
+    smallest normal (the result's quantum is fixed there). A carry out of the mantissa rounds up
+    into the exponent field by the addition, as it should.
+    """
+    bits = y.to(tl.int32, bitcast=True)
+    sign = (bits >> 31) & 1
+    a = bits & 0x7FFFFFFF
+    e = a >> 23
+    mant = (a & 0x7FFFFF) | tl.where(e > 0, 0x800000, 0)
+    below_normal = tl.maximum((128 - BIAS) - e, 0)
+    s = tl.minimum((23 - MAN) + below_normal, 31)
+    k = (mant + ((1 << (s - 1)) - 1) + ((mant >> s) & 1)) >> s
+    code = ((tl.maximum(e + (BIAS - 127), 1) - 1) << MAN) + k
+    if FNUZ:
+        sign = tl.where(code == 0, 0, sign)  # fnuz has no negative zero (0x80 is its NaN)
+    return (code | (sign << 7)).to(tl.uint8)
+
+
+@triton.jit
+def _write_side(
+    src, src_stride_t, src_stride_h, dst, scale,
+    tok, head, blk, off, row_ok,
+    D: tl.constexpr, D_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, MERGED: tl.constexpr,
+    S_BLOCK: tl.constexpr, S_TOKEN: tl.constexpr, S_HEAD: tl.constexpr, S_CHUNK: tl.constexpr,
+    X: tl.constexpr,
+    QUANT: tl.constexpr, SCALE_PER_HEAD: tl.constexpr,
+    FP8_MAX: tl.constexpr, FP8_BIAS: tl.constexpr, FP8_MAN: tl.constexpr, FP8_FNUZ: tl.constexpr,
+    STREAMING: tl.constexpr,
+):
+    """Load ``ROWS`` rows of one tensor (K or V), convert, store them at their cache slots."""
+    d = tl.arange(0, D_PAD)
+    mask = row_ok[:, None] & (d < D)[None, :]
+    src_ptrs = src + (tok * src_stride_t + head * src_stride_h)[:, None] + d[None, :]
+    if STREAMING:
+        x = tl.load(src_ptrs, mask=mask, eviction_policy="evict_first")
+    else:
+        x = tl.load(src_ptrs, mask=mask)
+    if QUANT != 0:
+        if SCALE_PER_HEAD:
+            if MERGED:  # the row holds every head: the head is d // HEAD_DIM
+                s = tl.load(scale + d // HEAD_DIM, mask=d < D, other=1.0)[None, :]
+            else:
+                s = tl.load(scale + head, mask=row_ok, other=1.0)[:, None]
+        else:
+            s = tl.load(scale)
+        y = x.to(tl.float32) * (1.0 / s)
+        y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
+        if QUANT == 1:
+            x = y.to(dst.dtype.element_ty)
+        else:
+            x = _fp8_encode(y, FP8_BIAS, FP8_MAN, FP8_FNUZ)
+    row_off = blk * S_BLOCK + off * S_TOKEN + head * S_HEAD
+    dst_ptrs = dst + row_off[:, None] + ((d // X) * S_CHUNK + d % X)[None, :]
+    if STREAMING:
+        tl.store(dst_ptrs, x, mask=mask, cache_modifier=".cs")
+    else:
+        tl.store(dst_ptrs, x, mask=mask)
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def _write_kv_kernel(
+    k_src, v_src, k_dst, v_dst, slot_mapping, k_scale, v_scale,
+    n_rows, k_stride_t, k_stride_h, v_stride_t, v_stride_h,
+    HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr, OFF64: tl.constexpr,
+    MERGED: tl.constexpr,
+    DK: tl.constexpr, DK_PAD: tl.constexpr, HEAD_DIM_K: tl.constexpr,
+    KB: tl.constexpr, KT: tl.constexpr, KH: tl.constexpr, KC: tl.constexpr, KX: tl.constexpr,
+    DV: tl.constexpr, DV_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    VB: tl.constexpr, VT: tl.constexpr, VH: tl.constexpr, VC: tl.constexpr, VX: tl.constexpr,
+    QUANT: tl.constexpr, K_SCALE_HEAD: tl.constexpr, V_SCALE_HEAD: tl.constexpr,
+    FP8_MAX: tl.constexpr, FP8_BIAS: tl.constexpr, FP8_MAN: tl.constexpr, FP8_FNUZ: tl.constexpr,
+    STREAMING: tl.constexpr,
+):
+    """Rows ``[pid*ROWS, (pid+1)*ROWS)`` of the ``n_rows = tokens * HEADS`` rows of K and V.
+
+    A row is (token, head) (``HEADS`` = kv heads) or a whole token (``HEADS`` = 1, ``MERGED``).
+    Slots < 0 are padding: those rows are not written.
+    """
+    pid = tl.program_id(0)
+    r = pid * ROWS + tl.arange(0, ROWS)
+    in_range = r < n_rows
+    tok = r // HEADS
+    head = r % HEADS
+    slot = tl.load(slot_mapping + tok, mask=in_range, other=-1)
+    row_ok = slot >= 0
+    if OFF64:
+        slot = slot.to(tl.int64)
+        tok = tok.to(tl.int64)
+    else:
+        slot = slot.to(tl.int32)
+    blk = slot // BLOCK_SIZE
+    off = slot % BLOCK_SIZE
+    _write_side(k_src, k_stride_t, k_stride_h, k_dst, k_scale, tok, head, blk, off, row_ok,
+                DK, DK_PAD, HEAD_DIM_K, MERGED, KB, KT, KH, KC, KX,
+                QUANT, K_SCALE_HEAD, FP8_MAX, FP8_BIAS, FP8_MAN, FP8_FNUZ, STREAMING)
+    _write_side(v_src, v_stride_t, v_stride_h, v_dst, v_scale, tok, head, blk, off, row_ok,
+                DV, DV_PAD, HEAD_DIM_V, MERGED, VB, VT, VH, VC, VX,
+                QUANT, V_SCALE_HEAD, FP8_MAX, FP8_BIAS, FP8_MAN, FP8_FNUZ, STREAMING)
+
+
+# -- planning (cached per descriptor, input strides, alignment and batch bucket) -------------------
+def _native_fp8(platform, fp8_dtype: torch.dtype) -> bool:
+    """Whether Triton converts fp32 -> ``fp8_dtype`` in hardware on this platform."""
+    if _interpreting():
+        return False
+    if platform.name == "nvidia":
+        return (platform.capability or (0, 0)) >= (8, 9) and fp8_dtype in (torch.float8_e4m3fn,
+                                                                           torch.float8_e5m2)
+    if platform.name == "rocm":
+        arch = (platform.arch or "").split(":")[0]
+        if arch in ("gfx940", "gfx941", "gfx942"):
+            return fp8_dtype == torch.float8_e4m3fnuz
+        if arch == "gfx950":
+            return fp8_dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+    return False
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _floor_pow2(n: int) -> int:
+    return 1 << (max(int(n), 1).bit_length() - 1)
+
+
+class _Plan:
+    """What one launch needs besides the per-call pointers: constexprs, tile, grid factor."""
+
+    __slots__ = ("constexprs", "rows", "heads", "num_warps", "quant", "src_view", "dst_view",
+                 "kernel", "config")
+
+    def __repr__(self) -> str:
+        c = self.constexprs
+        return (f"_Plan(rows={self.rows}, heads_per_token_rows={self.heads}, merged={c['MERGED']}, "
+                f"num_warps={self.num_warps}, quant={self.quant}, off64={c['OFF64']}, "
+                f"DK={c['DK']}/{c['DK_PAD']}, DV={c['DV']}/{c['DV_PAD']})")
+
+
+def _side(strides, d: int, heads: int, merged: bool):
+    """constexprs of one side: (D, D_PAD, HEAD_DIM, S_BLOCK, S_TOKEN, S_HEAD, S_CHUNK, X)."""
+    if merged:
+        width = heads * d
+        return width, _pow2(width), d, strides.block, strides.token, 0, width, width
+    return d, _pow2(d), d, strides.block, strides.token, strides.head, strides.chunk, strides.x
+
+
+def _make_plan(desc, k_strides, v_strides, dk: int, dv: int, heads: int, in_dtype: torch.dtype,
+               mergeable: bool, n: int, off64: bool, k_scale_head: bool,
+               v_scale_head: bool, config: Optional[WriteConfig], merge: Optional[bool]) -> _Plan:
+    cfg = config or config_for(desc.platform, _interpreting())
+    cache_dtype = desc.cache_dtype
+    p = _Plan()
+    p.config = cfg
+    if desc.kv_cache_dtype != "auto" and in_dtype != cache_dtype:
+        p.quant = NATIVE_FP8 if _native_fp8(desc.platform, cache_dtype) else SOFT_FP8
+        bias, man, fnuz = _FP8_FORMAT[cache_dtype]
+        fmax = float(torch.finfo(cache_dtype).max)
+    else:
+        p.quant = COPY
+        bias, man, fnuz, fmax = 0, 0, False, 0.0
+    # Pointer types: fp8 copies move bytes (no fp8 type needed on the platform); the integer
+    # encoder stores bytes; the hardware conversion stores the fp8 type itself.
+    if p.quant == COPY:
+        p.src_view = p.dst_view = torch.uint8 if cache_dtype in _FP8 else None
+    else:
+        p.src_view = None
+        p.dst_view = cache_dtype if p.quant == NATIVE_FP8 else torch.uint8
+    merged = mergeable if merge is None else (merge and mergeable)
+    if merged:
+        heads_rows = 1
+    else:
+        heads_rows = heads
+    sk = _side(k_strides, dk, heads, merged)
+    sv = _side(v_strides, dv, heads, merged)
+    in_size = torch.empty((), dtype=in_dtype).element_size()
+    row_bytes = max(sk[1], sv[1]) * in_size
+    n_rows = n * heads_rows
+    rows = _floor_pow2(max(cfg.tile_bytes // row_bytes, 1))
+    sms = desc.platform.multiprocessors or 1
+    while rows > 1 and -(-n_rows // rows) < cfg.min_programs_per_sm * sms:
+        rows //= 2
+    # no more threads than 16-byte vectors in the tile (extra warps would only replicate)
+    vectors = rows * max(sk[1], sv[1]) * in_size // 16
+    p.num_warps = max(1, min(cfg.num_warps, _floor_pow2(max(vectors // 32, 1))))
+    p.rows, p.heads = rows, heads_rows
+    p.constexprs = dict(
+        HEADS=heads_rows, BLOCK_SIZE=desc.block_size, ROWS=rows, OFF64=off64, MERGED=merged,
+        DK=sk[0], DK_PAD=sk[1], HEAD_DIM_K=sk[2], KB=sk[3], KT=sk[4], KH=sk[5], KC=sk[6], KX=sk[7],
+        DV=sv[0], DV_PAD=sv[1], HEAD_DIM_V=sv[2], VB=sv[3], VT=sv[4], VH=sv[5], VC=sv[6], VX=sv[7],
+        QUANT=p.quant, K_SCALE_HEAD=k_scale_head, V_SCALE_HEAD=v_scale_head,
+        FP8_MAX=fmax, FP8_BIAS=bias, FP8_MAN=man, FP8_FNUZ=fnuz, STREAMING=cfg.streaming,
+    )
+    p.kernel = None
+    return p
+
+
+_plans: dict = {}
+_PLAN_LIMIT = 8192
+
+
+def _view(t: torch.Tensor, dtype) -> torch.Tensor:
+    return t if dtype is None or t.dtype == dtype else t.view(dtype)
+
+
+def _launch(plan: _Plan, n: int, k_src, v_src, k_dst, v_dst, slot_mapping, k_scale, v_scale,
+            v_dst_offset: int = 0) -> None:
+    """Launch ``plan`` over ``n`` tokens; ``v_dst_offset`` shifts V's destination (MLA's k_pe)."""
+    n_rows = n * plan.heads
+    grid = (-(-n_rows // plan.rows), 1, 1)
+    ks, vs = k_src.stride(), v_src.stride()
+    k_sh = ks[1] if k_src.dim() == 3 else 0
+    v_sh = vs[1] if v_src.dim() == 3 else 0
+    kernel = plan.kernel
+    if kernel is not None and triton.knobs.runtime.launch_enter_hook is None:
+        # Fast path: the compiled kernel for exactly this specialization (same plan key), raw
+        # pointers; the launcher skips the constexpr positions.
+        esize = k_dst.element_size()
+        dev = k_dst.get_device()
+        kernel.run(grid[0], 1, 1, torch._C._cuda_getCurrentRawStream(dev), kernel.function,
+                   kernel.packed_metadata, None, None, None,
+                   k_src.data_ptr(), v_src.data_ptr(), k_dst.data_ptr(),
+                   v_dst.data_ptr() + v_dst_offset * esize, slot_mapping.data_ptr(),
+                   None if k_scale is None else k_scale.data_ptr(),
+                   None if v_scale is None else v_scale.data_ptr(),
+                   n_rows, ks[0], k_sh, vs[0], v_sh, *plan.constexprs.values())
+        return
+    v_dst_t = v_dst
+    if v_dst_offset:
+        v_dst_t = v_dst[..., v_dst_offset:]
+    compiled = _write_kv_kernel[grid](
+        _view(k_src, plan.src_view), _view(v_src, plan.src_view),
+        _view(k_dst, plan.dst_view), _view(v_dst_t, plan.dst_view), slot_mapping,
+        k_scale, v_scale, n_rows, ks[0], k_sh, vs[0], v_sh,
+        num_warps=plan.num_warps, num_stages=1, **plan.constexprs)
+    if (not _interpreting() and plan.kernel is None and k_dst.is_cuda and torch.version.hip is None
+            and not hasattr(compiled, "result")):
+        plan.kernel = compiled
+
+
+def _align(t: Optional[torch.Tensor]) -> int:
+    return -1 if t is None else t.data_ptr() & 15
+
+
+def _scale_is_head(scale: Optional[torch.Tensor]) -> bool:
+    return scale is not None and scale.numel() > 1
+
+
+def plan_for(key, value, key_cache, value_cache, slot_mapping, desc,
+             config: Optional[WriteConfig] = None, merge: Optional[bool] = None,
+             force_off64: Optional[bool] = None) -> _Plan:
+    """The (cached) launch plan ``reshape_and_cache_flash`` uses for these arguments.
+
+    ``config`` / ``merge`` override the platform's table and the merged-row choice (benchmarks);
+    ``force_off64`` the offset width (tests run the int64 path on small caches with it).
+    """
+    n = slot_mapping.shape[0]
+    ks, vs = key.stride(), value.stride()
+    quant_in = key.dtype
+    k_scale = desc.k_scale if desc.kv_cache_dtype != "auto" and quant_in != desc.cache_dtype else None
+    v_scale = desc.v_scale if k_scale is not None else None
+    ck = (desc.key, key_cache.get_device(), quant_in, ks[0], ks[1], vs[0], vs[1], slot_mapping.dtype,
+          key.data_ptr() & 15, value.data_ptr() & 15, key_cache.data_ptr() & 15,
+          value_cache.data_ptr() & 15, _align(k_scale), _align(v_scale), _scale_is_head(k_scale),
+          _scale_is_head(v_scale), n.bit_length(), _input_off64(n, key, value), config, merge, force_off64)
+    plan = _plans.get(ck)
+    if plan is None:
+        h, dk, dv = desc.num_kv_heads, desc.head_size_k, desc.head_size_v
+        mergeable = (h > 1 and desc.k.x == dk and desc.v.x == dv and desc.k.head == dk
+                     and desc.v.head == dv and ks[1] == dk and vs[1] == dv)
+        off64 = not desc.int32_offsets or _input_off64(n, key, value)
+        if force_off64 is not None:
+            off64 = force_off64
+        plan = _make_plan(desc, desc.k, desc.v, dk, dv, h, quant_in, mergeable, _floor_pow2(n), off64, _scale_is_head(k_scale), _scale_is_head(v_scale),
+                          config, merge)
+        if len(_plans) >= _PLAN_LIMIT:
+            _plans.clear()
+        _plans[ck] = plan
+    return plan
+
+
+def _input_off64(n: int, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the input rows read for ``n`` tokens reach past int32 offsets (2-D or 3-D inputs)."""
+    sa, sb, ha, hb = a.stride(), b.stride(), a.shape, b.shape
+    if a.dim() == 3:
+        last_a = (n - 1) * sa[0] + (ha[1] - 1) * sa[1] + ha[2]
+        last_b = (n - 1) * sb[0] + (hb[1] - 1) * sb[1] + hb[2]
+    else:
+        last_a = (n - 1) * sa[0] + ha[1]
+        last_b = (n - 1) * sb[0] + hb[1]
+    return last_a > INT32_MAX or last_b > INT32_MAX
+
+
+# -- public entry points (called by TritonBackend under the tensors' device) -----------------------
+def supports(op: str, desc, platform) -> Optional[str]:
+    """None when the write kernels handle ``op`` for ``desc``, else why not."""
+    if op not in ("reshape_and_cache_flash", "concat_and_cache_mla"):
+        return f"write.py does not implement {op}"
+    if desc is None:
+        return None
+    if desc.cache_dtype not in _FP8 and desc.cache_dtype not in (torch.float16, torch.bfloat16,
+                                                                 torch.float32):
+        return f"cache element type {desc.cache_dtype} is not float16/bfloat16/float32/fp8"
+    if op == "concat_and_cache_mla":
+        if not desc.is_mla:
+            return "concat_and_cache_mla needs the 3-D MLA latent cache"
+        return None if _pow2(desc.head_size_k) <= _MAX_ROW else \
+            f"latent row of {desc.head_size_k} elements exceeds the kernel's {_MAX_ROW}"
+    if desc.is_mla:
+        return "reshape_and_cache_flash needs a K/V cache pair, not the MLA latent cache"
+    widest = max(desc.head_size_k, desc.head_size_v)
+    if _pow2(widest) > _MAX_ROW:
+        return f"head size {widest} exceeds the kernel's {_MAX_ROW}-element rows"
+    return None
+
+
+def reshape_and_cache_flash(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                            value_cache: torch.Tensor, slot_mapping: torch.Tensor, desc,
+                            config: Optional[WriteConfig] = None, merge: Optional[bool] = None,
+                            force_off64: Optional[bool] = None) -> None:
+    """Write ``key`` ``(T, H, Dk)`` / ``value`` ``(T, H, Dv)`` rows ``[:n]`` (``n = len(slot_mapping)``)
+    into the caches described by ``desc``; slots < 0 are skipped. Arguments are already validated.
+    """
+    n = slot_mapping.shape[0]
+    if n == 0:
+        return
+    plan = plan_for(key, value, key_cache, value_cache, slot_mapping, desc, config, merge, force_off64)
+    if plan.quant == COPY:
+        ks = vs = None
+    else:
+        ks, vs = desc.k_scale, desc.v_scale
+    _launch(plan, n, key, value, key_cache, value_cache, slot_mapping, ks, vs)
+
+
+def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor, desc, config: Optional[WriteConfig] = None,
+                         force_off64: Optional[bool] = None) -> None:
+    """Write ``cat(kv_c (T, R), k_pe (T, P))`` rows ``[:n]`` into the MLA latent cache
+    ``(num_blocks, block_size, R + P)``; slots < 0 are skipped. Arguments are already validated."""
+    n = slot_mapping.shape[0]
+    if n == 0:
+        return
+    rank, rope = kv_c.shape[1], k_pe.shape[1]
+    quant = desc.kv_cache_dtype != "auto" and kv_c.dtype != desc.cache_dtype
+    scale = desc.k_scale if quant else None
+    ks, ps = kv_c.stride(), k_pe.stride()
+    ck = ("mla", desc.key, kv_cache.get_device(), kv_c.dtype, ks[0], ps[0], rank, slot_mapping.dtype,
+          kv_c.data_ptr() & 15, k_pe.data_ptr() & 15, kv_cache.data_ptr() & 15,
+          (kv_cache.data_ptr() + rank * kv_cache.element_size()) & 15, _align(scale),
+          n.bit_length(), _input_off64(n, kv_c, k_pe), config, force_off64)
+    plan = _plans.get(ck)
+    if plan is None:
+        off64 = not desc.int32_offsets or _input_off64(n, kv_c, k_pe)
+        if force_off64 is not None:
+            off64 = force_off64
+        plan = _make_plan(desc, desc.k, desc.k, rank, rope, 1, kv_c.dtype, False, _floor_pow2(n), off64,
+                          False, False, config, False)
+        if len(_plans) >= _PLAN_LIMIT:
+            _plans.clear()
+        _plans[ck] = plan
+    _launch(plan, n, kv_c, k_pe, kv_cache, kv_cache, slot_mapping, scale, scale, v_dst_offset=rank)
