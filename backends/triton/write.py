@@ -329,7 +329,7 @@ def plan_for(key, value, key_cache, value_cache, slot_mapping, desc,
     k_scale = desc.k_scale if desc.kv_cache_dtype != "auto" and quant_in != desc.cache_dtype else None
     v_scale = desc.v_scale if k_scale is not None else None
     ck = (desc.key, key_cache.get_device(), quant_in, ks[0], ks[1], vs[0], vs[1], slot_mapping.dtype,
-          key.data_ptr() & 15, value.data_ptr() & 15, key_cache.data_ptr() & 15,
+          slot_mapping.data_ptr() & 15, key.data_ptr() & 15, value.data_ptr() & 15, key_cache.data_ptr() & 15,
           value_cache.data_ptr() & 15, _align(k_scale), _align(v_scale), _scale_is_head(k_scale),
           _scale_is_head(v_scale), n.bit_length(), _input_off64(n, key, value), config, merge, force_off64)
     plan = _plans.get(ck)
@@ -414,7 +414,7 @@ def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch
     scale = desc.k_scale if quant else None
     ks, ps = kv_c.stride(), k_pe.stride()
     ck = ("mla", desc.key, kv_cache.get_device(), kv_c.dtype, ks[0], ps[0], rank, slot_mapping.dtype,
-          kv_c.data_ptr() & 15, k_pe.data_ptr() & 15, kv_cache.data_ptr() & 15,
+          slot_mapping.data_ptr() & 15, kv_c.data_ptr() & 15, k_pe.data_ptr() & 15, kv_cache.data_ptr() & 15,
           (kv_cache.data_ptr() + rank * kv_cache.element_size()) & 15, _align(scale),
           n.bit_length(), _input_off64(n, kv_c, k_pe), config, force_off64)
     plan = _plans.get(ck)

@@ -1,0 +1,413 @@
+"""Cache-write bandwidth on one GPU: kvdispatch's Triton kernels vs the device copy, FlagGems and a
+naive torch write, all in the same process.
+
+    python benchmarks/write_perf.py --out benchmarks/results/write_h100 [--sections main,...,sweep]
+
+writes ``<out>.json`` (every number) and ``<out>.md`` (the tables). Each implementation's result
+is checked against the reference backend (whole caches) before it is timed. Times are
+``triton.testing.do_bench`` medians: it clears L2 before every call and times the call alone
+with CUDA events, so these are GPU times of cold-cache writes. Bandwidth counts the bytes that
+must move: every key/value element read once and written once (fp8 caches: written as 1 byte).
+
+Sections: device copy; bf16 NHD write at 256/4096/32768 tokens (kvdispatch public op, FlagGems
+``reshape_and_cache_flash``, torch ``index_copy_``); every layout; fp8; head sizes; MLA; host
+overhead per call; with ``sweep`` in ``--sections``, the launch-config variants the write_configs table was
+chosen from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import kvdispatch as kvd  # noqa: E402
+from kvdispatch.testing import make_kv_cache, make_mla_cache  # noqa: E402
+
+H, D, BS = 8, 128, 16
+SIZES = (256, 4096, 32768)
+
+
+def _force(name):
+    if name is None:
+        os.environ.pop("KVDISPATCH_BACKEND", None)
+    else:
+        os.environ["KVDISPATCH_BACKEND"] = name
+
+
+def bench(fn, rep=100):
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median") * 1e3  # us
+
+
+def _fill(t):
+    base = t if t._base is None else t._base
+    if base.dtype.is_floating_point and base.element_size() >= 2:
+        base.copy_(torch.randn(base.shape, device=base.device, dtype=base.dtype))
+    else:
+        base.view(torch.uint8).random_(0, 0x7F)  # fp8 codes without NaN
+    return t
+
+
+def _base(t):
+    return t if t._base is None else t._base
+
+
+def _same(got, want, fp8):
+    g, w = _base(got), _base(want)
+    if not fp8:
+        return bool(torch.equal(g.view(torch.uint8), w.view(torch.uint8)))
+    gc, wc = g.view(torch.uint8).int(), w.view(torch.uint8).int()
+    diff = (gc - wc).abs()
+    far = diff > 1
+    if far.any():
+        gv = g.view(torch.uint8)[far].view(want.dtype if want.dtype != torch.uint8 else torch.float8_e4m3fn).float()
+        wv = w.view(torch.uint8)[far].view(want.dtype if want.dtype != torch.uint8 else torch.float8_e4m3fn).float()
+        if ((gv != wv) & ~((gv.abs() < 1e-6) & (wv.abs() < 1e-6))).any():
+            return False
+    return float((diff == 1).float().mean()) < 0.02
+
+
+def _clone_pair(kc, vc):
+    """Copies of a K/V view pair with the same strides, sharing one buffer if they did."""
+    kb, vb = _base(kc), _base(vc)
+    kb2 = kb.clone()
+    vb2 = kb2 if vb is kb else vb.clone()
+    return (kb2.as_strided(kc.shape, kc.stride(), kc.storage_offset() - kb.storage_offset()),
+            vb2.as_strided(vc.shape, vc.stride(), vc.storage_offset() - vb.storage_offset()), kb2, vb2)
+
+
+class Writer:
+    """Inputs + caches for one write configuration; ``check(fn)`` then ``time(fn)``."""
+
+    def __init__(self, layout="NHD", n=4096, h=H, d=D, dv=None, bs=BS, dtype=torch.bfloat16,
+                 kind="auto", storage=None, scale="tensor", num_blocks=None):
+        self.n, self.h, self.d, self.dv = n, h, d, dv or d
+        nb = num_blocks or max(2 * n // bs + 8, 32768 * 16 // bs // 4)
+        cache_dtype = storage or dtype
+        self.kc, self.vc = make_kv_cache(layout, nb, bs, h, d, dv, dtype=cache_dtype, device="cuda", fill=False)
+        _fill(self.kc)
+        if _base(self.vc) is not _base(self.kc):
+            _fill(self.vc)
+        self.key = torch.randn(n, h, d, device="cuda", dtype=dtype)
+        self.value = torch.randn(n, h, self.dv, device="cuda", dtype=dtype)
+        self.slots = torch.randperm(nb * bs, device="cuda")[:n]
+        self.kind = kind
+        if kind == "auto":
+            self.ks = self.vs = None
+        else:
+            m = h if scale == "head" else 1
+            self.ks = torch.rand(m, device="cuda") * 0.02 + 0.01
+            self.vs = torch.rand(m, device="cuda") * 0.02 + 0.01
+        self.fp8 = kind != "auto"
+        in_size = torch.empty((), dtype=dtype).element_size()
+        out_size = torch.empty((), dtype=cache_dtype).element_size()
+        self.bytes = n * h * (d + self.dv) * (in_size + out_size)
+
+    def args(self, kc=None, vc=None):
+        return (self.key, self.value, self.kc if kc is None else kc, self.vc if vc is None else vc,
+                self.slots, self.kind, self.ks, self.vs)
+
+    def check(self, fn):
+        """Run ``fn(key, value, kc, vc, slots, kind, ks, vs)`` on copies; compare with the reference."""
+        rk, rv, rkb, rvb = _clone_pair(self.kc, self.vc)
+        gk, gv, gkb, gvb = _clone_pair(self.kc, self.vc)
+        _force("reference")
+        kvd.reshape_and_cache_flash(*self.args(rk, rv))
+        _force(None)
+        fn(*self.args(gk, gv))
+        torch.cuda.synchronize()
+        ok = _same(gkb, rkb, self.fp8) and _same(gvb, rvb, self.fp8)
+        del rk, rkb, rv, rvb, gk, gkb, gv, gvb
+        return ok
+
+    def time(self, fn, rep=100):
+        a = self.args()
+        return bench(lambda: fn(*a), rep)
+
+
+def kvd_write(*a):
+    kvd.reshape_and_cache_flash(*a)
+
+
+def torch_index_copy(key, value, kc, vc, slots, kind, ks, vs):
+    """What a framework writes without a kernel: one index_copy_ per cache (NHD packed only)."""
+    kc.view(-1, key.shape[1], key.shape[2]).index_copy_(0, slots, key)
+    vc.view(-1, value.shape[1], value.shape[2]).index_copy_(0, slots, value)
+
+
+def flag_gems_write(key, value, kc, vc, slots, kind, ks, vs):
+    import flag_gems
+    one = _ONE.setdefault(key.device, torch.ones(1, device=key.device))
+    flag_gems.reshape_and_cache_flash(key, value, kc, vc, slots, kind, one if ks is None else ks,
+                                      one if vs is None else vs)
+
+
+_ONE: dict = {}
+
+
+def measure(results, section, label, w: Writer, fn, copy_bw, rep=100, **extra):
+    row = dict(section=section, label=label, tokens=w.n, bytes=w.bytes, **extra)
+    try:
+        ok = w.check(fn)
+        row["correct"] = ok
+        if ok:
+            us = w.time(fn, rep)
+            row["us"] = us
+            row["GBps"] = w.bytes / us / 1e3
+            row["pct_copy"] = 100.0 * row["GBps"] / copy_bw
+    except Exception as e:  # an unavailable competitor must not stop the run
+        row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    results.append(row)
+    us = f"{row['us']:8.2f} us {row['GBps']:7.0f} GB/s {row['pct_copy']:5.1f}%" if "us" in row else \
+        row.get("error", "WRONG RESULT")
+    print(f"[{section}] {label:<34} T={w.n:<6} {us}", flush=True)
+    return row
+
+
+def copy_bandwidth():
+    n = 1 << 29  # 1 GiB of bf16
+    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    us = bench(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * n * 2 / us / 1e3, us
+
+
+def host_overhead(results):
+    """CPU time per call at 256 tokens, back-to-back calls (no L2 flush, GPU never the bottleneck)."""
+    from kvdispatch.backends.triton import write
+    w = Writer("NHD", 256)
+    desc = kvd.KVCacheDescriptor.from_tensors(w.kc, w.vc)
+    a = w.args()
+    fns = {
+        "kvdispatch public op": lambda: kvd.reshape_and_cache_flash(*a),
+        "triton backend write() (no checks)": lambda: write.reshape_and_cache_flash(*a[:5], desc),
+        "torch.ops.kvdispatch (custom op)": lambda: torch.ops.kvdispatch.reshape_and_cache_flash(*a),
+    }
+    try:
+        import flag_gems  # noqa: F401
+        fns["flag_gems.reshape_and_cache_flash"] = lambda: flag_gems_write(*a)
+    except Exception:
+        pass
+    for label, fn in fns.items():
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        reps = 2000
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+        us = (time.perf_counter() - t0) / reps * 1e6
+        results.append(dict(section="host", label=label, tokens=256, us_per_call=us))
+        print(f"[host] {label:<40} {us:6.2f} us/call", flush=True)
+    # GPU time of the same write replayed from a CUDA graph (no launch overhead at all)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        kvd.reshape_and_cache_flash(*a)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        kvd.reshape_and_cache_flash(*a)
+    us = bench(g.replay)
+    results.append(dict(section="host", label="CUDA graph replay (do_bench)", tokens=256, us=us))
+    print(f"[host] {'CUDA graph replay (do_bench)':<40} {us:6.2f} us", flush=True)
+
+
+def _variants(layout):
+    """(label, config overrides, merge) of the launch-config sweep."""
+    out = []
+    for tile in (2048, 4096, 8192, 16384, 32768):
+        for nw in (4, 8):
+            out.append((f"tile{tile // 1024}K w{nw}", dict(tile_bytes=tile, num_warps=nw), None))
+    for tile in (8192, 16384):
+        out.append((f"tile{tile // 1024}K w4 streaming", dict(tile_bytes=tile, num_warps=4, streaming=True), None))
+    for mp in (1, 2, 8):
+        out.append((f"tile8K w4 min{mp}/SM", dict(tile_bytes=8192, num_warps=4, min_programs_per_sm=mp), None))
+    if layout == "NHD":
+        for tile in (4096, 8192, 16384):
+            out.append((f"tile{tile // 1024}K w4 rows=head", dict(tile_bytes=tile, num_warps=4), False))
+    return out
+
+
+def sweep(results, copy_bw, save):
+    from kvdispatch.backends.triton import write
+    from kvdispatch.backends.triton.write_configs import DEFAULT
+    for layout in ("NHD", "HND"):
+        for n in SIZES:
+            if layout == "HND" and n == 256:
+                continue
+            w = Writer(layout, n)
+            desc = kvd.KVCacheDescriptor.from_tensors(w.kc, w.vc)
+            for label, over, merge in _variants(layout):
+                cfg = DEFAULT.with_(**{"streaming": False, "min_programs_per_sm": 4, **over})
+
+                def fn(k, v, kc, vc, s, kind, ks, vs, cfg=cfg, merge=merge):
+                    write.reshape_and_cache_flash(k, v, kc, vc, s, desc, config=cfg, merge=merge)
+
+                plan = write.plan_for(w.key, w.value, w.kc, w.vc, w.slots, desc, cfg, merge)
+                measure(results, f"sweep-{layout}", label, w, fn, copy_bw, rep=40, rows=plan.rows,
+                        merged=plan.constexprs["MERGED"], plan_warps=plan.num_warps, **over)
+            del w
+            torch.cuda.empty_cache()
+            save()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="path prefix: writes <out>.json and <out>.md")
+    ap.add_argument("--sections", default="main,layouts,fp8,heads,mla,host",
+                    help="comma list of: main, layouts, fp8, heads, mla, host, sweep (launch-config variants)")
+    args = ap.parse_args()
+    import triton
+    info = dict(device=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
+                torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+                command=" ".join(["python"] + sys.argv), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    try:
+        import flag_gems
+        info["flag_gems"] = getattr(flag_gems, "__version__", "?")
+    except Exception as e:
+        info["flag_gems"] = f"unavailable: {type(e).__name__}: {e}"
+    print(info, flush=True)
+    results = []
+    copy_bw, copy_us = copy_bandwidth()
+    info["copy_GBps"] = copy_bw
+    print(f"device copy: {copy_bw:.0f} GB/s (1 GiB bf16, {copy_us:.1f} us)", flush=True)
+
+    def save():
+        with open(args.out + ".json", "w") as f:
+            json.dump(dict(info=info, results=results), f, indent=1)
+        with open(args.out + ".md", "w") as f:
+            f.write(markdown(info, results))
+
+    sections = set(args.sections.split(","))
+    # 1. the headline: bf16 NHD, 8 kv heads x 128, block 16, random slots
+    for n in SIZES if "main" in sections else ():
+        w = Writer("NHD", n)
+        measure(results, "main", "kvdispatch (triton)", w, kvd_write, copy_bw)
+        measure(results, "main", "flag_gems 5.0.2", w, flag_gems_write, copy_bw)
+        measure(results, "main", "torch index_copy_", w, torch_index_copy, copy_bw)
+        del w
+    save()
+    # 2. every layout at 4096 and 32768 tokens
+    for n in (4096, 32768) if "layouts" in sections else ():
+        for layout in ("NHD", "HND", "combined", "combined-HND", "cross-layer", "diffkv", "head-major"):
+            w = Writer(layout, n, dv=64 if layout == "diffkv" else None)
+            measure(results, "layouts", layout + (" (Dk 128, Dv 64)" if layout == "diffkv" else ""), w,
+                    kvd_write, copy_bw, layout=layout)
+            del w
+            torch.cuda.empty_cache()
+    save()
+    # 3. fp8 (bf16 in, 1-byte cache)
+    fp8_cases = [("NHD", "fp8", torch.float8_e4m3fn, "tensor"), ("NHD", "fp8", torch.float8_e4m3fn, "head"),
+                 ("NHD", "fp8_e5m2", torch.float8_e5m2, "tensor"), ("NHD", "fp8", torch.uint8, "tensor"),
+                 ("HND", "fp8", torch.float8_e4m3fn, "head"), ("NHD", "fp8", torch.float8_e4m3fnuz, "tensor")]
+    for n in (4096, 32768) if "fp8" in sections else ():
+        for layout, kind, storage, scale in fp8_cases:
+            w = Writer(layout, n, kind=kind, storage=storage, scale=scale)
+            label = f"{layout} {str(storage).replace('torch.', '')} {scale}-scale"
+            measure(results, "fp8", label, w, kvd_write, copy_bw, layout=layout)
+            del w
+            torch.cuda.empty_cache()
+    save()
+    # 4. head sizes (NHD and HND, 32768 tokens)
+    if "heads" in sections:
+        for d in (64, 80, 96, 112, 192, 256):
+            for layout in ("NHD", "HND"):
+                w = Writer(layout, 32768 if d <= 128 else 16384, d=d)
+                measure(results, "head sizes", f"{layout} D={d}", w, kvd_write, copy_bw, layout=layout)
+                del w
+                torch.cuda.empty_cache()
+        save()
+    # 5. MLA 512 + 64
+    for n in SIZES if "mla" in sections else ():
+        mla_bench(results, n, copy_bw)
+    save()
+    if "host" in sections:
+        host_overhead(results)
+        save()
+    if "sweep" in sections:
+        sweep(results, copy_bw, save)
+    print(markdown(info, results), flush=True)
+
+
+def mla_bench(results, n, copy_bw):
+    rank, rope = 512, 64
+    nb = max(2 * n // BS + 8, 8192)
+    cache = make_mla_cache(nb, BS, rank, rope, device="cuda", fill=False)
+    cache.copy_(torch.randn(cache.shape, device="cuda", dtype=cache.dtype))
+    kv_c = torch.randn(n, rank, device="cuda", dtype=torch.bfloat16)
+    k_pe = torch.randn(n, rope, device="cuda", dtype=torch.bfloat16)
+    slots = torch.randperm(nb * BS, device="cuda")[:n]
+    nbytes = n * (rank + rope) * 2 * 2
+
+    def ours(c):
+        kvd.concat_and_cache_mla(kv_c, k_pe, c, slots)
+
+    def gems(c):
+        import flag_gems
+        flag_gems.concat_and_cache_mla(kv_c, k_pe, c, slots, "auto", torch.ones(1, device="cuda"))
+
+    def naive(c):
+        c.view(-1, rank + rope).index_copy_(0, slots, torch.cat([kv_c, k_pe], dim=-1))
+
+    ref = cache.clone()
+    _force("reference")
+    kvd.concat_and_cache_mla(kv_c, k_pe, ref, slots)
+    _force(None)
+    for label, fn in (("kvdispatch (triton)", ours), ("flag_gems 5.0.2", gems), ("torch cat + index_copy_", naive)):
+        row = dict(section="mla", label=label, tokens=n, bytes=nbytes)
+        try:
+            got = cache.clone()
+            fn(got)
+            torch.cuda.synchronize()
+            row["correct"] = bool(torch.equal(got.view(torch.int16), ref.view(torch.int16)))
+            if row["correct"]:
+                row["us"] = bench(lambda: fn(cache))
+                row["GBps"] = nbytes / row["us"] / 1e3
+                row["pct_copy"] = 100 * row["GBps"] / copy_bw
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        results.append(row)
+        print(f"[mla] {label:<34} T={n:<6} " + (f"{row['us']:8.2f} us {row['pct_copy']:5.1f}%" if "us" in row
+                                                 else row.get("error", "WRONG RESULT")), flush=True)
+
+
+def markdown(info, results):
+    out = [f"# Cache-write bandwidth: {info['device']}", "",
+           f"torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, FlagGems {info['flag_gems']}; "
+           f"{info['date']}", "", f"Command: `{info['command']}`", "",
+           f"Device copy (1 GiB bf16 `dst.copy_(src)`, read + write): **{info.get('copy_GBps', 0):.0f} GB/s**", ""]
+    sections = []
+    for r in results:
+        if r["section"] not in sections:
+            sections.append(r["section"])
+    for s in sections:
+        rows = [r for r in results if r["section"] == s]
+        out.append(f"## {s}")
+        out.append("")
+        if s == "host":
+            out += ["| what (256 tokens) | us |", "| --- | --- |"]
+            for r in rows:
+                out.append(f"| {r['label']} | {r.get('us_per_call', r.get('us')):.2f} |")
+        else:
+            out += ["| what | tokens | us | GB/s | % of copy |", "| --- | --- | --- | --- | --- |"]
+            for r in rows:
+                if "us" in r:
+                    out.append(f"| {r['label']} | {r['tokens']} | {r['us']:.2f} | {r['GBps']:.0f} | {r['pct_copy']:.1f} |")
+                else:
+                    out.append(f"| {r['label']} | {r['tokens']} | {r.get('error', 'WRONG RESULT')} | | |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
