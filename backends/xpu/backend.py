@@ -1,0 +1,129 @@
+"""The backend objects of the SYCL kernels.
+
+* ``xpu-sycl`` (platform xpu): the kernels compiled ahead of time by the SyclExtension build
+  (``setup_xpu.py``), launched on torch's current XPU queue. Unavailable, with the reason
+  ``kvdispatch info`` shows, where the extension is not built or torch sees no XPU device; routing
+  then falls to the Triton backend (if Intel's Triton XPU backend is installed), else the reference.
+* ``sycl-cpu`` (no platform: only when forced with ``KVDISPATCH_BACKEND=sycl-cpu``): the same kernel
+  sources compiled at run time by DPC++'s kernel compiler and run on Intel's OpenCL CPU device,
+  on CPU tensors. This is how CI tests the kernels without an Intel GPU.
+
+Both build their launches with ``kernels.py``, so what the CPU lane verifies is what XPU runs:
+the same sources, template arguments and argument lists.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from kvdispatch.checks import check_attention_values, check_slot_values
+from kvdispatch.platform import getenv
+from kvdispatch.registry import OPS, Backend
+
+from . import kernels
+
+
+class _SyclKernels(Backend):
+    """Ops in terms of ``kernels.py`` launches; subclasses say where a launch runs."""
+
+    ops = OPS
+    always_check_values = False
+
+    def _run(self, launch: kernels.Launch) -> None:
+        raise NotImplementedError
+
+    def _checks(self) -> bool:
+        return self.always_check_values or getenv(b"KVDISPATCH_DEBUG") not in (None, "", "0")
+
+    def supports(self, op, desc, platform) -> Optional[str]:
+        if desc is None:
+            return None
+        if op == "flash_attn_varlen_func":
+            if desc.cache_dtype not in kernels.PLAIN and desc.cache_dtype not in kernels.FP8:
+                return f"no attention kernel reads a cache of {desc.cache_dtype}"
+            return None
+        if desc.cache_dtype.itemsize not in kernels.RAW:
+            return f"no {desc.cache_dtype.itemsize}-byte element copy"
+        if desc.kv_cache_dtype != "auto" and desc.cache_dtype not in kernels.FP8:
+            return f"no fp8 encoder for {desc.cache_dtype}"
+        return None
+
+    def reshape_and_cache_flash(self, key, value, key_cache, value_cache, slot_mapping, desc) -> None:
+        if self._checks():
+            check_slot_values(slot_mapping, desc)
+        why = kernels.element_support(key.dtype, desc)
+        if why:
+            raise TypeError(f"key: {why} ({self.name})")
+        self._run(kernels.cache_write_launch(key, value, key_cache, value_cache, slot_mapping, desc))
+
+    def concat_and_cache_mla(self, kv_c, k_pe, kv_cache, slot_mapping, desc) -> None:
+        if self._checks():
+            check_slot_values(slot_mapping, desc)
+        why = kernels.element_support(kv_c.dtype, desc)
+        if why:
+            raise TypeError(f"kv_c: {why} ({self.name})")
+        self._run(kernels.mla_write_launch(kv_c, k_pe, kv_cache, slot_mapping, desc))
+
+    def flash_attn_varlen_func(self, q, k, v, out, desc, args) -> None:
+        if self._checks():
+            check_attention_values(args, desc)
+        why = kernels.attention_support(q.dtype, out.dtype, desc)
+        if why:
+            raise TypeError(f"{why} ({self.name})")
+        self._run(kernels.attention_launch(q, k, v, out, desc, args))
+
+
+class SyclCpuBackend(_SyclKernels):
+    name = "sycl-cpu"
+    priority = 0
+    platforms = ()  # a test lane: chosen only through KVDISPATCH_BACKEND=sycl-cpu
+    description = ("the XPU backend's SYCL kernels compiled at run time by DPC++ and run on the "
+                   "OpenCL CPU device (the CI lane of the XPU kernels)")
+    # Out-of-range slots would write outside the staged buffers of this process: always check.
+    always_check_values = True
+
+    def available(self, platform) -> Optional[str]:
+        if platform.name != "cpu":
+            return f"runs CPU tensors only (the OpenCL CPU device), not {platform.name!r} ones"
+        from .cpu_lane.runtime import missing
+        return missing()
+
+    def versions(self) -> dict:
+        from importlib.metadata import PackageNotFoundError, version
+        out = {}
+        for pkg in ("intel-sycl-rt", "intel-opencl-rt"):
+            try:
+                out[pkg] = version(pkg)
+            except PackageNotFoundError:
+                pass
+        return out
+
+    def _run(self, launch) -> None:
+        from .cpu_lane.runtime import runtime
+        runtime().launch(launch)
+
+
+class XpuSyclBackend(_SyclKernels):
+    name = "xpu-sycl"
+    priority = 200  # above triton (100): on XPU our own kernels win when built
+    platforms = ("xpu",)
+    description = "SYCL kernels compiled ahead of time for Intel GPUs (SyclExtension, setup_xpu.py)"
+
+    def available(self, platform) -> Optional[str]:
+        from . import extension
+        return extension.load_error()
+
+    def supports(self, op, desc, platform) -> Optional[str]:
+        why = super().supports(op, desc, platform)
+        if why is None and desc is not None:
+            from . import extension
+            why = extension.aot_support(op, desc)
+        return why
+
+    def versions(self) -> dict:
+        from . import extension
+        return extension.versions()
+
+    def _run(self, launch) -> None:
+        from . import extension
+        extension.launch(launch)

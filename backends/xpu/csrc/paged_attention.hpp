@@ -1,0 +1,134 @@
+// flash_attn_varlen_func over a paged (or one-block, non-paged) KV cache of any 4-D layout:
+// decode, prefill and chunked-prefill batches in one kernel.
+//
+// One work-group per (query token, query head). The group walks the query's visible key range
+// [lo, hi) in tiles of WG keys: each work-item scores one key of the tile (q . k over the head,
+// q staged in local memory), the group takes the tile's max and sum (online softmax, float32),
+// then each work-item updates its own output dims over the tile's keys (dims are contiguous
+// across work-items, so V rows are read coalesced). Masking is bottom-right aligned like
+// flash-attn: query i of a sequence with Lq queries and Lk keys sits at key position
+// p = i + Lk - Lq and sees keys j with p - left <= j <= p + right (-1: unbounded; causal is
+// right = 0). A query that sees no key writes zeros (the reference's convention).
+//
+// Template parameters:
+//   QE, KVE, OutE  element policies (kvx_types.hpp) of q, the cache (Plain or Fp8) and out
+//   DK, DV         head sizes of K and V (compile-time, so q / accumulator live in local memory
+//                  of exactly that size; DV may be < DK: MLA with V a slice of K's buffer)
+//   WG             work-group size = keys per tile
+//   Idx            offset type (int64_t unless the host proved int32 suffices)
+#pragma once
+#include "kvx_types.hpp"
+
+#define KVX_ATTENTION_PARAMS(QS, KVS, OutS)                                                         \
+  const QS *q, const KVS *k_cache, const KVS *v_cache, OutS *out, const int32_t *cu_seqlens_q,     \
+      const int32_t *cu_seqlens_k, const int32_t *seqused_k, const int32_t *block_table,           \
+      const float *q_descale, const float *k_descale, const float *v_descale, int64_t q_s_token,   \
+      int64_t q_s_head, int64_t o_s_token, int64_t o_s_head, int64_t k_s_block, int64_t k_s_token, \
+      int64_t k_s_head, int64_t k_s_chunk, int64_t k_x, int64_t v_s_block, int64_t v_s_token,      \
+      int64_t v_s_head, int64_t v_s_chunk, int64_t v_x, int64_t bt_s_seq, int64_t block_size,      \
+      int32_t batch, int32_t num_q_heads, int32_t group, int32_t paged, float softmax_scale,       \
+      float softcap, int32_t window_left, int32_t window_right, int64_t q_ds_seq, int64_t q_ds_head,  \
+      int64_t k_ds_seq, int64_t k_ds_head, int64_t v_ds_seq, int64_t v_ds_head
+#define KVX_ATTENTION_ARGS                                                                         \
+  q, k_cache, v_cache, out, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, q_descale,         \
+      k_descale, v_descale, q_s_token, q_s_head, o_s_token, o_s_head, k_s_block, k_s_token,         \
+      k_s_head, k_s_chunk, k_x, v_s_block, v_s_token, v_s_head, v_s_chunk, v_x, bt_s_seq,           \
+      block_size, batch, num_q_heads, group, paged, softmax_scale, softcap, window_left,            \
+      window_right, q_ds_seq, q_ds_head, k_ds_seq, k_ds_head, v_ds_seq, v_ds_head
+
+namespace kvx {
+
+template <class QE, class KVE, class OutE, int DK, int DV, int WG, class Idx>
+inline void paged_attention(sycl::nd_item<1> it, KVX_ATTENTION_PARAMS(typename QE::storage,
+                                                                      typename KVE::storage,
+                                                                      typename OutE::storage)) {
+  auto g = it.get_group();
+  const int lid = int(it.get_local_id(0));
+  const int64_t t = int64_t(it.get_group(0)) / num_q_heads;
+  const int h = int(int64_t(it.get_group(0)) % num_q_heads);
+  const int kvh = h / group;
+  // the host may launch one group per row of q (no sync to read cu_seqlens_q[batch]): rows past
+  // the last sequence belong to nobody and are left as they are
+  if (t >= cu_seqlens_q[batch]) return;
+
+  // the sequence of query token t: the last b with cu_seqlens_q[b] <= t (empty sequences skipped)
+  int lo_b = 0, hi_b = batch - 1;
+  while (lo_b < hi_b) {
+    const int mid = (lo_b + hi_b + 1) / 2;
+    if (cu_seqlens_q[mid] <= t) lo_b = mid; else hi_b = mid - 1;
+  }
+  const int b = lo_b;
+  const int64_t lq = cu_seqlens_q[b + 1] - cu_seqlens_q[b];
+  const int64_t i = t - cu_seqlens_q[b];
+  int64_t lk, k_start = 0;
+  if (paged) {
+    lk = seqused_k[b];
+  } else {
+    k_start = cu_seqlens_k[b];
+    lk = cu_seqlens_k[b + 1] - k_start;
+    if (seqused_k) lk = sycl::min(lk, int64_t(seqused_k[b]));
+  }
+  const int64_t p = i + lk - lq;
+  const int64_t lo = window_left >= 0 ? sycl::max(int64_t(0), p - window_left) : 0;
+  const int64_t hi = window_right >= 0 ? sycl::min(lk, p + window_right + 1) : lk;
+
+  // descales: one element (steps 0) or [batch, kv_heads]
+  const float qd = q_descale ? q_descale[b * q_ds_seq + kvh * q_ds_head] : 1.0f;
+  // k_descale multiplies every key element: fold it into the score scale
+  const float score_scale =
+      softmax_scale * (k_descale ? k_descale[b * k_ds_seq + kvh * k_ds_head] : 1.0f);
+  const float vd = v_descale ? v_descale[b * v_ds_seq + kvh * v_ds_head] : 1.0f;
+
+  // work-group local memory of compile-time size (work_group_static: the run-time compiler
+  // crashes on group_local_memory_for_overwrite, DPC++ 2026.2)
+  static sycl::ext::oneapi::experimental::work_group_static<float[DK]> q_loc;
+  static sycl::ext::oneapi::experimental::work_group_static<float[DV]> acc;
+  static sycl::ext::oneapi::experimental::work_group_static<float[WG]> prob;
+  static sycl::ext::oneapi::experimental::work_group_static<Idx[WG]> v_row;
+
+  for (int d = lid; d < DK; d += WG) q_loc[d] = QE::to_float(q[t * q_s_token + h * q_s_head + d]) * qd;
+  for (int d = lid; d < DV; d += WG) acc[d] = 0.0f;
+  sycl::group_barrier(g);
+
+  float m = -kInf, l = 0.0f;
+  for (int64_t j0 = lo; j0 < hi; j0 += WG) {
+    const int64_t j = j0 + lid;
+    float s = -kInf;
+    if (j < hi) {
+      Idx blk, tok;
+      if (paged) {
+        blk = Idx(block_table[b * bt_s_seq + j / block_size]);
+        tok = Idx(j % block_size);
+      } else {
+        blk = 0;
+        tok = Idx(k_start + j);
+      }
+      const Idx kb = blk * Idx(k_s_block) + tok * Idx(k_s_token) + Idx(kvh) * Idx(k_s_head);
+      float dot = 0.0f;
+      for (int d = 0; d < DK; d++)
+        dot += q_loc[d] * KVE::to_float(k_cache[kb + Idx(d / k_x) * Idx(k_s_chunk) + Idx(d % k_x)]);
+      s = dot * score_scale;
+      if (softcap > 0.0f) s = softcap * sycl::tanh(s / softcap);
+      v_row[lid] = blk * Idx(v_s_block) + tok * Idx(v_s_token) + Idx(kvh) * Idx(v_s_head);
+    }
+    const float m_new = sycl::max(m, sycl::reduce_over_group(g, s, sycl::maximum<float>()));
+    const float pj = j < hi ? sycl::exp(s - m_new) : 0.0f;
+    const float alpha = sycl::exp(m - m_new);  // 0 on the first tile (m = -inf)
+    l = l * alpha + sycl::reduce_over_group(g, pj, sycl::plus<float>());
+    prob[lid] = pj;
+    sycl::group_barrier(g);
+    const int n = int(sycl::min(int64_t(WG), hi - j0));
+    for (int d = lid; d < DV; d += WG) {
+      const Idx dv = Idx(d / v_x) * Idx(v_s_chunk) + Idx(d % v_x);
+      float a = acc[d] * alpha;
+      for (int jj = 0; jj < n; jj++) a += prob[jj] * KVE::to_float(v_cache[v_row[jj] + dv]);
+      acc[d] = a;
+    }
+    m = m_new;
+    sycl::group_barrier(g);  // prob / v_row are rewritten by the next tile
+  }
+  const float norm = l > 0.0f ? vd / l : 0.0f;
+  for (int d = lid; d < DV; d += WG) out[t * o_s_token + h * o_s_head + d] = OutE::from_float(acc[d] * norm);
+}
+
+}  // namespace kvx

@@ -1,0 +1,238 @@
+"""Kernel specializations and launch plans of the SYCL kernels in ``csrc/``, shared by every way
+they run: the AOT SyclExtension on XPU (``extension.py``) and the run-time compiler on the OpenCL
+CPU device (``cpu_lane/``).
+
+A :class:`Spec` names one instantiation of a kernel template (element types, head sizes, index
+width) and can write the tiny translation unit that exposes it as a free-function kernel. A
+:class:`Launch` is everything one call needs: the spec, the arguments in the order of the
+kernel's ``KVX_*_PARAMS`` macro, and the nd-range. The descriptor decides what is static
+(element types, 32/64-bit offsets, head sizes); per-call values (strides of key/q, lengths) are
+arguments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from kvdispatch.descriptor import KVCacheDescriptor
+from kvdispatch.registry import AttentionArgs
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+INT32_MAX = 2**31 - 1
+
+PLAIN = {
+    torch.float32: "kvx::Plain<float>",
+    torch.float16: "kvx::Plain<sycl::half>",
+    torch.bfloat16: "kvx::Plain<sycl::ext::oneapi::bfloat16>",
+}
+FP8 = {
+    torch.float8_e4m3fn: "kvx::Fp8<kvx::E4M3FN>",
+    torch.float8_e4m3fnuz: "kvx::Fp8<kvx::E4M3FNUZ>",
+    torch.float8_e5m2: "kvx::Fp8<kvx::E5M2>",
+}
+RAW = {1: "kvx::Raw<uint8_t>", 2: "kvx::Raw<uint16_t>", 4: "kvx::Raw<uint32_t>"}
+INDEX = {torch.int32: "int32_t", torch.int64: "int64_t"}
+
+# work-group sizes: a write group covers one token's heads x dims; attention scores WG keys a tile
+WRITE_WG_MAX = 256
+ATTENTION_WG = 64
+
+# kernel family -> (header, template function, params macro, args macro)
+FAMILIES = {
+    "cache_write": ("cache_write.hpp", "kvx::cache_write", "KVX_CACHE_WRITE_PARAMS", "KVX_CACHE_WRITE_ARGS"),
+    "concat_and_cache_mla": ("concat_and_cache_mla.hpp", "kvx::concat_and_cache_mla",
+                             "KVX_MLA_WRITE_PARAMS", "KVX_MLA_WRITE_ARGS"),
+    "paged_attention": ("paged_attention.hpp", "kvx::paged_attention", "KVX_ATTENTION_PARAMS",
+                        "KVX_ATTENTION_ARGS"),
+}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One instantiation: ``family`` (a key of FAMILIES), the template arguments, and the element
+    policies whose ``storage`` types fill the params macro."""
+
+    family: str
+    template_args: tuple
+    macro_types: tuple
+
+    @property
+    def name(self) -> str:
+        h = hashlib.sha1(repr((self.family, self.template_args)).encode()).hexdigest()[:12]
+        if self.family == "paged_attention":
+            return f"kvx_{self.family}_d{self.template_args[3]}x{self.template_args[4]}_{h}"
+        return f"kvx_{self.family}_{h}"
+
+    def free_function_source(self) -> str:
+        """A translation unit exposing this instantiation as an ``extern "C"`` free-function kernel
+        (what the run-time compiler builds; compile with ``-I csrc``)."""
+        header, fn, params, args = FAMILIES[self.family]
+        types = ", ".join(self.macro_types)
+        return (
+            f'#include "{header}"\n'
+            "extern \"C\" SYCL_EXT_ONEAPI_FUNCTION_PROPERTY((sycl::ext::oneapi::experimental::nd_range_kernel<1>))\n"
+            f"void {self.name}({params}({types})) {{\n"
+            f"  {fn}<{', '.join(self.template_args)}>(\n"
+            f"      sycl::ext::oneapi::this_work_item::get_nd_item<1>(), {args});\n"
+            "}\n"
+        )
+
+
+@dataclass
+class Launch:
+    """A kernel call: ``args`` are ``(kind, value, is_output)`` in the params macro's order, kind
+    one of "ptr" (a tensor or None), "i64", "i32", "f32"; ``groups`` work-groups of ``local``."""
+
+    spec: Spec
+    args: list
+    groups: int
+    local: int
+
+
+def split_args(launch: Launch):
+    """(tensors, ints, floats) of a launch, each in parameter order: how the AOT extension's
+    ``launch`` op takes them (its C++ side walks the kernel's parameter types in the same order)."""
+    tensors, ints, floats = [], [], []
+    for kind, value, _out in launch.args:
+        if kind == "ptr":
+            tensors.append(value)
+        elif kind == "f32":
+            floats.append(float(value))
+        else:
+            ints.append(int(value))
+    return tensors, ints, floats
+
+
+def _storage(policy: str) -> str:
+    return f"{policy}::storage"
+
+
+def _max_offset(t: torch.Tensor) -> int:
+    return sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if n > 0)
+
+
+def _fits32(desc: KVCacheDescriptor, *tensors: torch.Tensor) -> bool:
+    return desc.int32_offsets and all(_max_offset(t) <= INT32_MAX for t in tensors)
+
+
+def _elements(in_dtype: torch.dtype, desc: KVCacheDescriptor):
+    """(In policy, Cache policy, quantize?) of a write of ``in_dtype`` rows into ``desc``'s cache."""
+    if desc.kv_cache_dtype != "auto" and in_dtype != desc.cache_dtype:
+        return PLAIN[in_dtype], FP8[desc.cache_dtype], True
+    raw = RAW[desc.cache_dtype.itemsize]
+    return raw, raw, False
+
+
+def element_support(in_dtype: torch.dtype, desc: KVCacheDescriptor) -> Optional[str]:
+    """None when a write of ``in_dtype`` rows into ``desc``'s cache has a kernel, else why not."""
+    if desc.kv_cache_dtype != "auto" and in_dtype != desc.cache_dtype:
+        if in_dtype not in PLAIN:
+            return f"no fp8 quantization from {in_dtype}"
+        if desc.cache_dtype not in FP8:
+            return f"no fp8 encoder for {desc.cache_dtype}"
+    elif desc.cache_dtype.itemsize not in RAW:
+        return f"no {desc.cache_dtype.itemsize}-byte element copy"
+    return None
+
+
+def _scale_step(scale: Optional[torch.Tensor]) -> int:
+    return 1 if scale is not None and scale.numel() > 1 else 0
+
+
+def _write_group(elements: int) -> int:
+    wg = 32
+    while wg < elements and wg < WRITE_WG_MAX:
+        wg *= 2
+    return wg
+
+
+def cache_write_launch(key, value, key_cache, value_cache, slot_mapping,
+                       desc: KVCacheDescriptor) -> Launch:
+    """``reshape_and_cache_flash``: one group per slot_mapping entry (extra key rows ignored)."""
+    in_p, cache_p, quant = _elements(key.dtype, desc)
+    idx = "int32_t" if _fits32(desc, key, value) else "int64_t"
+    spec = Spec("cache_write", (in_p, cache_p, "true" if quant else "false", INDEX[slot_mapping.dtype], idx),
+                (_storage(in_p), _storage(cache_p), INDEX[slot_mapping.dtype]))
+    k, v = desc.k, desc.v
+    ks, vs = (desc.k_scale, desc.v_scale) if quant else (None, None)
+    args = [
+        ("ptr", key, False), ("ptr", value, False), ("ptr", key_cache, True), ("ptr", value_cache, True),
+        ("ptr", slot_mapping, False), ("ptr", ks, False), ("ptr", vs, False),
+        ("i64", key.stride(0), False), ("i64", key.stride(1), False),
+        ("i64", value.stride(0), False), ("i64", value.stride(1), False),
+        ("i64", desc.num_kv_heads, False), ("i64", desc.head_size_k, False), ("i64", desc.head_size_v, False),
+        ("i64", desc.block_size, False),
+        *[("i64", s, False) for s in k.as_tuple()], *[("i64", s, False) for s in v.as_tuple()],
+        ("i64", _scale_step(ks), False), ("i64", _scale_step(vs), False),
+    ]
+    wg = _write_group(desc.num_kv_heads * max(desc.head_size_k, desc.head_size_v))
+    return Launch(spec, args, slot_mapping.shape[0], wg)
+
+
+def mla_write_launch(kv_c, k_pe, kv_cache, slot_mapping, desc: KVCacheDescriptor) -> Launch:
+    in_p, cache_p, quant = _elements(kv_c.dtype, desc)
+    idx = "int32_t" if _fits32(desc, kv_c, k_pe) else "int64_t"
+    spec = Spec("concat_and_cache_mla", (in_p, cache_p, "true" if quant else "false",
+                                         INDEX[slot_mapping.dtype], idx),
+                (_storage(in_p), _storage(cache_p), INDEX[slot_mapping.dtype]))
+    args = [
+        ("ptr", kv_c, False), ("ptr", k_pe, False), ("ptr", kv_cache, True), ("ptr", slot_mapping, False),
+        ("ptr", desc.k_scale if quant else None, False),
+        ("i64", kv_c.stride(0), False), ("i64", k_pe.stride(0), False),
+        ("i64", kv_c.shape[1], False), ("i64", k_pe.shape[1], False), ("i64", desc.block_size, False),
+        ("i64", desc.k.block, False), ("i64", desc.k.token, False),
+    ]
+    return Launch(spec, args, slot_mapping.shape[0], _write_group(desc.head_size_k))
+
+
+def attention_support(q_dtype, out_dtype, desc: KVCacheDescriptor) -> Optional[str]:
+    for what, dt in (("q", q_dtype), ("out", out_dtype)):
+        if dt not in PLAIN and not (what == "q" and dt in FP8):
+            return f"no kernel for {what} of dtype {dt}"
+    if desc.cache_dtype not in PLAIN and desc.cache_dtype not in FP8:
+        return f"no kernel reads a cache of {desc.cache_dtype}"
+    return None
+
+
+def _elem(dtype: torch.dtype) -> str:
+    return PLAIN.get(dtype) or FP8[dtype]
+
+
+def _descale_steps(t: Optional[torch.Tensor]):
+    """(per-sequence, per-head) element steps of a descale: one element, or [batch, kv_heads]."""
+    if t is None or t.numel() == 1:
+        return 0, 0
+    return t.stride(0), t.stride(1)
+
+
+def attention_launch(q, k, v, out, desc: KVCacheDescriptor, args: AttentionArgs) -> Launch:
+    """One group per (row of q, query head); rows past ``cu_seqlens_q[-1]`` return at once."""
+    idx = "int32_t" if _fits32(desc) else "int64_t"
+    dk, dv = q.shape[2], out.shape[2]
+    qe, kve, oe = _elem(q.dtype), _elem(desc.cache_dtype), _elem(out.dtype)
+    spec = Spec("paged_attention", (qe, kve, oe, str(dk), str(dv), str(ATTENTION_WG), idx),
+                (_storage(qe), _storage(kve), _storage(oe)))
+    hq, hkv = q.shape[1], desc.num_kv_heads
+    bt = args.block_table
+    a = [
+        ("ptr", q, False), ("ptr", k, False), ("ptr", v, False), ("ptr", out, True),
+        ("ptr", args.cu_seqlens_q, False), ("ptr", args.cu_seqlens_k, False), ("ptr", args.seqused_k, False),
+        ("ptr", bt, False), ("ptr", args.q_descale, False), ("ptr", args.k_descale, False),
+        ("ptr", args.v_descale, False),
+        ("i64", q.stride(0), False), ("i64", q.stride(1), False),
+        ("i64", out.stride(0), False), ("i64", out.stride(1), False),
+        *[("i64", s, False) for s in desc.k.as_tuple()], *[("i64", s, False) for s in desc.v.as_tuple()],
+        ("i64", bt.stride(0) if bt is not None else 0, False), ("i64", desc.block_size, False),
+        ("i32", args.batch, False), ("i32", hq, False), ("i32", hq // hkv, False),
+        ("i32", 1 if bt is not None else 0, False),
+        ("f32", float(args.softmax_scale), False), ("f32", float(args.softcap), False),
+        ("i32", args.window_left, False), ("i32", args.window_right, False),
+        *[("i64", s, False) for t in (args.q_descale, args.k_descale, args.v_descale)
+          for s in _descale_steps(t)],
+    ]
+    return Launch(spec, a, q.shape[0] * hq, ATTENTION_WG)
