@@ -151,13 +151,22 @@ def _write_group(elements: int) -> int:
     return wg
 
 
+def write_spec(family: str, in_p: str, cache_p: str, quant: bool, slot: str, idx: str) -> Spec:
+    return Spec(family, (in_p, cache_p, "true" if quant else "false", slot, idx),
+                (_storage(in_p), _storage(cache_p), slot))
+
+
+def attention_spec(qe: str, kve: str, oe: str, dk: int, dv: int, idx: str) -> Spec:
+    return Spec("paged_attention", (qe, kve, oe, str(dk), str(dv), str(ATTENTION_WG), idx),
+                (_storage(qe), _storage(kve), _storage(oe)))
+
+
 def cache_write_launch(key, value, key_cache, value_cache, slot_mapping,
                        desc: KVCacheDescriptor) -> Launch:
     """``reshape_and_cache_flash``: one group per slot_mapping entry (extra key rows ignored)."""
     in_p, cache_p, quant = _elements(key.dtype, desc)
     idx = "int32_t" if _fits32(desc, key, value) else "int64_t"
-    spec = Spec("cache_write", (in_p, cache_p, "true" if quant else "false", INDEX[slot_mapping.dtype], idx),
-                (_storage(in_p), _storage(cache_p), INDEX[slot_mapping.dtype]))
+    spec = write_spec("cache_write", in_p, cache_p, quant, INDEX[slot_mapping.dtype], idx)
     k, v = desc.k, desc.v
     ks, vs = (desc.k_scale, desc.v_scale) if quant else (None, None)
     args = [
@@ -177,9 +186,7 @@ def cache_write_launch(key, value, key_cache, value_cache, slot_mapping,
 def mla_write_launch(kv_c, k_pe, kv_cache, slot_mapping, desc: KVCacheDescriptor) -> Launch:
     in_p, cache_p, quant = _elements(kv_c.dtype, desc)
     idx = "int32_t" if _fits32(desc, kv_c, k_pe) else "int64_t"
-    spec = Spec("concat_and_cache_mla", (in_p, cache_p, "true" if quant else "false",
-                                         INDEX[slot_mapping.dtype], idx),
-                (_storage(in_p), _storage(cache_p), INDEX[slot_mapping.dtype]))
+    spec = write_spec("concat_and_cache_mla", in_p, cache_p, quant, INDEX[slot_mapping.dtype], idx)
     args = [
         ("ptr", kv_c, False), ("ptr", k_pe, False), ("ptr", kv_cache, True), ("ptr", slot_mapping, False),
         ("ptr", desc.k_scale if quant else None, False),
@@ -214,9 +221,7 @@ def attention_launch(q, k, v, out, desc: KVCacheDescriptor, args: AttentionArgs)
     """One group per (row of q, query head); rows past ``cu_seqlens_q[-1]`` return at once."""
     idx = "int32_t" if _fits32(desc) else "int64_t"
     dk, dv = q.shape[2], out.shape[2]
-    qe, kve, oe = _elem(q.dtype), _elem(desc.cache_dtype), _elem(out.dtype)
-    spec = Spec("paged_attention", (qe, kve, oe, str(dk), str(dv), str(ATTENTION_WG), idx),
-                (_storage(qe), _storage(kve), _storage(oe)))
+    spec = attention_spec(_elem(q.dtype), _elem(desc.cache_dtype), _elem(out.dtype), dk, dv, idx)
     hq, hkv = q.shape[1], desc.num_kv_heads
     bt = args.block_table
     a = [
@@ -236,3 +241,41 @@ def attention_launch(q, k, v, out, desc: KVCacheDescriptor, args: AttentionArgs)
           for s in _descale_steps(t)],
     ]
     return Launch(spec, a, q.shape[0] * hq, ATTENTION_WG)
+
+
+# -- the ahead-of-time build's instantiations ------------------------------------------------------
+# (head_size_k, head_size_v) pairs the AOT attention kernels are built for; KVDISPATCH_XPU_HEAD_SIZES
+# ("64x64,128x128,...") overrides. 576x512 is MLA (DeepSeek): V is a slice of the latent row.
+DEFAULT_AOT_HEAD_SIZES = ((64, 64), (80, 80), (96, 96), (128, 128), (192, 192), (256, 256),
+                          (192, 128), (576, 512))
+
+
+def aot_specs(head_sizes=DEFAULT_AOT_HEAD_SIZES) -> list:
+    """Every instantiation the SyclExtension build compiles: all writes (element copy of 1/2/4-byte
+    elements, or quantization from float/half/bf16 to each fp8 kind; int32/int64 slots; 32/64-bit
+    offsets), and attention for q = out in float/half/bf16 over a cache of the same type or any
+    fp8 kind, plus fp8 q (the cache's kind) with a bf16/half out, for each head-size pair."""
+    specs = []
+    writes = [(RAW[n], RAW[n], False) for n in sorted(RAW)]
+    writes += [(PLAIN[i], FP8[f], True) for i in PLAIN for f in FP8]
+    for family in ("cache_write", "concat_and_cache_mla"):
+        for in_p, cache_p, quant in writes:
+            for slot in ("int32_t", "int64_t"):
+                for idx in ("int32_t", "int64_t"):
+                    specs.append(write_spec(family, in_p, cache_p, quant, slot, idx))
+    combos = [(PLAIN[t], kv, PLAIN[t]) for t in PLAIN for kv in (PLAIN[t], *FP8.values())]
+    combos += [(FP8[f], FP8[f], PLAIN[o]) for f in FP8 for o in (torch.bfloat16, torch.float16)]
+    for dk, dv in head_sizes:
+        for qe, kve, oe in combos:
+            for idx in ("int32_t", "int64_t"):
+                specs.append(attention_spec(qe, kve, oe, dk, dv, idx))
+    return specs
+
+
+def aot_table(specs) -> str:
+    """The body of csrc/xpu_ops.sycl's launcher table (kvx_aot_kernels.inc)."""
+    lines = []
+    for sp in specs:
+        fn = FAMILIES[sp.family][1]
+        lines.append(f'{{"{sp.name}", KVX_AOT_LAUNCHER({fn}, {", ".join(sp.template_args)})}},')
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,166 @@
+"""Routing on XPU with a mocked platform (no Intel GPU here): xpu tensors go to ``xpu-sycl`` when the
+extension is built, else to ``triton`` when Intel's Triton XPU backend is installed, else to the
+reference; every decline has a reason ``kvdispatch info`` shows. One test runs the whole XPU path
+end to end with the mocked platform, the extension's op replaced by the CPU lane."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvdispatch as kvd
+from kvdispatch import registry as reg
+from kvdispatch.backends.triton import backend as triton_backend
+from kvdispatch.backends.xpu import extension, kernels
+from kvdispatch.descriptor import KVCacheDescriptor
+from kvdispatch.platform import Platform
+from kvdispatch.testing import make_kv_cache
+
+from matrix import WriteCase, attention_cases, force_backend, run_attention_case, run_write_case
+
+XPU = Platform(name="xpu", device_type="xpu", arch="Intel(R) Arc(TM) B580", device_name="Intel(R) Arc(TM) B580")
+
+
+@pytest.fixture
+def xpu(monkeypatch):
+    """Every tensor looks like an XPU tensor to selection; caches of selections/descriptors cleared."""
+    import kvdispatch.descriptor as descriptor
+    monkeypatch.setattr(reg, "platform_of", lambda _: XPU)
+    monkeypatch.setattr(descriptor, "platform_of", lambda _: XPU)
+    monkeypatch.setattr(KVCacheDescriptor, "_cache", {})
+    reg.registry._selection.clear()
+    extension._load.cache_clear()
+    triton_backend._triton_import_error.cache_clear()
+    yield
+    reg.registry._selection.clear()
+    extension._load.cache_clear()
+
+
+def _extension_built(monkeypatch, names=None):
+    names = frozenset(names if names is not None else (s.name for s in kernels.aot_specs()))
+    monkeypatch.setattr(extension, "_load", _cached(lambda: (None, names)))
+
+
+def _cached(fn):
+    fn.cache_clear = lambda: None
+    return fn
+
+
+def _triton_ops():
+    """The ops the Triton backend can be asked about (its attention module may not exist yet)."""
+    import importlib.util
+    have_attention = importlib.util.find_spec("kvdispatch.backends.triton.attention") is not None
+    return [op for op in reg.OPS if op != "flash_attn_varlen_func" or have_attention]
+
+
+def _reasons(op, desc=None):
+    return {b.name: r for b, r in reg.registry.explain(op, XPU, desc)}
+
+
+def test_without_extension_or_intel_triton_xpu_goes_to_reference(xpu):
+    for op in reg.OPS:
+        assert kvd.select_backend(op, "cpu") == "reference"
+    why = _reasons("reshape_and_cache_flash")
+    assert "XPU" in why["xpu-sycl"] or "not built" in why["xpu-sycl"]
+    assert "Intel's Triton XPU backend" in why["triton"]
+    assert "runs CPU tensors only" in why["sycl-cpu"] or "not a backend" in why["sycl-cpu"]
+
+
+def test_unbuilt_extension_says_how_to_build(xpu, monkeypatch):
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: True)
+    why = extension.load_error()
+    assert "not built" in why and "setup_xpu.py" in why
+    assert _reasons("flash_attn_varlen_func")["xpu-sycl"] == why
+
+
+def test_intel_triton_xpu_is_next_when_extension_missing(xpu, monkeypatch):
+    monkeypatch.setattr(triton_backend, "_intel_triton_xpu", lambda: True)
+    for op in _triton_ops():
+        assert kvd.select_backend(op, "cpu") == "triton"
+
+
+def test_built_extension_wins_over_triton(xpu, monkeypatch):
+    monkeypatch.setattr(triton_backend, "_intel_triton_xpu", lambda: True)
+    _extension_built(monkeypatch)
+    for op in _triton_ops():
+        assert kvd.select_backend(op, "cpu") == "xpu-sycl"
+
+
+def test_head_sizes_missing_from_the_build_fall_through(xpu, monkeypatch):
+    _extension_built(monkeypatch, [s.name for s in kernels.aot_specs(((128, 128),))])
+    k, v = make_kv_cache("NHD", 4, 16, 2, 64, fill=False)
+    desc = KVCacheDescriptor.from_tensors(k, v)
+    why = _reasons("flash_attn_varlen_func", desc)["xpu-sycl"]
+    assert "64/64" in why and "KVDISPATCH_XPU_HEAD_SIZES" in why
+    assert reg.registry.select("flash_attn_varlen_func", XPU, desc).name == "reference"
+    assert reg.registry.select("reshape_and_cache_flash", XPU, desc).name == "xpu-sycl"
+
+
+def test_aot_names_cover_every_launch_the_matrix_makes():
+    """Every launch plan of the shared matrix (at head sizes the build has) names an instantiation
+    the AOT table contains, so an XPU build never lacks a kernel the CPU lane tested."""
+    from matrix import make_attention_inputs, mla_cases, write_cases
+    names = {s.name for s in kernels.aot_specs(kernels.DEFAULT_AOT_HEAD_SIZES + ((64, 32), (80, 64), (64, 64)))}
+    seen = []
+
+    def spy(make):
+        def f(*a, **kw):
+            launch = make(*a, **kw)
+            seen.append(launch.spec)
+            return launch
+        return f
+
+    mp = pytest.MonkeyPatch()
+    try:
+        from kvdispatch.backends.xpu import backend as xb
+        for fn in ("cache_write_launch", "mla_write_launch", "attention_launch"):
+            mp.setattr(kernels, fn, spy(getattr(kernels, fn)))
+        mp.setattr(xb.SyclCpuBackend, "_run", lambda self, launch: None)
+        for case in write_cases():
+            try:
+                run_write_case(case, "sycl-cpu")
+            except AssertionError:
+                pass  # nothing ran: only the plan matters here
+        from matrix import run_mla_case
+        for case in mla_cases():
+            try:
+                run_mla_case(case, "sycl-cpu")
+            except AssertionError:
+                pass
+        for case in attention_cases():
+            try:
+                run_attention_case(case, "sycl-cpu")
+            except AssertionError:
+                pass
+    finally:
+        mp.undo()
+    assert len(seen) > 40
+    missing = {(s.family, s.template_args) for s in seen if s.name not in names}
+    assert not missing, f"AOT table lacks {sorted(missing)[:5]}"
+
+
+def test_xpu_path_end_to_end_with_the_op_run_by_the_cpu_lane(xpu, monkeypatch):
+    """Mocked XPU platform + 'built' extension whose launch op is the CPU lane: the public call
+    routes to xpu-sycl, the launch goes through split_args in parameter order, results match."""
+    from kvdispatch.backends.xpu.cpu_lane.runtime import missing
+    if missing():
+        pytest.skip(missing())
+    from kvdispatch.backends.xpu.cpu_lane.runtime import runtime
+    _extension_built(monkeypatch)
+    calls = []
+
+    def fake_launch(launch):
+        tensors, ints, floats = kernels.split_args(launch)
+        it_t, it_i, it_f = iter(tensors), iter(ints), iter(floats)
+        rebuilt = [(k, next(it_t) if k == "ptr" else next(it_f) if k == "f32" else next(it_i), out)
+                   for k, _v, out in launch.args]
+        calls.append(launch.spec.family)
+        runtime().launch(kernels.Launch(launch.spec, rebuilt, launch.groups, launch.local))
+
+    monkeypatch.setattr(extension, "launch", fake_launch)
+    with force_backend(None):
+        assert kvd.select_backend("reshape_and_cache_flash", "cpu") == "xpu-sycl"
+    # run_*_case forces the backend by name; "xpu-sycl" is what selection picked above
+    run_write_case(WriteCase(layout="HND", kv_cache_dtype="fp8", scale="head"), "xpu-sycl")
+    run_attention_case(attention_cases()[3], "xpu-sycl")
+    assert calls == ["cache_write", "paged_attention"]
