@@ -1,0 +1,566 @@
+"""Triton ``flash_attn_varlen_func``: decode, prefill and mixed batches, paged or not, one kernel.
+
+Work split: program ``(tile, b * num_kv_heads + kvh, split)`` owns ``BLOCK_M`` *rows* of sequence
+``b`` and kv head ``kvh``; row ``r`` is query token ``r // GROUP`` and query head
+``kvh * GROUP + r % GROUP``. Packing the GQA group into rows means a decode step (q_len 1) fills
+its tile with the heads that read the same keys, so K/V are loaded once per kv head, and prefill
+reuses every K/V tile for all heads of the group as well.
+
+Keys are walked ``BLOCK_N`` at a time (online softmax in base 2). Key ``j`` of a paged sequence
+lives at ``block_table[b, j // PAGE] * S_BLOCK + (j % PAGE) * S_TOKEN + kvh * S_HEAD + d``
+with the cache's real strides from the descriptor, passed as ``tl.constexpr``: a cache keeps its
+strides for its lifetime, so each layout (packed NHD, HND, combined and cross-layer slices,
+diffkv and MLA slices) gets code specialized for its page stride; when a page holds whole tiles,
+one block-table entry is read per tile instead of one per key. Non-paged calls arrive as one
+"block" of every key (``ops.py``), addressed from ``cu_seqlens_k``.
+
+The key range of a tile is cut to what its rows can see (bottom-right causal, window), and split
+in three loops: masked edge tiles, unmasked full tiles in the middle, masked tiles at the end.
+
+Head sizes are handled as a power-of-two part plus a remainder (80 = 64 + 16, 192 = 128 + 64,
+MLA 576 = 512 + 64), so no padded lanes are loaded for K. FP8 caches (and fp8 q) are decoded to
+the 16-bit compute type, by the hardware conversion where Triton has one for the platform, else
+by moving the bits into an fp16 pattern (exact for e4m3fn, e5m2, e4m3fnuz; the power-of-two
+exponent-bias difference is folded into the descales).
+
+Split-KV (flash-decoding): when batch x kv heads x tiles leaves the GPU underfilled and keys are
+long, each program takes one of ``num_splits`` key ranges and writes an unnormalized partial
+output with its running max and sum to a float32 workspace; a second kernel merges them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_configs import AttentionConfig, TileConfig, config_for
+
+__all__ = ["supports", "flash_attn_varlen_func", "plan_for"]
+
+_LOG2E = 1.4426950408889634
+_MAX_HEAD = 1024  # widest head (padded) one tile holds; MLA's 576 fits
+
+# KV_MODE / Q_MODE: how a loaded element becomes the compute type
+PLAIN, FP8_NATIVE, FP8_E4M3_BITS, FP8_E5M2_BITS, FP8_E4M3FNUZ_BITS = 0, 1, 2, 3, 4
+# an fp8 value over the fp16 pattern its bits are moved into: 2^(15 - bias)
+_BITS_FACTOR = {FP8_E4M3_BITS: 2.0 ** 8, FP8_E5M2_BITS: 1.0, FP8_E4M3FNUZ_BITS: 2.0 ** 7}
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz)
+_BITS_MODE = {torch.float8_e4m3fn: FP8_E4M3_BITS, torch.float8_e5m2: FP8_E5M2_BITS,
+              torch.float8_e4m3fnuz: FP8_E4M3FNUZ_BITS}
+_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+# -- kernels ----------------------------------------------------------------------------------------
+@triton.jit
+def _to_compute(x, MODE: tl.constexpr, COMPUTE: tl.constexpr):
+    """A loaded tile -> the compute type (fp8 bit patterns decoded; see module docstring)."""
+    if MODE == 0:
+        return x.to(COMPUTE)
+    elif MODE == 1:
+        return x.to(COMPUTE)
+    else:
+        u = x.to(tl.uint16)
+        if MODE == 3:
+            h = u << 8  # e5m2 is the high byte of an fp16
+        else:
+            h = ((u & 0x80) << 8) | ((u & 0x7F) << 7)
+        return h.to(tl.float16, bitcast=True).to(COMPUTE)
+
+
+@triton.jit
+def _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, p_row,
+          window_left, window_right, qk_scale, softcap,
+          K_SB: tl.constexpr, K_ST: tl.constexpr, K_SH: tl.constexpr,
+          V_SB: tl.constexpr, V_ST: tl.constexpr, V_SH: tl.constexpr,
+          PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+          DA: tl.constexpr, DB: tl.constexpr, DB_VALID: tl.constexpr,
+          DV: tl.constexpr, DV_VALID: tl.constexpr,
+          PAGED: tl.constexpr, INT64: tl.constexpr, KV_MODE: tl.constexpr,
+          COMPUTE: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+          SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+          MASKED: tl.constexpr):
+    """One key tile ``[start, start + BLOCK_N)``: scores, (masks), online-softmax update."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    key_ok = offs_n < lk
+    if PAGED:
+        if PAGE % BLOCK_N == 0:
+            # the whole tile sits in one page: one block-table entry, consecutive tokens
+            blk = tl.load(bt_row + start // PAGE)
+            if INT64:
+                blk = blk.to(tl.int64)
+            tok = (start % PAGE) + tl.arange(0, BLOCK_N)
+            k_rows = blk * K_SB + tok * K_ST
+            v_rows = blk * V_SB + tok * V_ST
+        else:
+            if MASKED:
+                blk = tl.load(bt_row + offs_n // PAGE, mask=key_ok, other=0)
+            else:
+                blk = tl.load(bt_row + offs_n // PAGE)
+            if INT64:
+                blk = blk.to(tl.int64)
+            tok = offs_n % PAGE
+            k_rows = blk * K_SB + tok * K_ST
+            v_rows = blk * V_SB + tok * V_ST
+    else:
+        pos = k_start + offs_n
+        if INT64:
+            pos = pos.to(tl.int64)
+        k_rows = pos * K_ST
+        v_rows = pos * V_ST
+    k_rows += kvh * K_SH
+    v_rows += kvh * V_SH
+
+    offs_da = tl.arange(0, DA)
+    if MASKED:
+        ka = tl.load(k_ptr + k_rows[None, :] + offs_da[:, None], mask=key_ok[None, :], other=0.0)
+    else:
+        ka = tl.load(k_ptr + k_rows[None, :] + offs_da[:, None])
+    ka = _to_compute(ka, KV_MODE, COMPUTE)
+    if DOT_F32:
+        s = tl.dot(qa.to(tl.float32), ka.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        s = tl.dot(qa, ka, input_precision="ieee")
+    else:
+        s = tl.dot(qa, ka)
+    if DB > 0:
+        offs_db = DA + tl.arange(0, DB)
+        kb_mask = offs_db[:, None] < DA + DB_VALID
+        if MASKED:
+            kb_mask = kb_mask & key_ok[None, :]
+        kb = tl.load(k_ptr + k_rows[None, :] + offs_db[:, None], mask=kb_mask, other=0.0)
+        kb = _to_compute(kb, KV_MODE, COMPUTE)
+        if DOT_F32:
+            s += tl.dot(qb.to(tl.float32), kb.to(tl.float32), input_precision="ieee")
+        elif IEEE:
+            s += tl.dot(qb, kb, input_precision="ieee")
+        else:
+            s += tl.dot(qb, kb)
+
+    if SOFTCAP:
+        # softcap * tanh(x / softcap) on the scaled score, then to base 2 for exp2
+        t = s * qk_scale / softcap
+        s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * t) + 1.0)) * 1.4426950408889634
+    else:
+        s = s * qk_scale
+    if MASKED:
+        ok = key_ok[None, :]
+        if HAS_RIGHT:
+            ok = ok & (offs_n[None, :] <= p_row[:, None] + window_right)
+        if HAS_LEFT:
+            ok = ok & (offs_n[None, :] >= p_row[:, None] - window_left)
+        s = tl.where(ok, s, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # a row that has seen no key yet keeps m = -inf: subtract 0 instead (exp2(-inf) = 0, no NaN)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+
+    offs_dv = tl.arange(0, DV)
+    if DV_VALID < DV:
+        v_mask = offs_dv[None, :] < DV_VALID
+        if MASKED:
+            v_mask = v_mask & key_ok[:, None]
+        v = tl.load(v_ptr + v_rows[:, None] + offs_dv[None, :], mask=v_mask, other=0.0)
+    elif MASKED:
+        v = tl.load(v_ptr + v_rows[:, None] + offs_dv[None, :], mask=key_ok[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptr + v_rows[:, None] + offs_dv[None, :])
+    v = _to_compute(v, KV_MODE, COMPUTE)
+    if DOT_F32:
+        acc += tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        acc += tl.dot(p, v, input_precision="ieee")
+    else:
+        acc += tl.dot(p.to(COMPUTE), v)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_ml_ptr,
+    cu_q_ptr, cu_k_ptr, seqused_ptr, bt_ptr,
+    qd_ptr, kd_ptr, vd_ptr,
+    scale, softcap, v_factor, window_left, window_right, total_q, split_keys,
+    s_qt, s_qh, s_ot, s_oh, s_bt, qd_sb, qd_sh, kd_sb, kd_sh, vd_sb, vd_sh,
+    K_SB: tl.constexpr, K_ST: tl.constexpr, K_SH: tl.constexpr,
+    V_SB: tl.constexpr, V_ST: tl.constexpr, V_SH: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DA: tl.constexpr, DB: tl.constexpr, DB_VALID: tl.constexpr,
+    DV: tl.constexpr, DV_VALID: tl.constexpr,
+    PAGED: tl.constexpr, HAS_SEQUSED: tl.constexpr, INT64: tl.constexpr,
+    KV_MODE: tl.constexpr, Q_MODE: tl.constexpr, COMPUTE: tl.constexpr,
+    DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    HAS_QD: tl.constexpr, HAS_KD: tl.constexpr, HAS_VD: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """q ``(total_q, Hq, Dk)``, caches via the constexpr strides, out ``(total_q, Hq, Dv)``.
+
+    With SPLIT, writes ``ws_o`` ``(splits, total_q, Hq, DV_VALID)`` (unnormalized) and ``ws_ml``
+    ``(splits, total_q, Hq, 2)`` (running max in base 2, sum) instead of ``out``.
+    """
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = bh // NUM_KV_HEADS
+    kvh = bh % NUM_KV_HEADS
+
+    q_start = tl.load(cu_q_ptr + b)
+    lq = tl.load(cu_q_ptr + b + 1) - q_start
+    row0 = tile * BLOCK_M
+    if row0 >= lq * GROUP:
+        return
+    if PAGED:
+        lk = tl.load(seqused_ptr + b)
+        k_start = 0
+    else:
+        k_start = tl.load(cu_k_ptr + b)
+        lk = tl.load(cu_k_ptr + b + 1) - k_start
+        if HAS_SEQUSED:
+            lk = tl.minimum(lk, tl.load(seqused_ptr + b))
+
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < lq * GROUP
+    q_tok = rows // GROUP
+    head = kvh * GROUP + rows % GROUP
+    p_row = q_tok + lk - lq  # key position each row is aligned to (bottom-right)
+    p_min = row0 // GROUP + lk - lq
+    p_max = tl.minimum((row0 + BLOCK_M - 1) // GROUP, lq - 1) + lk - lq
+
+    # the keys this tile can see, cut to this program's split
+    lo = 0
+    hi = lk
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, p_max + window_right + 1)
+    if HAS_LEFT:
+        lo = tl.maximum(p_min - window_left, 0) // BLOCK_N * BLOCK_N
+    if SPLIT:
+        lo = tl.maximum(lo, split * split_keys)
+        hi = tl.minimum(hi, (split + 1) * split_keys)
+    hi = tl.maximum(hi, lo)
+    # [full_lo, full_hi): tiles every row sees whole (no mask needed)
+    full_lo = lo
+    if HAS_LEFT:
+        full_lo = tl.maximum(lo, tl.cdiv(tl.maximum(p_max - window_left, 0), BLOCK_N) * BLOCK_N)
+    full_lo = tl.minimum(full_lo, hi)
+    vis_end = lk
+    if HAS_RIGHT:
+        vis_end = tl.minimum(vis_end, p_min + window_right + 1)
+    full_hi = vis_end // BLOCK_N * BLOCK_N
+    if SPLIT:
+        full_hi = tl.minimum(full_hi, (split + 1) * split_keys)
+    full_hi = tl.maximum(full_hi, full_lo)
+
+    # q tile, in two column parts (power of two + remainder)
+    q_rows = (q_start + q_tok).to(tl.int64) * s_qt + head * s_qh
+    offs_da = tl.arange(0, DA)
+    qa = tl.load(q_ptr + q_rows[:, None] + offs_da[None, :], mask=row_ok[:, None], other=0.0)
+    qa = _to_compute(qa, Q_MODE, COMPUTE)
+    if DB > 0:
+        offs_db = DA + tl.arange(0, DB)
+        qb = tl.load(q_ptr + q_rows[:, None] + offs_db[None, :],
+                     mask=row_ok[:, None] & (offs_db[None, :] < DA + DB_VALID), other=0.0)
+        qb = _to_compute(qb, Q_MODE, COMPUTE)
+    else:
+        qb = qa
+
+    qk_scale = scale
+    if HAS_QD:
+        qk_scale *= tl.load(qd_ptr + b * qd_sb + kvh * qd_sh)
+    if HAS_KD:
+        qk_scale *= tl.load(kd_ptr + b * kd_sb + kvh * kd_sh)
+    if not SOFTCAP:
+        qk_scale *= 1.4426950408889634
+
+    bt_row = bt_ptr + b.to(tl.int64) * s_bt
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV], tl.float32)
+
+    if INTERPRET:
+        # the interpreter cannot index a range with its 1-element scalars (numpy 2): a while loop
+        start = lo
+        while start < full_lo:
+            acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk,
+                                  p_row, window_left, window_right, qk_scale, softcap,
+                                  K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, BLOCK_N, DA, DB, DB_VALID,
+                                  DV, DV_VALID, PAGED, INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP,
+                                  HAS_LEFT, HAS_RIGHT, True)
+            start += BLOCK_N
+    else:
+        for start in range(lo, full_lo, BLOCK_N):
+            acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk,
+                                  p_row, window_left, window_right, qk_scale, softcap,
+                                  K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, BLOCK_N, DA, DB, DB_VALID,
+                                  DV, DV_VALID, PAGED, INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP,
+                                  HAS_LEFT, HAS_RIGHT, True)
+    if INTERPRET:
+        start = full_lo
+        while start < full_hi:
+            acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk,
+                                  p_row, window_left, window_right, qk_scale, softcap,
+                                  K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, BLOCK_N, DA, DB, DB_VALID,
+                                  DV, DV_VALID, PAGED, INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP,
+                                  HAS_LEFT, HAS_RIGHT, False)
+            start += BLOCK_N
+    else:
+        for start in range(full_lo, full_hi, BLOCK_N):
+            acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk,
+                                  p_row, window_left, window_right, qk_scale, softcap,
+                                  K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, BLOCK_N, DA, DB, DB_VALID,
+                                  DV, DV_VALID, PAGED, INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP,
+                                  HAS_LEFT, HAS_RIGHT, False)
+    if INTERPRET:
+        start = full_hi
+        while start < hi:
+            acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk,
+                                  p_row, window_left, window_right, qk_scale, softcap,
+                                  K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, BLOCK_N, DA, DB, DB_VALID,
+                                  DV, DV_VALID, PAGED, INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP,
+                                  HAS_LEFT, HAS_RIGHT, True)
+            start += BLOCK_N
+    else:
+        for start in range(full_hi, hi, BLOCK_N):
+            acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk,
+                                  p_row, window_left, window_right, qk_scale, softcap,
+                                  K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, BLOCK_N, DA, DB, DB_VALID,
+                                  DV, DV_VALID, PAGED, INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP,
+                                  HAS_LEFT, HAS_RIGHT, True)
+
+    out_scale = v_factor
+    if HAS_VD:
+        out_scale *= tl.load(vd_ptr + b * vd_sb + kvh * vd_sh)
+    offs_dv = tl.arange(0, DV)
+    dv_ok = offs_dv[None, :] < DV_VALID
+    if SPLIT:
+        ws_row = (split * total_q + q_start + q_tok).to(tl.int64) * (NUM_KV_HEADS * GROUP) + head
+        tl.store(ws_o_ptr + ws_row[:, None] * DV_VALID + offs_dv[None, :], acc * out_scale,
+                 mask=row_ok[:, None] & dv_ok)
+        tl.store(ws_ml_ptr + ws_row * 2, m_i, mask=row_ok)
+        tl.store(ws_ml_ptr + ws_row * 2 + 1, l_i, mask=row_ok)
+    else:
+        # rows that saw no key have acc == 0 and l == 0: they come out 0
+        o = acc * (out_scale / tl.where(l_i > 0.0, l_i, 1.0))[:, None]
+        o_rows = (q_start + q_tok).to(tl.int64) * s_ot + head * s_oh
+        tl.store(out_ptr + o_rows[:, None] + offs_dv[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & dv_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(ws_o_ptr, ws_ml_ptr, out_ptr, cu_q_ptr, total_q, s_ot, s_oh,
+                         BATCH: tl.constexpr, NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         SPLITS_P2: tl.constexpr, DV: tl.constexpr, DV_VALID: tl.constexpr):
+    """out[t, h] = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s over the splits' partials."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    if t >= tl.load(cu_q_ptr + BATCH):
+        return  # rows past the last sequence are not ours to write
+    offs_s = tl.arange(0, SPLITS_P2)
+    s_ok = offs_s < NUM_SPLITS
+    ws_row = (offs_s.to(tl.int64) * total_q + t) * NUM_HEADS + h
+    m = tl.load(ws_ml_ptr + ws_row * 2, mask=s_ok, other=float("-inf"))
+    l = tl.load(ws_ml_ptr + ws_row * 2 + 1, mask=s_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.math.exp2(m - m_use)
+    w = tl.where(s_ok, w, 0.0)
+    denom = tl.sum(w * l, 0)
+    offs_dv = tl.arange(0, DV)
+    dv_ok = offs_dv < DV_VALID
+    o = tl.load(ws_o_ptr + ws_row[:, None] * DV_VALID + offs_dv[None, :],
+                mask=s_ok[:, None] & dv_ok[None, :], other=0.0)
+    o = tl.sum(o * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(out_ptr + t.to(tl.int64) * s_ot + h * s_oh + offs_dv, o.to(out_ptr.dtype.element_ty),
+             mask=dv_ok)
+
+
+# -- launch -----------------------------------------------------------------------------------------
+def supports(op: str, desc, platform) -> Optional[str]:
+    """None when the attention kernel handles ``desc``, else why not."""
+    if op != "flash_attn_varlen_func":
+        return f"attention.py does not implement {op}"
+    if desc is None:
+        return None
+    if desc.is_mla or desc.is_head_major:
+        return f"attention reads 4-D caches; got the {desc.layout} layout"
+    if desc.cache_dtype not in _FP8 + tuple(_TL):
+        return f"cache element type {desc.cache_dtype} is not float16/bfloat16/float32/fp8"
+    if desc.head_size_k > _MAX_HEAD or desc.head_size_v > _MAX_HEAD:
+        return f"head sizes {desc.head_size_k}/{desc.head_size_v} exceed the kernel's {_MAX_HEAD}"
+    return None
+
+
+class Plan(NamedTuple):
+    """Everything fixed by (descriptor, q/out dtypes, heads, options, batch shape bucket)."""
+    tile: TileConfig
+    constexprs: dict
+    v_factor: float
+    k_factor: float
+    q_factor: float
+    config: AttentionConfig
+
+
+def _mode(dtype: torch.dtype, platform, interpreting: bool) -> int:
+    if dtype not in _FP8:
+        return PLAIN
+    if interpreting:
+        return _BITS_MODE[dtype]
+    if platform.name == "nvidia" and dtype != torch.float8_e4m3fnuz and \
+            (platform.capability or (0, 0)) >= (8, 9):
+        return FP8_NATIVE
+    if platform.name == "rocm" and dtype == platform.fp8_e4m3_dtype:
+        return FP8_NATIVE
+    return _BITS_MODE[dtype]
+
+
+_PLANS: dict = {}
+
+
+def plan_for(q: torch.Tensor, out: torch.Tensor, desc, args, decode: bool) -> Plan:
+    """The kernel's constexprs and launch config for this call shape (cached)."""
+    interp = _interpreting()
+    key = (desc.key, q.dtype, out.dtype, q.shape[1], decode, args.paged, args.seqused_k is not None,
+           args.softcap > 0, args.window_left >= 0, args.window_right >= 0, args.q_descale is not None,
+           args.k_descale is not None, args.v_descale is not None, interp, desc.platform)
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan
+    cfg = config_for(desc.platform, interp)
+    dk, dv = desc.head_size_k, desc.head_size_v
+    tile = cfg.tile("decode" if decode else "prefill", max(dk, dv))
+    da = _pow2_floor(dk)
+    rest = dk - da
+    db = _pow2_ceil(rest) if rest else 0
+    if db and db < 16:
+        db = 16  # tl.dot needs K >= 16
+    kv_mode = _mode(desc.cache_dtype, desc.platform, interp)
+    q_mode = _mode(q.dtype, desc.platform, interp)
+    if q.dtype == torch.float32:
+        compute = tl.float32
+    elif q.dtype in _FP8:
+        # fp8 q: fp16 holds every e4m3/e5m2 value exactly and keeps 10 bits of P
+        compute = tl.float16
+    else:
+        compute = _TL[q.dtype]
+    group = q.shape[1] // desc.num_kv_heads
+    ks, vs = desc.k, desc.v
+    paged = args.paged
+    constexprs = dict(
+        K_SB=ks.block if paged else 0, K_ST=ks.token, K_SH=ks.head,
+        V_SB=vs.block if paged else 0, V_ST=vs.token, V_SH=vs.head,
+        NUM_KV_HEADS=desc.num_kv_heads, GROUP=group, PAGE=desc.block_size if paged else 1,
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+        DA=da, DB=db, DB_VALID=rest, DV=_pow2_ceil(max(dv, 16)), DV_VALID=dv,
+        PAGED=paged, HAS_SEQUSED=args.seqused_k is not None, INT64=not desc.int32_offsets,
+        KV_MODE=kv_mode, Q_MODE=q_mode, COMPUTE=compute,
+        DOT_F32=interp and compute != tl.float32, IEEE=compute == tl.float32,
+        HAS_QD=args.q_descale is not None, HAS_KD=args.k_descale is not None,
+        HAS_VD=args.v_descale is not None, SOFTCAP=args.softcap > 0,
+        HAS_LEFT=args.window_left >= 0, HAS_RIGHT=args.window_right >= 0,
+    )
+    kv_factor = _BITS_FACTOR.get(kv_mode, 1.0)
+    plan = Plan(tile, constexprs, kv_factor, kv_factor, _BITS_FACTOR.get(q_mode, 1.0), cfg)
+    if len(_PLANS) > 4096:
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
+def _descale_strides(t: Optional[torch.Tensor]):
+    if t is None or t.numel() == 1:
+        return 0, 0
+    return t.stride(0), t.stride(1)
+
+
+def choose_splits(batch: int, num_kv_heads: int, q_tiles: int, max_seqlen_k: int, block_n: int,
+                  cfg: AttentionConfig, multiprocessors: int) -> int:
+    """Split-KV count: enough programs to fill the GPU, no split shorter than split_min_keys."""
+    programs = batch * num_kv_heads * q_tiles
+    target = cfg.split_programs_per_sm * max(multiprocessors, 1)
+    if programs >= target or max_seqlen_k < 2 * cfg.split_min_keys:
+        return 1
+    by_fill = -(-target // programs)
+    by_length = max_seqlen_k // cfg.split_min_keys
+    return max(1, min(by_fill, by_length, 256))
+
+
+def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, desc,
+                           args, num_splits: Optional[int] = None) -> None:
+    """Attention of ``q`` ``(total_q, Hq, Dk)`` over the caches ``k``/``v`` (4-D, any strides; the
+    non-paged case as one block ``(1, total_k, Hkv, D)``) into ``out`` ``(total_q, Hq, Dv)``.
+
+    ``args`` is a :class:`kvdispatch.registry.AttentionArgs`, already validated. ``num_splits``
+    overrides the split-KV choice (benchmarks and tests).
+    """
+    batch = args.batch
+    total_q, hq, _ = q.shape
+    if batch == 0 or total_q == 0 or args.max_seqlen_q == 0:
+        return
+    hkv = desc.num_kv_heads
+    group = hq // hkv
+    cfg0 = config_for(desc.platform, _interpreting())
+    decode_tile = cfg0.tile("decode", max(desc.head_size_k, desc.head_size_v))
+    decode = args.max_seqlen_q * group <= decode_tile.block_m
+    plan = plan_for(q, out, desc, args, decode)
+    c = plan.constexprs
+    q_tiles = -(-args.max_seqlen_q * group // c["BLOCK_M"])
+    if num_splits is None:
+        num_splits = choose_splits(batch, hkv, q_tiles, args.max_seqlen_k, c["BLOCK_N"], plan.config,
+                                   desc.platform.multiprocessors or 1)
+    split_keys = -(-max(args.max_seqlen_k, 1) // num_splits)
+    split_keys = -(-split_keys // c["BLOCK_N"]) * c["BLOCK_N"]
+    num_splits = max(1, -(-max(args.max_seqlen_k, 1) // split_keys))
+    split = num_splits > 1
+
+    # fp8 bit decoding leaves a power-of-two factor on K (scores) and V (output): fold it here
+    scale = args.softmax_scale * plan.k_factor * plan.q_factor
+    v_factor = plan.v_factor
+    if split:
+        ws_o = torch.empty((num_splits, total_q, hq, desc.head_size_v), dtype=torch.float32, device=q.device)
+        ws_ml = torch.empty((num_splits, total_q, hq, 2), dtype=torch.float32, device=q.device)
+    else:
+        ws_o = ws_ml = out
+    dummy = args.cu_seqlens_q
+    qd, kd, vd = args.q_descale, args.k_descale, args.v_descale
+    kk = k.view(torch.uint8) if c["KV_MODE"] >= FP8_E4M3_BITS else k
+    vv = v.view(torch.uint8) if c["KV_MODE"] >= FP8_E4M3_BITS else v
+    qq = q.view(torch.uint8) if c["Q_MODE"] >= FP8_E4M3_BITS else q
+    bt = args.block_table if args.paged else dummy
+    grid = (q_tiles, batch * hkv, num_splits)
+    _attention_kernel[grid](
+        qq, kk, vv, out, ws_o, ws_ml,
+        args.cu_seqlens_q, args.cu_seqlens_k if args.cu_seqlens_k is not None else dummy,
+        args.seqused_k if args.seqused_k is not None else dummy, bt,
+        qd if qd is not None else dummy, kd if kd is not None else dummy, vd if vd is not None else dummy,
+        scale, float(args.softcap), v_factor, args.window_left, args.window_right, total_q, split_keys,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), bt.stride(0) if args.paged else 0,
+        *_descale_strides(qd), *_descale_strides(kd), *_descale_strides(vd),
+        SPLIT=split, INTERPRET=_interpreting(), num_warps=plan.tile.num_warps, num_stages=plan.tile.num_stages, **c,
+    )
+    if split:
+        _merge_splits_kernel[(total_q, hq)](
+            ws_o, ws_ml, out, args.cu_seqlens_q, total_q, out.stride(0), out.stride(1),
+            BATCH=batch, NUM_HEADS=hq, NUM_SPLITS=num_splits, SPLITS_P2=_pow2_ceil(num_splits),
+            DV=c["DV"], DV_VALID=c["DV_VALID"], num_warps=4 if c["DV"] <= 256 else 8,
+        )

@@ -1,0 +1,132 @@
+"""Launch configurations of the paged attention kernels, per platform.
+
+The kernel (``attention.py``) is shared by every vendor; only these numbers differ. One program
+owns ``block_m`` *rows* (a row is one (query token, query head) pair of one kv head, so the query
+heads that share a kv head are packed into one tile) and walks the keys ``block_n`` at a time.
+
+* ``decode`` tiles serve calls whose longest sequence has at most ``block_m`` rows (every q_len
+  times the GQA group fits one tile: decode, small speculative steps); ``prefill`` tiles serve the
+  rest (prefill and chunked-prefill batches). Each is a tuple of :class:`TileConfig` keyed by the
+  largest head size it serves, so wide heads (192, 256, MLA's 576) take smaller tiles.
+* ``split_programs_per_sm``: split-KV (flash-decoding) splits each sequence's keys until there are
+  about this many programs per multiprocessor; ``split_min_keys``: no split is shorter than this
+  (a split's fixed cost, the partial-result round trip and the reduction, must stay small).
+
+Every entry says where its numbers come from: measured on which device (with the command that
+measured them), or the vendor guidance it follows when no such device was available to us.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["TileConfig", "AttentionConfig", "NVIDIA", "ROCM", "INTERPRETER", "DEFAULT", "config_for"]
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    max_head_size: int  # serves head sizes (max of Dk, Dv) up to this
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    decode: tuple
+    prefill: tuple
+    split_programs_per_sm: int
+    split_min_keys: int
+    source: str
+
+    def tile(self, kind: str, head_size: int) -> TileConfig:
+        for t in getattr(self, kind):
+            if head_size <= t.max_head_size:
+                return t
+        return getattr(self, kind)[-1]
+
+
+# NVIDIA, by compute capability ------------------------------------------------------------------
+_H100 = AttentionConfig(
+    decode=(
+        TileConfig(128, block_m=16, block_n=64, num_warps=4, num_stages=3),
+        TileConfig(256, block_m=16, block_n=32, num_warps=4, num_stages=3),
+        TileConfig(1024, block_m=16, block_n=32, num_warps=8, num_stages=2),
+    ),
+    prefill=(
+        TileConfig(64, block_m=128, block_n=64, num_warps=4, num_stages=3),
+        TileConfig(128, block_m=128, block_n=64, num_warps=8, num_stages=3),
+        TileConfig(256, block_m=64, block_n=32, num_warps=4, num_stages=2),
+        TileConfig(1024, block_m=32, block_n=32, num_warps=8, num_stages=1),
+    ),
+    split_programs_per_sm=2,
+    split_min_keys=512,
+    source="H100 80GB HBM3 (sm90): benchmarks/attention_perf.py, see benchmarks/results/attention_h100.md",
+)
+
+NVIDIA = {
+    (9, 0): _H100,
+    # A100 (sm80): not measured here. 164 KB shared memory per SM (vs 228 KB on H100): the
+    # three-stage 128x64 prefill pipeline at head 128 needs ~128 KB and still fits, so the H100
+    # tiles are kept; follows NVIDIA's Ampere tuning guide (cp.async multi-stage pipelines).
+    (8, 0): AttentionConfig(decode=_H100.decode, prefill=_H100.prefill, split_programs_per_sm=2,
+                            split_min_keys=512,
+                            source="not measured; H100 tiles, fit A100 shared memory (Ampere tuning guide)"),
+    # Ada (sm89): not measured here. 100 KB shared memory per SM: two pipeline stages for prefill.
+    (8, 9): AttentionConfig(
+        decode=_H100.decode,
+        prefill=(TileConfig(64, 128, 64, 4, 2), TileConfig(128, 64, 64, 4, 2),
+                 TileConfig(256, 64, 32, 4, 1), TileConfig(1024, 32, 16, 4, 1)),
+        split_programs_per_sm=2, split_min_keys=512,
+        source="not measured; H100 tiles shrunk to Ada's 100 KB shared memory (Ada tuning guide)"),
+}
+
+# ROCm (CDNA, wave64), by gfx arch ---------------------------------------------------------------
+# Not measured here. AMD's ROCm Triton optimisation guide (MI300X workload tuning): flash-attention
+# kernels on CDNA3 run 128x64 tiles with 4 waves (wave64) and num_stages 1 (LDS is 64 KB per CU,
+# software pipelining in Triton's AMD backend is driven by stream-k/instruction scheduling
+# rather than stages); decode with 64-row waves wants the kv tile wider than on NVIDIA.
+_CDNA3 = AttentionConfig(
+    decode=(
+        TileConfig(128, block_m=16, block_n=64, num_warps=4, num_stages=1),
+        TileConfig(256, block_m=16, block_n=32, num_warps=4, num_stages=1),
+        TileConfig(1024, block_m=16, block_n=16, num_warps=4, num_stages=1),
+    ),
+    prefill=(
+        TileConfig(128, block_m=128, block_n=64, num_warps=4, num_stages=1),
+        TileConfig(256, block_m=64, block_n=32, num_warps=4, num_stages=1),
+        TileConfig(1024, block_m=32, block_n=16, num_warps=4, num_stages=1),
+    ),
+    split_programs_per_sm=2,
+    split_min_keys=512,
+    source="not measured; AMD ROCm Triton optimisation guide for MI300X (wave64, num_stages 1)",
+)
+ROCM = {"gfx90a": _CDNA3, "gfx942": _CDNA3, "gfx950": _CDNA3}
+
+# The CPU interpreter: small tiles so the kernel tests stay fast (and splitting exercised early).
+INTERPRETER = AttentionConfig(
+    decode=(TileConfig(1024, block_m=16, block_n=16, num_warps=1, num_stages=1),),
+    prefill=(TileConfig(1024, block_m=16, block_n=16, num_warps=1, num_stages=1),),
+    split_programs_per_sm=1,
+    split_min_keys=16,
+    source="CPU interpreter: small tiles so the kernel tests stay fast",
+)
+
+# Anything not in the tables (a newer GPU, Intel XPU through Triton): the H100 numbers.
+DEFAULT = _H100
+
+
+def config_for(platform, interpreting: bool = False) -> AttentionConfig:
+    """The attention configuration for ``platform`` (a :class:`kvdispatch.Platform`)."""
+    if interpreting or platform.name == "cpu":
+        return INTERPRETER
+    if platform.name == "nvidia" and platform.capability is not None:
+        cap = tuple(platform.capability)
+        if cap in NVIDIA:
+            return NVIDIA[cap]
+        lower = [c for c in NVIDIA if c <= cap]
+        return NVIDIA[max(lower)] if lower else DEFAULT
+    if platform.name == "rocm":
+        return ROCM.get((platform.arch or "").split(":")[0], _CDNA3)
+    return DEFAULT
