@@ -89,7 +89,7 @@ def _fp8_encode(y, BIAS: tl.constexpr, MAN: tl.constexpr, FNUZ: tl.constexpr):
 @triton.jit
 def _write_side(
     src, src_stride_t, src_stride_h, dst, scale,
-    tok, head, blk, off, row_ok,
+    tok, head, blk, off, row_in, row_ok,
     D: tl.constexpr, D_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, MERGED: tl.constexpr,
     S_BLOCK: tl.constexpr, S_TOKEN: tl.constexpr, S_HEAD: tl.constexpr, S_CHUNK: tl.constexpr,
     X: tl.constexpr,
@@ -97,20 +97,24 @@ def _write_side(
     FP8_MAX: tl.constexpr, FP8_BIAS: tl.constexpr, FP8_MAN: tl.constexpr, FP8_FNUZ: tl.constexpr,
     STREAMING: tl.constexpr,
 ):
-    """Load ``ROWS`` rows of one tensor (K or V), convert, store them at their cache slots."""
+    """Load ``ROWS`` rows of one tensor (K or V), convert, store them at their cache slots.
+
+    The loads are masked by ``row_in`` (the row exists), not by the slot: they do not wait for
+    the slot load, so both memory round trips overlap (padding rows are read and dropped).
+    """
     d = tl.arange(0, D_PAD)
-    mask = row_ok[:, None] & (d < D)[None, :]
+    col_ok = (d < D)[None, :]
     src_ptrs = src + (tok * src_stride_t + head * src_stride_h)[:, None] + d[None, :]
     if STREAMING:
-        x = tl.load(src_ptrs, mask=mask, eviction_policy="evict_first")
+        x = tl.load(src_ptrs, mask=row_in[:, None] & col_ok, eviction_policy="evict_first")
     else:
-        x = tl.load(src_ptrs, mask=mask)
+        x = tl.load(src_ptrs, mask=row_in[:, None] & col_ok)
     if QUANT != 0:
         if SCALE_PER_HEAD:
             if MERGED:  # the row holds every head: the head is d // HEAD_DIM
                 s = tl.load(scale + d // HEAD_DIM, mask=d < D, other=1.0)[None, :]
             else:
-                s = tl.load(scale + head, mask=row_ok, other=1.0)[:, None]
+                s = tl.load(scale + head)[:, None]
         else:
             s = tl.load(scale)
         y = x.to(tl.float32) * (1.0 / s)
@@ -121,6 +125,7 @@ def _write_side(
             x = _fp8_encode(y, FP8_BIAS, FP8_MAN, FP8_FNUZ)
     row_off = blk * S_BLOCK + off * S_TOKEN + head * S_HEAD
     dst_ptrs = dst + row_off[:, None] + ((d // X) * S_CHUNK + d % X)[None, :]
+    mask = row_ok[:, None] & col_ok
     if STREAMING:
         tl.store(dst_ptrs, x, mask=mask, cache_modifier=".cs")
     else:
@@ -160,10 +165,10 @@ def _write_kv_kernel(
         slot = slot.to(tl.int32)
     blk = slot // BLOCK_SIZE
     off = slot % BLOCK_SIZE
-    _write_side(k_src, k_stride_t, k_stride_h, k_dst, k_scale, tok, head, blk, off, row_ok,
+    _write_side(k_src, k_stride_t, k_stride_h, k_dst, k_scale, tok, head, blk, off, in_range, row_ok,
                 DK, DK_PAD, HEAD_DIM_K, MERGED, KB, KT, KH, KC, KX,
                 QUANT, K_SCALE_HEAD, FP8_MAX, FP8_BIAS, FP8_MAN, FP8_FNUZ, STREAMING)
-    _write_side(v_src, v_stride_t, v_stride_h, v_dst, v_scale, tok, head, blk, off, row_ok,
+    _write_side(v_src, v_stride_t, v_stride_h, v_dst, v_scale, tok, head, blk, off, in_range, row_ok,
                 DV, DV_PAD, HEAD_DIM_V, MERGED, VB, VT, VH, VC, VX,
                 QUANT, V_SCALE_HEAD, FP8_MAX, FP8_BIAS, FP8_MAN, FP8_FNUZ, STREAMING)
 
@@ -194,14 +199,15 @@ def _floor_pow2(n: int) -> int:
 
 
 class _Plan:
-    """What one launch needs besides the per-call pointers: constexprs, tile, grid factor."""
+    """One launch configuration: constexprs, tile, the runtime stride arguments and, once the
+    first launch compiled it, the compiled kernel (then launched directly)."""
 
-    __slots__ = ("constexprs", "rows", "heads", "num_warps", "quant", "src_view", "dst_view",
-                 "kernel", "config")
+    __slots__ = ("constexprs", "tail", "rows", "heads", "num_warps", "quant", "src_view", "dst_view",
+                 "kernel", "config", "int_args", "max_n32", "device", "v_dst_offset_bytes", "desc")
 
     def __repr__(self) -> str:
         c = self.constexprs
-        return (f"_Plan(rows={self.rows}, heads_per_token_rows={self.heads}, merged={c['MERGED']}, "
+        return (f"_Plan(rows={self.rows}, row_heads={self.heads}, merged={c['MERGED']}, "
                 f"num_warps={self.num_warps}, quant={self.quant}, off64={c['OFF64']}, "
                 f"DK={c['DK']}/{c['DK_PAD']}, DV={c['DV']}/{c['DV_PAD']})")
 
@@ -214,9 +220,18 @@ def _side(strides, d: int, heads: int, merged: bool):
     return d, _pow2(d), d, strides.block, strides.token, strides.head, strides.chunk, strides.x
 
 
+def _max_tokens_int32(a: torch.Tensor, b: torch.Tensor) -> int:
+    """The most tokens whose input rows (2-D or 3-D inputs) stay within int32 offsets."""
+    most = INT32_MAX
+    for t in (a, b):
+        extent = sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:])) + 1
+        most = min(most, (INT32_MAX - extent) // max(t.stride(0), 1) + 1)
+    return most
+
+
 def _make_plan(desc, k_strides, v_strides, dk: int, dv: int, heads: int, in_dtype: torch.dtype,
-               mergeable: bool, n: int, off64: bool, k_scale_head: bool,
-               v_scale_head: bool, config: Optional[WriteConfig], merge: Optional[bool]) -> _Plan:
+               mergeable: bool, n: int, off64: bool, k_scale_head: bool, v_scale_head: bool,
+               config: Optional[WriteConfig], merge: Optional[bool]) -> _Plan:
     cfg = config or config_for(desc.platform, _interpreting())
     cache_dtype = desc.cache_dtype
     p = _Plan()
@@ -236,10 +251,7 @@ def _make_plan(desc, k_strides, v_strides, dk: int, dv: int, heads: int, in_dtyp
         p.src_view = None
         p.dst_view = cache_dtype if p.quant == NATIVE_FP8 else torch.uint8
     merged = mergeable if merge is None else (merge and mergeable)
-    if merged:
-        heads_rows = 1
-    else:
-        heads_rows = heads
+    heads_rows = 1 if merged else heads
     sk = _side(k_strides, dk, heads, merged)
     sv = _side(v_strides, dv, heads, merged)
     in_size = torch.empty((), dtype=in_dtype).element_size()
@@ -250,7 +262,7 @@ def _make_plan(desc, k_strides, v_strides, dk: int, dv: int, heads: int, in_dtyp
     while rows > 1 and -(-n_rows // rows) < cfg.min_programs_per_sm * sms:
         rows //= 2
     # no more threads than 16-byte vectors in the tile (extra warps would only replicate)
-    vectors = rows * max(sk[1], sv[1]) * in_size // 16
+    vectors = rows * row_bytes // 16
     p.num_warps = max(1, min(cfg.num_warps, _floor_pow2(max(vectors // 32, 1))))
     p.rows, p.heads = rows, heads_rows
     p.constexprs = dict(
@@ -261,6 +273,17 @@ def _make_plan(desc, k_strides, v_strides, dk: int, dv: int, heads: int, in_dtyp
         FP8_MAX=fmax, FP8_BIAS=bias, FP8_MAN=man, FP8_FNUZ=fnuz, STREAMING=cfg.streaming,
     )
     p.kernel = None
+    p.desc = desc  # keeps id(desc) in the plan key from being reused by another descriptor
+    return p
+
+
+def _finish_plan(p: _Plan, k_src, v_src, k_dst, v_dst_offset: int, off64: bool) -> _Plan:
+    """Per-plan values the launch reuses: the runtime stride args, the int32 token limit."""
+    ks, vs = k_src.stride(), v_src.stride()
+    p.int_args = (ks[0], ks[1] if k_src.dim() == 3 else 0, vs[0], vs[1] if v_src.dim() == 3 else 0)
+    p.max_n32 = 1 << 62 if off64 else _max_tokens_int32(k_src, v_src)
+    p.v_dst_offset_bytes = v_dst_offset * k_dst.element_size()
+    p.tail = tuple(p.constexprs.values())
     return p
 
 
@@ -268,51 +291,68 @@ _plans: dict = {}
 _PLAN_LIMIT = 8192
 
 
+def _remember(ck, plan: _Plan) -> _Plan:
+    if len(_plans) >= _PLAN_LIMIT:
+        _plans.clear()
+    _plans[ck] = plan
+    return plan
+
+
 def _view(t: torch.Tensor, dtype) -> torch.Tensor:
     return t if dtype is None or t.dtype == dtype else t.view(dtype)
+
+
+def _no_launch_hooks() -> bool:
+    """No profiler hook is installed (triton >= 3.5 keeps an empty HookChain, older ones None):
+    the direct launch may skip the launch metadata the hooks would receive."""
+    knobs = triton.knobs.runtime
+    for hook in (knobs.launch_enter_hook, knobs.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return False
+    return True
 
 
 def _launch(plan: _Plan, n: int, k_src, v_src, k_dst, v_dst, slot_mapping, k_scale, v_scale,
             v_dst_offset: int = 0) -> None:
     """Launch ``plan`` over ``n`` tokens; ``v_dst_offset`` shifts V's destination (MLA's k_pe)."""
     n_rows = n * plan.heads
-    grid = (-(-n_rows // plan.rows), 1, 1)
-    ks, vs = k_src.stride(), v_src.stride()
-    k_sh = ks[1] if k_src.dim() == 3 else 0
-    v_sh = vs[1] if v_src.dim() == 3 else 0
+    grid = -(-n_rows // plan.rows)
     kernel = plan.kernel
-    if kernel is not None and triton.knobs.runtime.launch_enter_hook is None:
-        # Fast path: the compiled kernel for exactly this specialization (same plan key), raw
-        # pointers; the launcher skips the constexpr positions.
-        esize = k_dst.element_size()
-        dev = k_dst.get_device()
-        kernel.run(grid[0], 1, 1, torch._C._cuda_getCurrentRawStream(dev), kernel.function,
+    if kernel is not None and _no_launch_hooks():
+        # The compiled kernel of exactly this specialization (the plan key holds everything
+        # Triton specializes on), launched with raw pointers; constexpr positions are skipped.
+        ia = plan.int_args
+        kernel.run(grid, 1, 1, torch._C._cuda_getCurrentRawStream(plan.device), kernel.function,
                    kernel.packed_metadata, None, None, None,
                    k_src.data_ptr(), v_src.data_ptr(), k_dst.data_ptr(),
-                   v_dst.data_ptr() + v_dst_offset * esize, slot_mapping.data_ptr(),
+                   v_dst.data_ptr() + plan.v_dst_offset_bytes, slot_mapping.data_ptr(),
                    None if k_scale is None else k_scale.data_ptr(),
                    None if v_scale is None else v_scale.data_ptr(),
-                   n_rows, ks[0], k_sh, vs[0], v_sh, *plan.constexprs.values())
+                   n_rows, ia[0], ia[1], ia[2], ia[3], *plan.tail)
         return
-    v_dst_t = v_dst
-    if v_dst_offset:
-        v_dst_t = v_dst[..., v_dst_offset:]
-    compiled = _write_kv_kernel[grid](
+    v_dst_t = v_dst[..., v_dst_offset:] if v_dst_offset else v_dst
+    ia = plan.int_args
+    compiled = _write_kv_kernel[(grid, 1, 1)](
         _view(k_src, plan.src_view), _view(v_src, plan.src_view),
         _view(k_dst, plan.dst_view), _view(v_dst_t, plan.dst_view), slot_mapping,
-        k_scale, v_scale, n_rows, ks[0], k_sh, vs[0], v_sh,
+        k_scale, v_scale, n_rows, ia[0], ia[1], ia[2], ia[3],
         num_warps=plan.num_warps, num_stages=1, **plan.constexprs)
-    if (not _interpreting() and plan.kernel is None and k_dst.is_cuda and torch.version.hip is None
+    if (plan.kernel is None and not _interpreting() and k_dst.is_cuda and torch.version.hip is None
             and not hasattr(compiled, "result")):
+        plan.device = k_dst.get_device()
         plan.kernel = compiled
-
-
-def _align(t: Optional[torch.Tensor]) -> int:
-    return -1 if t is None else t.data_ptr() & 15
 
 
 def _scale_is_head(scale: Optional[torch.Tensor]) -> bool:
     return scale is not None and scale.numel() > 1
+
+
+def _alignment(*ptrs: int):
+    """What Triton specializes pointers on (16-byte alignment), folded into one key element."""
+    a = 0
+    for p in ptrs:
+        a |= p
+    return 0 if a & 15 == 0 else tuple(p & 15 for p in ptrs)
 
 
 def plan_for(key, value, key_cache, value_cache, slot_mapping, desc,
@@ -324,40 +364,41 @@ def plan_for(key, value, key_cache, value_cache, slot_mapping, desc,
     ``force_off64`` the offset width (tests run the int64 path on small caches with it).
     """
     n = slot_mapping.shape[0]
-    ks, vs = key.stride(), value.stride()
-    quant_in = key.dtype
-    k_scale = desc.k_scale if desc.kv_cache_dtype != "auto" and quant_in != desc.cache_dtype else None
-    v_scale = desc.v_scale if k_scale is not None else None
-    ck = (desc.key, key_cache.get_device(), quant_in, ks[0], ks[1], vs[0], vs[1], slot_mapping.dtype,
-          slot_mapping.data_ptr() & 15, key.data_ptr() & 15, value.data_ptr() & 15, key_cache.data_ptr() & 15,
-          value_cache.data_ptr() & 15, _align(k_scale), _align(v_scale), _scale_is_head(k_scale),
-          _scale_is_head(v_scale), n.bit_length(), _input_off64(n, key, value), config, merge, force_off64)
+    kp, vp, kcp, vcp, sp = (key.data_ptr(), value.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
+                            slot_mapping.data_ptr())
+    align = (kp | vp | kcp | vcp | sp) & 15
+    if align:
+        align = (kp & 15, vp & 15, kcp & 15, vcp & 15, sp & 15)
+    # id(desc): descriptors are cached objects, and each plan holds its descriptor, so an id
+    # cannot be reused while its plan exists. The device index is not part of desc.key.
+    ck = (id(desc), key_cache.get_device(), key.dtype, key.stride(), value.stride(), slot_mapping.dtype,
+          align, n.bit_length(), config, merge, force_off64)
     plan = _plans.get(ck)
-    if plan is None:
-        h, dk, dv = desc.num_kv_heads, desc.head_size_k, desc.head_size_v
-        mergeable = (h > 1 and desc.k.x == dk and desc.v.x == dv and desc.k.head == dk
-                     and desc.v.head == dv and ks[1] == dk and vs[1] == dv)
-        off64 = not desc.int32_offsets or _input_off64(n, key, value)
-        if force_off64 is not None:
-            off64 = force_off64
-        plan = _make_plan(desc, desc.k, desc.v, dk, dv, h, quant_in, mergeable, _floor_pow2(n), off64, _scale_is_head(k_scale), _scale_is_head(v_scale),
-                          config, merge)
-        if len(_plans) >= _PLAN_LIMIT:
-            _plans.clear()
-        _plans[ck] = plan
-    return plan
+    if plan is not None and n <= plan.max_n32:
+        return plan
+    return _plan_kv(ck, n, key, value, key_cache, value_cache, desc, config, merge, force_off64)
 
 
-def _input_off64(n: int, a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the input rows read for ``n`` tokens reach past int32 offsets (2-D or 3-D inputs)."""
-    sa, sb, ha, hb = a.stride(), b.stride(), a.shape, b.shape
-    if a.dim() == 3:
-        last_a = (n - 1) * sa[0] + (ha[1] - 1) * sa[1] + ha[2]
-        last_b = (n - 1) * sb[0] + (hb[1] - 1) * sb[1] + hb[2]
-    else:
-        last_a = (n - 1) * sa[0] + ha[1]
-        last_b = (n - 1) * sb[0] + hb[1]
-    return last_a > INT32_MAX or last_b > INT32_MAX
+def _plan_kv(ck, n, key, value, key_cache, value_cache, desc, config, merge, force_off64) -> _Plan:
+    in64 = n > _max_tokens_int32(key, value)
+    if in64:
+        ck = ck + ("in64",)
+        plan = _plans.get(ck)
+        if plan is not None:
+            return plan
+    quant_in = key.dtype
+    quant = desc.kv_cache_dtype != "auto" and quant_in != desc.cache_dtype
+    ks, vs = key.stride(), value.stride()
+    h, dk, dv = desc.num_kv_heads, desc.head_size_k, desc.head_size_v
+    mergeable = (h > 1 and desc.k.x == dk and desc.v.x == dv and desc.k.head == dk
+                 and desc.v.head == dv and ks[1] == dk and vs[1] == dv)
+    off64 = not desc.int32_offsets or in64
+    if force_off64 is not None:
+        off64 = force_off64
+    plan = _make_plan(desc, desc.k, desc.v, dk, dv, h, quant_in, mergeable, _floor_pow2(n), off64,
+                      quant and _scale_is_head(desc.k_scale), quant and _scale_is_head(desc.v_scale),
+                      config, merge)
+    return _remember(ck, _finish_plan(plan, key, value, key_cache, 0, off64))
 
 
 # -- public entry points (called by TritonBackend under the tensors' device) -----------------------
@@ -395,10 +436,9 @@ def reshape_and_cache_flash(key: torch.Tensor, value: torch.Tensor, key_cache: t
         return
     plan = plan_for(key, value, key_cache, value_cache, slot_mapping, desc, config, merge, force_off64)
     if plan.quant == COPY:
-        ks = vs = None
+        _launch(plan, n, key, value, key_cache, value_cache, slot_mapping, None, None)
     else:
-        ks, vs = desc.k_scale, desc.v_scale
-    _launch(plan, n, key, value, key_cache, value_cache, slot_mapping, ks, vs)
+        _launch(plan, n, key, value, key_cache, value_cache, slot_mapping, desc.k_scale, desc.v_scale)
 
 
 def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
@@ -409,22 +449,30 @@ def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch
     n = slot_mapping.shape[0]
     if n == 0:
         return
-    rank, rope = kv_c.shape[1], k_pe.shape[1]
-    quant = desc.kv_cache_dtype != "auto" and kv_c.dtype != desc.cache_dtype
-    scale = desc.k_scale if quant else None
-    ks, ps = kv_c.stride(), k_pe.stride()
-    ck = ("mla", desc.key, kv_cache.get_device(), kv_c.dtype, ks[0], ps[0], rank, slot_mapping.dtype,
-          slot_mapping.data_ptr() & 15, kv_c.data_ptr() & 15, k_pe.data_ptr() & 15, kv_cache.data_ptr() & 15,
-          (kv_cache.data_ptr() + rank * kv_cache.element_size()) & 15, _align(scale),
-          n.bit_length(), _input_off64(n, kv_c, k_pe), config, force_off64)
+    rank = kv_c.shape[1]
+    cache_ptr = kv_cache.data_ptr()
+    ck = ("mla", id(desc), kv_cache.get_device(), kv_c.dtype, kv_c.stride(), k_pe.stride(), rank,
+          slot_mapping.dtype,
+          _alignment(kv_c.data_ptr(), k_pe.data_ptr(), cache_ptr, cache_ptr + rank * kv_cache.element_size(),
+                     slot_mapping.data_ptr()), n.bit_length(), config, force_off64)
     plan = _plans.get(ck)
-    if plan is None:
-        off64 = not desc.int32_offsets or _input_off64(n, kv_c, k_pe)
-        if force_off64 is not None:
-            off64 = force_off64
-        plan = _make_plan(desc, desc.k, desc.k, rank, rope, 1, kv_c.dtype, False, _floor_pow2(n), off64,
-                          False, False, config, False)
-        if len(_plans) >= _PLAN_LIMIT:
-            _plans.clear()
-        _plans[ck] = plan
+    if plan is None or n > plan.max_n32:
+        plan = _plan_mla(ck, n, kv_c, k_pe, kv_cache, desc, config, force_off64)
+    scale = None if plan.quant == COPY else desc.k_scale
     _launch(plan, n, kv_c, k_pe, kv_cache, kv_cache, slot_mapping, scale, scale, v_dst_offset=rank)
+
+
+def _plan_mla(ck, n, kv_c, k_pe, kv_cache, desc, config, force_off64) -> _Plan:
+    in64 = n > _max_tokens_int32(kv_c, k_pe)
+    if in64:
+        ck = ck + ("in64",)
+        plan = _plans.get(ck)
+        if plan is not None:
+            return plan
+    off64 = not desc.int32_offsets or in64
+    if force_off64 is not None:
+        off64 = force_off64
+    rank, rope = kv_c.shape[1], k_pe.shape[1]
+    plan = _make_plan(desc, desc.k, desc.k, rank, rope, 1, kv_c.dtype, False, _floor_pow2(n), off64,
+                      False, False, config, False)
+    return _remember(ck, _finish_plan(plan, kv_c, k_pe, kv_cache, rank, off64))
