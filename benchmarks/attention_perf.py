@@ -1,0 +1,324 @@
+"""Paged attention on one GPU: kvdispatch's Triton kernel vs torch SDPA on pre-gathered contiguous
+K/V (the "no paging" ceiling), FlagGems' paged ``flash_attn_varlen_func`` and the device copy
+bandwidth, all in the same process.
+
+    python benchmarks/attention_perf.py --out benchmarks/results/attention_h100 [--sections ...]
+
+writes ``<out>.json`` (every number) and prints the tables (markdown). Every implementation's
+output is checked against the reference backend (float32) before it is timed. Times are
+``triton.testing.do_bench`` medians (L2 cleared before every call, CUDA events), in microseconds.
+Decode bandwidth counts the K/V bytes that must be read (every key of every kv head once);
+prefill TFLOP/s counts ``4 * Hq * D * (visible q-k pairs)``.
+
+Sections: copy, decode (the issue's anchors), layouts, fp8, mla, prefill, splits (split-count
+sweep), tiles (launch-config sweep).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import kvdispatch as kvd  # noqa: E402
+from kvdispatch.testing import make_kv_cache, random_block_table  # noqa: E402
+
+HQ, HKV, D, BS = 32, 8, 128, 16
+DEV = "cuda"
+SMOKE = False  # --smoke: tiny sizes on CPU through the Triton interpreter (checks the script)
+
+
+def _force(name):
+    if name is None:
+        os.environ.pop("KVDISPATCH_BACKEND", None)
+    else:
+        os.environ["KVDISPATCH_BACKEND"] = name
+
+
+def bench(fn, rep=50):
+    if SMOKE:
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e6
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=5, rep=rep, return_mode="median") * 1e3
+
+
+def copy_bandwidth():
+    n = 1 << (20 if SMOKE else 30)
+    src = torch.empty(n, dtype=torch.uint8, device=DEV).random_(0, 255)
+    dst = torch.empty_like(src)
+    t = bench(lambda: dst.copy_(src))
+    return 2 * n / (t * 1e-6) / 1e9  # GB/s, read + write
+
+
+def make_case(batch, q_len, k_len, layout="NHD", dtype=torch.bfloat16, fp8=None, hq=HQ, hkv=HKV, d=D,
+              dv=None, bs=BS, causal=True, seed=0):
+    if SMOKE:
+        batch, q_len, k_len = min(batch, 2), min(q_len, 8), min(k_len, 40)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    k_lens = [k_len] * batch
+    nb = sum(-(-k // bs) for k in k_lens) + 8
+    k, v = make_kv_cache(layout, nb, bs, hkv, d, dv, dtype=fp8 or dtype, device=DEV, fill=False)
+    bases = {t.untyped_storage().data_ptr(): (t if t._base is None else t._base) for t in (k, v)}
+    for base in bases.values():
+        if fp8 is not None:
+            # random fp8 codes, all finite (e4m3 and e5m2 inf/NaN codes start at 0x7c)
+            bits = torch.randint(0, 0x7C, base.shape, dtype=torch.uint8, device=DEV)
+            bits |= torch.randint(0, 2, base.shape, dtype=torch.uint8, device=DEV) << 7
+            base.view(torch.uint8).copy_(bits)
+        else:
+            base.normal_()
+    q = torch.randn(batch * q_len, hq, d, dtype=dtype, device=DEV)
+    kw = dict(q=q, k=k, v=v, max_seqlen_q=q_len,
+              cu_seqlens_q=torch.arange(0, batch + 1, dtype=torch.int32, device=DEV) * q_len,
+              max_seqlen_k=k_len, seqused_k=torch.tensor(k_lens, dtype=torch.int32, device=DEV),
+              block_table=random_block_table(k_lens, nb, bs, device=DEV, generator=gen), causal=causal)
+    if fp8 is not None:
+        kw["k_descale"] = torch.full((1,), 0.05, device=DEV)
+        kw["v_descale"] = torch.full((1,), 0.05, device=DEV)
+    kw["out"] = torch.empty(batch * q_len, hq, dv or d, dtype=dtype, device=DEV)
+    return kw
+
+
+def gathered(kw):
+    """K/V gathered per sequence into contiguous [B, H, L, D] (the SDPA ceiling's inputs)."""
+    b = kw["cu_seqlens_q"].shape[0] - 1
+    L = kw["max_seqlen_k"]
+    bs = kw["k"].shape[1]
+    pos = torch.arange(L, device=DEV)
+    blk = kw["block_table"].long()[:, pos // bs]  # [B, L]
+    k = kw["k"][blk, pos % bs].transpose(1, 2).contiguous()  # [B, H, L, D]
+    v = kw["v"][blk, pos % bs].transpose(1, 2).contiguous()
+    if k.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        k = (k.float() * kw["k_descale"]).to(torch.bfloat16)
+        v = (v.float() * kw["v_descale"]).to(torch.bfloat16)
+    lq = kw["max_seqlen_q"]
+    q = kw["q"].view(b, lq, kw["q"].shape[1], -1).transpose(1, 2).contiguous()
+    return q, k, v
+
+
+def reference(kw):
+    _force("reference")
+    try:
+        out = torch.empty(kw["out"].shape, dtype=torch.float32, device=DEV)
+        return kvd.flash_attn_varlen_func(**{**kw, "out": out})
+    finally:
+        _force(None)
+
+
+def rel_err(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-6))
+
+
+def measure(results, section, name, fn, ref, check, extra=None):
+    """Check ``fn()``'s output (``check(out) -> tensor like ref``) then time ``fn``."""
+    row = dict(section=section, name=name)
+    try:
+        out = fn()
+        if not SMOKE:
+            torch.cuda.synchronize()
+        err = rel_err(check(out), ref)
+        row["rel_err"] = err
+        if not err < 3e-2:
+            row["error"] = f"wrong result: relative error {err:.2e}"
+        else:
+            row["us"] = bench(fn)
+    except Exception as e:  # a competitor that cannot run this case is reported, not fatal
+        row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    if extra:
+        row.update(extra(row))
+    results.append(row)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def kvd_call(kw, num_splits=None):
+    if num_splits is None:
+        return lambda: kvd.flash_attn_varlen_func(**kw)
+    from kvdispatch.backends.triton import attention
+    orig = attention.choose_splits
+
+    def run():
+        attention.choose_splits = lambda *a, **k: num_splits
+        try:
+            return kvd.flash_attn_varlen_func(**kw)
+        finally:
+            attention.choose_splits = orig
+    return run
+
+
+def flag_gems_call(kw):
+    def fail(e):
+        def f():
+            raise e
+        return f
+    try:
+        from flag_gems.ops.attention import flash_attn_varlen_func as fg
+    except Exception as e:  # reported in the row, the rest of the run goes on
+        return fail(e)
+    q = kw["q"]
+    return lambda: fg(q, kw["k"], kw["v"], kw["max_seqlen_q"], kw["cu_seqlens_q"], kw["max_seqlen_k"],
+                      seqused_k=kw["seqused_k"], causal=kw["causal"], block_table=kw["block_table"])
+
+
+def sdpa_call(kw):
+    q, k, v = gathered(kw)
+    causal = kw["causal"] and kw["max_seqlen_q"] > 1
+    f = torch.nn.functional.scaled_dot_product_attention
+    return lambda: f(q, k, v, is_causal=causal, enable_gqa=True)
+
+
+def sdpa_check(kw):
+    b = kw["cu_seqlens_q"].shape[0] - 1
+    return lambda o: o.transpose(1, 2).reshape(b * kw["max_seqlen_q"], o.shape[1], -1)
+
+
+def kv_bytes(kw):
+    lens = kw["seqused_k"].sum().item()
+    k, v = kw["k"], kw["v"]
+    return lens * k.shape[2] * (k.shape[3] + v.shape[3]) * k.element_size()
+
+
+def decode_rows(results, section, kw, label, copy_bw, with_competitors=True, splits=(None, 1)):
+    ref = reference(kw)
+    nbytes = kv_bytes(kw)
+
+    def bw(row):
+        if "us" not in row:
+            return {}
+        gbs = nbytes / (row["us"] * 1e-6) / 1e9
+        return {"GB/s": round(gbs, 1), "of_copy": round(gbs / copy_bw, 3)}
+
+    rows = {}
+    for s in splits:
+        nm = f"kvdispatch {label}" + ("" if s is None else f" splits={s}")
+        rows[nm] = measure(results, section, nm, kvd_call(kw, s), ref, lambda o: o, bw)
+    if with_competitors:
+        rows["sdpa"] = measure(results, section, f"torch SDPA contiguous {label}", sdpa_call(kw), ref,
+                               sdpa_check(kw), bw)
+        rows["fg"] = measure(results, section, f"FlagGems paged {label}", flag_gems_call(kw), ref,
+                             lambda o: o, bw)
+    return rows
+
+
+def prefill_flops(kw):
+    lq, lk = kw["max_seqlen_q"], kw["max_seqlen_k"]
+    b = kw["cu_seqlens_q"].shape[0] - 1
+    pairs = sum(min(max(i + lk - lq + 1, 0), lk) for i in range(lq)) if kw["causal"] else lq * lk
+    return 4 * kw["q"].shape[1] * kw["q"].shape[2] * pairs * b
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/attention_h100")
+    ap.add_argument("--sections", default="copy,decode,layouts,fp8,mla,prefill,splits,tiles")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (TRITON_INTERPRET=1)")
+    a = ap.parse_args()
+    global DEV, SMOKE
+    if a.smoke:
+        DEV, SMOKE = "cpu", True
+    sections = set(a.sections.split(","))
+    results = []
+    info = dict(device="cpu (smoke)" if SMOKE else torch.cuda.get_device_name(), torch=torch.__version__,
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), command=" ".join(sys.argv))
+    import triton
+    info["triton"] = triton.__version__
+    try:
+        import flag_gems
+        info["flag_gems"] = getattr(flag_gems, "__version__", "?")
+    except Exception as e:
+        info["flag_gems"] = f"unavailable: {type(e).__name__}: {e}"
+    print(json.dumps(info), flush=True)
+    copy_bw = copy_bandwidth()
+    info["copy_GBps"] = round(copy_bw, 1)
+    print(json.dumps({"copy_GBps": copy_bw}), flush=True)
+
+    if "decode" in sections:
+        for batch, L in ((32, 4096), (128, 4096), (1, 32768), (4, 32768)):
+            kw = make_case(batch, 1, L)
+            decode_rows(results, "decode", kw, f"decode b{batch}x{L}", copy_bw)
+            del kw
+    if "layouts" in sections:
+        for layout in ("NHD", "HND", "combined", "combined-HND", "cross-layer"):
+            kw = make_case(32, 1, 4096, layout=layout)
+            decode_rows(results, "layouts", kw, f"decode b32x4096 {layout}", copy_bw, with_competitors=False,
+                        splits=(None,))
+    if "fp8" in sections:
+        for batch, L in ((32, 4096), (128, 4096), (4, 32768)):
+            kw = make_case(batch, 1, L, fp8=torch.float8_e4m3fn)
+            decode_rows(results, "fp8", kw, f"fp8 e4m3 decode b{batch}x{L}", copy_bw, with_competitors=False,
+                        splits=(None,))
+    if "mla" in sections:
+        for batch, L, hq in ((32, 4096, 16), (4, 16384, 128)):
+            kw = make_case(batch, 1, L, layout="mla-slices", hq=hq, hkv=1, d=576, dv=512)
+            decode_rows(results, "mla", kw, f"MLA 576/512 decode b{batch}x{L} H{hq}", copy_bw,
+                        with_competitors=False, splits=(None,))
+    if "prefill" in sections:
+        kw = make_case(8, 2048, 2048)
+        ref = reference(kw)
+        fl = prefill_flops(kw)
+
+        def tf(row):
+            return {"TFLOP/s": round(fl / (row["us"] * 1e-6) / 1e12, 1)} if "us" in row else {}
+        measure(results, "prefill", "kvdispatch paged prefill 8x2048 causal", kvd_call(kw), ref, lambda o: o, tf)
+        measure(results, "prefill", "torch SDPA contiguous prefill 8x2048 causal", sdpa_call(kw), ref,
+                sdpa_check(kw), tf)
+        measure(results, "prefill", "FlagGems paged prefill 8x2048 causal", flag_gems_call(kw), ref, lambda o: o, tf)
+    if "splits" in sections:
+        for batch, L in ((1, 32768), (4, 32768), (32, 4096), (8, 8192)):
+            kw = make_case(batch, 1, L)
+            decode_rows(results, "splits", kw, f"decode b{batch}x{L}", copy_bw, with_competitors=False,
+                        splits=(None, 1, 2, 4, 8, 16, 32, 64))
+    if "tiles" in sections:
+        from kvdispatch.backends.triton import attention, attention_configs as ac
+        base = ac.config_for(kvd.KVCacheDescriptor.from_tensors(*make_kv_cache(
+            "NHD", 1, 16, 1, 128, device=DEV, fill=False)).platform)
+        orig = attention.config_for
+        dec = make_case(32, 1, 4096)
+        pre = make_case(4, 2048, 2048)
+        dref, pref = reference(dec), reference(pre)
+        fl = prefill_flops(pre)
+        variants = [("decode", ac.TileConfig(128, 16, bn, w, s)) for bn in (32, 64, 128) for w in (4, 8)
+                    for s in (2, 3, 4)]
+        variants += [("prefill", ac.TileConfig(128, bm, bn, w, s)) for bm, bn, w, s in
+                     ((128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 4),
+                      (64, 128, 4, 2), (128, 64, 8, 2))]
+        for kind, tile in variants:
+            cfg = ac.AttentionConfig(decode=(tile,) if kind == "decode" else base.decode,
+                                     prefill=(tile,) if kind == "prefill" else base.prefill,
+                                     split_programs_per_sm=base.split_programs_per_sm,
+                                     split_min_keys=base.split_min_keys, source="sweep")
+            attention.config_for = lambda *a_, **k_: cfg
+            attention._PLANS.clear()
+            kw, ref = (dec, dref) if kind == "decode" else (pre, pref)
+            nm = f"{kind} bm{tile.block_m} bn{tile.block_n} w{tile.num_warps} s{tile.num_stages}"
+            extra = (lambda r: {"TFLOP/s": round(fl / (r["us"] * 1e-6) / 1e12, 1)} if "us" in r else {}) \
+                if kind == "prefill" else \
+                (lambda r: {"GB/s": round(kv_bytes(dec) / (r["us"] * 1e-6) / 1e9, 1)} if "us" in r else {})
+            measure(results, "tiles", nm, kvd_call(kw, None if kind == "prefill" else 1), ref, lambda o: o, extra)
+        attention.config_for = orig
+        attention._PLANS.clear()
+
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out + ".json", "w") as f:
+        json.dump(dict(info=info, results=results), f, indent=1)
+    print("\n| section | name | us | GB/s | of copy | TFLOP/s | rel err | error |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['section']} | {r['name']} | {r.get('us', ''):.1f} | {r.get('GB/s', '')} | {r.get('of_copy', '')} | "
+              f"{r.get('TFLOP/s', '')} | {r.get('rel_err', float('nan')):.1e} | {r.get('error', '')} |"
+              if "us" in r else
+              f"| {r['section']} | {r['name']} | | | | | {r.get('rel_err', float('nan')):.1e} | {r.get('error', '')} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""The Triton attention kernel on a real GPU at real sizes (marker ``gpu``; skipped without one).
+
+Every case runs the compiled kernel and the reference (float32) on the same CUDA tensors: the
+shared matrix scaled up, batch 1 and 256, lengths that are not multiples of the page, kv shorter
+than a page, q_len 0 sequences, window and softcap with causal, fp8 caches, MLA 576/512 slices,
+split-KV chosen by the heuristic, a cache past 2^31 elements (int64 offsets), opcheck,
+``torch.compile(fullgraph=True)`` and CUDA-graph replay with new lengths and block tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+import kvdispatch as kvd
+from kvdispatch.backends.triton import attention
+
+from matrix import AttnCase, attention_cases, force_backend, make_attention_inputs, run_attention_case
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+
+
+@pytest.mark.parametrize("case", attention_cases(big=True), ids=lambda c: c.id)
+def test_matrix_attention_big(case):
+    run_attention_case(case, "triton", device=DEV)
+
+
+_D = AttnCase(num_q_heads=32, num_kv_heads=8, head_size=128, block_size=16)
+BIG = [
+    # batch 1 and 256 decode, lengths not multiples of the page (and shorter than one page)
+    replace(_D, q_lens=(1,), k_lens=(5000,)),
+    replace(_D, q_lens=(1,) * 256, k_lens=tuple((i * 37) % 900 + 1 for i in range(256))),
+    replace(_D, q_lens=(1, 1, 1, 1), k_lens=(3, 15, 16, 17)),
+    # few long sequences: the heuristic splits the keys
+    replace(_D, q_lens=(1, 1), k_lens=(20011, 9000)),
+    replace(_D, q_lens=(1, 1), k_lens=(20011, 9000), fp8="e4m3", descale="batch_head"),
+    replace(_D, q_lens=(1, 1, 1), k_lens=(12000, 333, 7001), fp8="e5m2"),
+    # mixed chunked prefill with q_len 0 sequences, window + softcap with causal
+    replace(_D, q_lens=(0, 300, 1, 0, 77), k_lens=(50, 1000, 2000, 0, 77)),
+    replace(_D, q_lens=(0, 300, 1, 77), k_lens=(50, 1000, 2000, 77), window=(128, 0), softcap=30.0),
+    replace(_D, q_lens=(513, 64), k_lens=(513, 1500), layout="HND", window=(256, 0)),
+    replace(_D, q_lens=(513, 64), k_lens=(513, 1500), paged=False),
+    # prefill at a real size, every head size the issue lists
+    *[replace(_D, q_lens=(700, 129), k_lens=(700, 200), head_size=d, num_q_heads=8, num_kv_heads=2)
+      for d in (64, 80, 96, 128, 192, 256)],
+    # MLA decode at its real sizes: 16 q heads, one latent head, q/k 576, v 512, one buffer
+    replace(_D, layout="mla-slices", num_q_heads=16, num_kv_heads=1, head_size=576, head_size_v=512,
+            q_lens=(1,) * 8, k_lens=(4097, 100, 1, 3000, 16, 17, 2048, 999)),
+    replace(_D, layout="mla-slices", num_q_heads=128, num_kv_heads=1, head_size=576, head_size_v=512,
+            q_lens=(1, 1), k_lens=(9000, 4000)),
+    # fp8 q and caches, out bf16
+    replace(_D, q_lens=(1, 5, 1), k_lens=(3000, 200, 17), fp8="e4m3", q_fp8=True, descale="batch_head"),
+    # other page sizes
+    replace(_D, q_lens=(1, 40), k_lens=(1000, 333), block_size=1),
+    replace(_D, q_lens=(1, 40), k_lens=(1000, 333), block_size=64, layout="combined"),
+]
+
+
+@pytest.mark.parametrize("case", BIG, ids=lambda c: c.id[:120])
+def test_real_sizes(case):
+    run_attention_case(case, "triton", device=DEV)
+
+
+@pytest.mark.parametrize("splits", [1, 4, 37])
+def test_split_counts_agree(splits, monkeypatch):
+    monkeypatch.setattr(attention, "choose_splits", lambda *a, **k: splits)
+    run_attention_case(replace(_D, q_lens=(1, 1, 3), k_lens=(9000, 1, 4000)), "triton", device=DEV)
+
+
+def test_int64_offsets_cache_over_2_31_elements():
+    """A bf16 NHD cache of 2^31 + elements: blocks past the int32 range are read correctly."""
+    nb, bs, h, d = (1 << 31) // (16 * 8 * 128) + 64, 16, 8, 128
+    k = torch.randn(nb, bs, h, d, dtype=torch.bfloat16, device=DEV)
+    v = torch.randn(nb, bs, h, d, dtype=torch.bfloat16, device=DEV)
+    desc = kvd.KVCacheDescriptor.from_tensors(k, v)
+    assert not desc.int32_offsets
+    lens = [700, 33]
+    table = torch.stack([torch.arange(nb - 50, nb - 6), torch.arange(0, 44)]).to(torch.int32).to(DEV)
+    q = torch.randn(2, 32, d, dtype=torch.bfloat16, device=DEV)
+    kw = dict(q=q, k=k, v=v, max_seqlen_q=1, cu_seqlens_q=torch.tensor([0, 1, 2], dtype=torch.int32, device=DEV),
+              max_seqlen_k=max(lens), seqused_k=torch.tensor(lens, dtype=torch.int32, device=DEV),
+              block_table=table, causal=True)
+    with force_backend("reference"):
+        ref = kvd.flash_attn_varlen_func(**kw, out=torch.empty(2, 32, d, device=DEV))
+    with force_backend("triton"):
+        got = kvd.flash_attn_varlen_func(**kw)
+    err = (got.float() - ref).norm() / ref.norm()
+    assert err < 2e-2
+    del k, v
+    torch.cuda.empty_cache()
+
+
+def _op_args(case):
+    kw = make_attention_inputs(case, DEV)
+    return (kw["q"], kw["k"], kw["v"], kw["out"], kw["max_seqlen_q"], kw["cu_seqlens_q"], kw["max_seqlen_k"],
+            kw.get("cu_seqlens_k"), kw.get("seqused_k"), kw["softmax_scale"], kw["causal"], kw["window_size"][0],
+            kw["window_size"][1], kw["softcap"], kw.get("block_table"), kw.get("q_descale"), kw.get("k_descale"),
+            kw.get("v_descale"))
+
+
+@pytest.mark.parametrize("case", [replace(_D, q_lens=(1, 7), k_lens=(300, 20)),
+                                  replace(_D, q_lens=(1, 1), k_lens=(300, 20), fp8="e4m3", layout="HND")],
+                         ids=lambda c: c.id[:80])
+def test_opcheck_cuda(case):
+    with force_backend("triton"):
+        torch.library.opcheck(torch.ops.kvdispatch.flash_attn_varlen_func.default, _op_args(case))
+
+
+def test_compile_fullgraph_cuda():
+    case = replace(_D, q_lens=(1, 9, 1), k_lens=(400, 30, 2000))
+    kw = make_attention_inputs(case, DEV)
+    ref_out = torch.empty(kw["out"].shape, dtype=torch.float32, device=DEV)
+    with force_backend("reference"):
+        ref = kvd.flash_attn_varlen_func(**{**kw, "out": ref_out})
+
+    def step(q, k, v, cu_q, seqused, table, out):
+        o = kvd.flash_attn_varlen_func(q, k, v, kw["max_seqlen_q"], cu_q, kw["max_seqlen_k"], seqused_k=seqused,
+                                       block_table=table, causal=True, out=out)
+        return o * 2
+
+    compiled = torch.compile(step, fullgraph=True)
+    with force_backend("triton"):
+        got = compiled(kw["q"], kw["k"], kw["v"], kw["cu_seqlens_q"], kw["seqused_k"], kw["block_table"], kw["out"])
+    err = (got.float() / 2 - ref).norm() / ref.norm()
+    assert err < 2e-2
+
+
+@pytest.mark.parametrize("fp8", [None, "e4m3"])
+def test_cuda_graph_replay_with_new_lengths(fp8):
+    """Capture once (max lengths fixed), then replay with new seqused_k / block tables / q."""
+    case = replace(_D, q_lens=(1,) * 8, k_lens=(3000,) * 8, fp8=fp8, descale="batch_head")
+    kw = make_attention_inputs(case, DEV)
+    with force_backend("triton"):
+        kvd.flash_attn_varlen_func(**kw)  # compile outside the capture
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            kvd.flash_attn_varlen_func(**kw)
+    gen = torch.Generator().manual_seed(5)
+    for lens in ([1, 2999, 17, 3000, 1000, 5, 2048, 64], [3000] * 8, [0, 7, 0, 9, 1, 1, 2, 3]):
+        kw["seqused_k"].copy_(torch.tensor(lens, dtype=torch.int32))
+        kw["block_table"].copy_(kw["block_table"][torch.randperm(8, generator=gen)])
+        kw["q"].copy_(torch.randn(kw["q"].shape, generator=gen).to(kw["q"].dtype))
+        kw["out"].fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        ref_out = torch.empty(kw["out"].shape, dtype=torch.float32, device=DEV)
+        with force_backend("reference"):
+            ref = kvd.flash_attn_varlen_func(**{**kw, "out": ref_out})
+        got = kw["out"].float()
+        assert not torch.isnan(got).any()
+        err = (got - ref).norm() / ref.norm().clamp_min(1e-6)
+        assert err < 2e-2, (lens, float(err))
