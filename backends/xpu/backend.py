@@ -28,6 +28,7 @@ class _SyclKernels(Backend):
 
     ops = OPS
     always_check_values = False
+    esimd = False  # may this backend launch ESIMD variants (Intel GPUs only)
 
     def _run(self, launch: kernels.Launch) -> None:
         raise NotImplementedError
@@ -54,7 +55,8 @@ class _SyclKernels(Backend):
         why = kernels.element_support(key.dtype, desc)
         if why:
             raise TypeError(f"key: {why} ({self.name})")
-        self._run(kernels.cache_write_launch(key, value, key_cache, value_cache, slot_mapping, desc))
+        self._run(kernels.cache_write_launch(key, value, key_cache, value_cache, slot_mapping, desc,
+                                             esimd=self.esimd))
 
     def concat_and_cache_mla(self, kv_c, k_pe, kv_cache, slot_mapping, desc) -> None:
         if self._checks():
@@ -108,6 +110,11 @@ class XpuSyclBackend(_SyclKernels):
     priority = 200  # above triton (100): on XPU our own kernels win when built
     platforms = ("xpu",)
     description = "SYCL kernels compiled ahead of time for Intel GPUs (SyclExtension, setup_xpu.py)"
+
+    @property
+    def esimd(self) -> bool:
+        # opt-in until the ESIMD twins are measured against the plain kernels on an Intel GPU
+        return getenv(kernels.ESIMD_ENV.encode()) not in (None, "", "0")
 
     def available(self, platform) -> Optional[str]:
         from . import extension

@@ -47,6 +47,9 @@ FAMILIES = {
     "cache_write": ("cache_write.hpp", "kvx::cache_write", "KVX_CACHE_WRITE_PARAMS", "KVX_CACHE_WRITE_ARGS"),
     "concat_and_cache_mla": ("concat_and_cache_mla.hpp", "kvx::concat_and_cache_mla",
                              "KVX_MLA_WRITE_PARAMS", "KVX_MLA_WRITE_ARGS"),
+    # ESIMD twin of cache_write (Intel GPUs only; compile-checked on the CPU lane, never run there)
+    "cache_write_esimd": ("esimd/cache_write_esimd.hpp", "kvx::cache_write_esimd",
+                          "KVX_CACHE_WRITE_ESIMD_PARAMS", "KVX_CACHE_WRITE_ESIMD_ARGS"),
     "paged_attention": ("paged_attention.hpp", "kvx::paged_attention", "KVX_ATTENTION_PARAMS",
                         "KVX_ATTENTION_ARGS"),
 }
@@ -68,15 +71,20 @@ class Spec:
             return f"kvx_{self.family}_d{self.template_args[3]}x{self.template_args[4]}_{h}"
         return f"kvx_{self.family}_{h}"
 
+    @property
+    def is_esimd(self) -> bool:
+        return self.family.endswith("_esimd")
+
     def free_function_source(self) -> str:
         """A translation unit exposing this instantiation as an ``extern "C"`` free-function kernel
         (what the run-time compiler builds; compile with ``-I csrc``)."""
         header, fn, params, args = FAMILIES[self.family]
         types = ", ".join(self.macro_types)
+        esimd = "[[intel::sycl_explicit_simd]] " if self.is_esimd else ""
         return (
             f'#include "{header}"\n'
             "extern \"C\" SYCL_EXT_ONEAPI_FUNCTION_PROPERTY((sycl::ext::oneapi::experimental::nd_range_kernel<1>))\n"
-            f"void {self.name}({params}({types})) {{\n"
+            f"{esimd}void {self.name}({params}({types})) {{\n"
             f"  {fn}<{', '.join(self.template_args)}>(\n"
             f"      sycl::ext::oneapi::this_work_item::get_nd_item<1>(), {args});\n"
             "}\n"
@@ -161,9 +169,50 @@ def attention_spec(qe: str, kve: str, oe: str, dk: int, dv: int, idx: str) -> Sp
                 (_storage(qe), _storage(kve), _storage(oe)))
 
 
+def esimd_spec(raw: str, dk: int, dv: int, slot: str, idx: str) -> Spec:
+    return Spec("cache_write_esimd", (f"{raw}::storage", str(dk), str(dv), slot, idx), (f"{raw}::storage", slot))
+
+
+ESIMD_ENV = "KVDISPATCH_XPU_ESIMD"
+
+
+def esimd_eligible(key, value, key_cache, value_cache, desc: KVCacheDescriptor) -> bool:
+    """The ESIMD write moves whole head rows with 16-byte-aligned block messages: an element copy
+    into a 4-D cache where every row start (inputs and both caches) is 16-byte aligned."""
+    if desc.is_head_major or desc.is_mla or _elements(key.dtype, desc)[2]:
+        return False
+    unit = 16 // desc.cache_dtype.itemsize
+    if desc.head_size_k % unit or desc.head_size_v % unit:
+        return False
+    strides = (key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+               desc.k.block, desc.k.token, desc.k.head, desc.v.block, desc.v.token, desc.v.head)
+    return (all(st % unit == 0 for st in strides)
+            and all(t.data_ptr() % 16 == 0 for t in (key, value, key_cache, value_cache)))
+
+
+def cache_write_esimd_launch(key, value, key_cache, value_cache, slot_mapping,
+                             desc: KVCacheDescriptor) -> Launch:
+    """The ESIMD twin: one work-item per (token, head), a group per token."""
+    raw = RAW[desc.cache_dtype.itemsize]
+    idx = "int32_t" if _fits32(desc, key, value) else "int64_t"
+    spec = esimd_spec(raw, desc.head_size_k, desc.head_size_v, INDEX[slot_mapping.dtype], idx)
+    k, v = desc.k, desc.v
+    args = [
+        ("ptr", key, False), ("ptr", value, False), ("ptr", key_cache, True), ("ptr", value_cache, True),
+        ("ptr", slot_mapping, False),
+        *[("i64", n, False) for n in (key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+                                      desc.num_kv_heads, desc.block_size, k.block, k.token, k.head,
+                                      v.block, v.token, v.head)],
+    ]
+    return Launch(spec, args, slot_mapping.shape[0], desc.num_kv_heads)
+
+
 def cache_write_launch(key, value, key_cache, value_cache, slot_mapping,
-                       desc: KVCacheDescriptor) -> Launch:
-    """``reshape_and_cache_flash``: one group per slot_mapping entry (extra key rows ignored)."""
+                       desc: KVCacheDescriptor, esimd: bool = False) -> Launch:
+    """``reshape_and_cache_flash``: one group per slot_mapping entry (extra key rows ignored).
+    ``esimd=True`` picks the ESIMD twin where it applies (XPU only)."""
+    if esimd and esimd_eligible(key, value, key_cache, value_cache, desc):
+        return cache_write_esimd_launch(key, value, key_cache, value_cache, slot_mapping, desc)
     in_p, cache_p, quant = _elements(key.dtype, desc)
     idx = "int32_t" if _fits32(desc, key, value) else "int64_t"
     spec = write_spec("cache_write", in_p, cache_p, quant, INDEX[slot_mapping.dtype], idx)
@@ -263,6 +312,13 @@ def aot_specs(head_sizes=DEFAULT_AOT_HEAD_SIZES) -> list:
             for slot in ("int32_t", "int64_t"):
                 for idx in ("int32_t", "int64_t"):
                     specs.append(write_spec(family, in_p, cache_p, quant, slot, idx))
+    for dk, dv in head_sizes:
+        for n in sorted(RAW):
+            if dk * n % 16 or dv * n % 16:
+                continue
+            for slot in ("int32_t", "int64_t"):
+                for idx in ("int32_t", "int64_t"):
+                    specs.append(esimd_spec(RAW[n], dk, dv, slot, idx))
     combos = [(PLAIN[t], kv, PLAIN[t]) for t in PLAIN for kv in (PLAIN[t], *FP8.values())]
     combos += [(FP8[f], FP8[f], PLAIN[o]) for f in FP8 for o in (torch.bfloat16, torch.float16)]
     for dk, dv in head_sizes:
@@ -277,5 +333,12 @@ def aot_table(specs) -> str:
     lines = []
     for sp in specs:
         fn = FAMILIES[sp.family][1]
-        lines.append(f'{{"{sp.name}", KVX_AOT_LAUNCHER({fn}, {", ".join(sp.template_args)})}},')
+        if sp.is_esimd:
+            # g++'s host-side check of this file cannot parse the ESIMD headers (clang vector
+            # extensions); the run-time compiler checks these instead (tests/xpu/test_xpu_build.py)
+            lines.append("#ifndef KVX_HOST_SYNTAX_CHECK")
+            lines.append(f'{{"{sp.name}", KVX_AOT_ESIMD_LAUNCHER({fn}, {", ".join(sp.template_args)})}},')
+            lines.append("#endif")
+        else:
+            lines.append(f'{{"{sp.name}", KVX_AOT_LAUNCHER({fn}, {", ".join(sp.template_args)})}},')
     return "\n".join(lines) + "\n"

@@ -33,6 +33,7 @@ def _kernels_module():
     sys.path.insert(0, str(ROOT))
     spec = importlib.util.spec_from_file_location("kvx_kernels", HERE / "kernels.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
