@@ -87,6 +87,9 @@ class Runtime:
         root = sycl_root()
         # Intel's OpenCL CPU ICD from the wheel; read by the ICD loader at first platform query
         os.environ.setdefault("OCL_ICD_FILENAMES", str((root / "lib" / "libintelocl.so").resolve()))
+        # DPC++ 2026.2's persistent cache crashes the run-time compiler (segfault in the first
+        # build, empty cache or not; measure_compile.py --persistent-cache shows it): keep it off
+        os.environ["SYCL_CACHE_PERSISTENT"] = "0"
         self.lib = ctypes.CDLL(str(_build_shim(root)))
         L = self.lib
         cp, vp, sz = ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t
