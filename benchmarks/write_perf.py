@@ -117,11 +117,20 @@ def _clone_pair(kc, vc):
             vb2.as_strided(vc.shape, vc.stride(), vc.storage_offset() - vb.storage_offset()), kb2, vb2)
 
 
+def _slots(total, n, sequential):
+    """Random distinct slots (as an engine hands them out), or one run of consecutive slots at a
+    random start (the diagnostic: what the scatter itself costs)."""
+    if not sequential:
+        return torch.randperm(total, device="cuda")[:n]
+    start = int(torch.randint(0, total - n + 1, ()))
+    return torch.arange(start, start + n, device="cuda")
+
+
 class Writer:
     """Inputs + caches for one write configuration; ``check(fn)`` then ``time(fn)``."""
 
     def __init__(self, layout="NHD", n=4096, h=H, d=D, dv=None, bs=BS, dtype=torch.bfloat16,
-                 kind="auto", storage=None, scale="tensor", num_blocks=None):
+                 kind="auto", storage=None, scale="tensor", num_blocks=None, sequential=False):
         self.n, self.h, self.d, self.dv = n, h, d, dv or d
         nb = num_blocks or max(2 * n // bs + 8, 32768 * 16 // bs // 4)
         cache_dtype = storage or dtype
@@ -134,7 +143,7 @@ class Writer:
         for _ in range(max(2, min(64, -(-L2_ROTATE_BYTES // in_bytes)))):
             self.sets.append((torch.randn(n, h, d, device="cuda", dtype=dtype),
                               torch.randn(n, h, self.dv, device="cuda", dtype=dtype),
-                              torch.randperm(nb * bs, device="cuda")[:n]))
+                              _slots(nb * bs, n, sequential)))
         self.key, self.value, self.slots = self.sets[0]
         self.kind = kind
         if kind == "auto":
@@ -384,6 +393,10 @@ def main():
         measure(results, "main", "flag_gems 5.0.2", w, flag_gems_write, copy_bw)
         measure(results, "main", "torch index_copy_", w, torch_index_copy, copy_bw)
         del w
+        if n >= 4096:  # diagnostic: the same write to consecutive slots (no scatter)
+            w = Writer("NHD", n, sequential=True)
+            measure(results, "main", "kvdispatch, consecutive slots", w, kvd_write, copy_bw)
+            del w
     save()
     # 2. every layout at 4096 and 32768 tokens
     for n in (4096, 32768) if "layouts" in sections else ():

@@ -51,8 +51,9 @@ _FP8_FORMAT = {
 }
 _FP8 = tuple(_FP8_FORMAT)
 
-# mode of the element conversion (constexpr QUANT)
-COPY, NATIVE_FP8, SOFT_FP8 = 0, 1, 2
+# mode of the element conversion (constexpr QUANT): copy; hardware conversion to the cache's fp8
+# type; the integer encoder; e4m3fnuz through the hardware e4m3fn conversion (NVIDIA has no fnuz)
+COPY, NATIVE_FP8, SOFT_FP8, FNUZ_VIA_E4M3FN = 0, 1, 2, 3
 
 # the widest row a program holds (elements, padded): MLA's 512 latents, or 16 heads x 256 merged
 _MAX_ROW = 1 << 14
@@ -121,6 +122,14 @@ def _write_side(
         y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
         if QUANT == 1:
             x = y.to(dst.dtype.element_ty)
+        elif QUANT == 3:
+            # e4m3fnuz is e4m3fn with an exponent bias one higher: the fnuz code of y is the fn
+            # code of 2y (exact scaling, same rounding), except above fn's largest finite value
+            # 448 = 2 * 224, where fnuz still has 240 (0x7F) for |y| > 232 (the tie rounds to
+            # even: 224), and for -0 (0x80 is fnuz's NaN).
+            c = (y * 2.0).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+            c = tl.where(tl.abs(y) > 232.0, (c & 0x80) | 0x7F, c)
+            x = tl.where(c == 0x80, 0, c).to(tl.uint8)
         else:
             x = _fp8_encode(y, FP8_BIAS, FP8_MAN, FP8_FNUZ)
     row_off = blk * S_BLOCK + off * S_TOKEN + head * S_HEAD
@@ -174,20 +183,23 @@ def _write_kv_kernel(
 
 
 # -- planning (cached per descriptor, input strides, alignment and batch bucket) -------------------
-def _native_fp8(platform, fp8_dtype: torch.dtype) -> bool:
-    """Whether Triton converts fp32 -> ``fp8_dtype`` in hardware on this platform."""
+def _fp8_mode(platform, fp8_dtype: torch.dtype) -> int:
+    """How this platform converts fp32 -> ``fp8_dtype``: in hardware where Triton has the type
+    for the target, e4m3fnuz through e4m3fn on NVIDIA, else with the integer encoder."""
     if _interpreting():
-        return False
-    if platform.name == "nvidia":
-        return (platform.capability or (0, 0)) >= (8, 9) and fp8_dtype in (torch.float8_e4m3fn,
-                                                                           torch.float8_e5m2)
+        return SOFT_FP8
+    if platform.name == "nvidia" and (platform.capability or (0, 0)) >= (8, 9):
+        if fp8_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            return NATIVE_FP8
+        if fp8_dtype == torch.float8_e4m3fnuz:
+            return FNUZ_VIA_E4M3FN
     if platform.name == "rocm":
         arch = (platform.arch or "").split(":")[0]
-        if arch in ("gfx940", "gfx941", "gfx942"):
-            return fp8_dtype == torch.float8_e4m3fnuz
-        if arch == "gfx950":
-            return fp8_dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
-    return False
+        if arch in ("gfx940", "gfx941", "gfx942") and fp8_dtype == torch.float8_e4m3fnuz:
+            return NATIVE_FP8
+        if arch == "gfx950" and fp8_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            return NATIVE_FP8
+    return SOFT_FP8
 
 
 def _pow2(n: int) -> int:
@@ -237,7 +249,7 @@ def _make_plan(desc, k_strides, v_strides, dk: int, dv: int, heads: int, in_dtyp
     p = _Plan()
     p.config = cfg
     if desc.kv_cache_dtype != "auto" and in_dtype != cache_dtype:
-        p.quant = NATIVE_FP8 if _native_fp8(desc.platform, cache_dtype) else SOFT_FP8
+        p.quant = _fp8_mode(desc.platform, cache_dtype)
         bias, man, fnuz = _FP8_FORMAT[cache_dtype]
         fmax = float(torch.finfo(cache_dtype).max)
     else:

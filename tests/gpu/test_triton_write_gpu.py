@@ -64,6 +64,25 @@ def test_fp8_big(layout, kind, storage, scale):
     run_write_case(case, "triton", device=DEV, seed=3)
 
 
+def test_fp8_conversion_modes_on_this_gpu():
+    """Which conversion each fp8 type gets here (the probes in test_triton_write.py check each)."""
+    kc, vc = make_kv_cache("NHD", 4, 16, 2, 64, dtype=torch.uint8, device=DEV)
+    key = torch.randn(8, 2, 64, device=DEV).bfloat16()
+    slots = torch.arange(8, device=DEV)
+    one = torch.ones(1, device=DEV)
+    cap = torch.cuda.get_device_capability()
+    modes = {}
+    for kind in ("fp8_e4m3", "fp8_e5m2"):
+        desc = kvd.KVCacheDescriptor.from_tensors(kc, vc, kind, one, one)
+        modes[kind] = write.plan_for(key, key, kc, vc, slots, desc).quant
+    fnuz = make_kv_cache("NHD", 4, 16, 2, 64, dtype=torch.float8_e4m3fnuz, device=DEV)
+    desc = kvd.KVCacheDescriptor.from_tensors(*fnuz, "fp8", one, one)
+    modes["fnuz"] = write.plan_for(key, key, *fnuz, slots, desc).quant
+    if torch.version.hip is None and cap >= (8, 9):
+        assert modes == {"fp8_e4m3": write.NATIVE_FP8, "fp8_e5m2": write.NATIVE_FP8,
+                         "fnuz": write.FNUZ_VIA_E4M3FN}, modes
+
+
 def _fill_bits(t: torch.Tensor) -> torch.Tensor:
     """Random bit patterns, generated on the GPU (a CPU fill of several GB takes too long)."""
     t.view(torch.int16).random_(-(2**15), 2**15)
