@@ -1,0 +1,56 @@
+"""Small helpers shared by the vendor adapters."""
+
+from __future__ import annotations
+
+import torch
+
+from kvdispatch.bench.vendors import Unsupported
+
+
+def base(t: torch.Tensor) -> torch.Tensor:
+    return t if t._base is None else t._base
+
+
+def ones(device) -> torch.Tensor:
+    return torch.ones(1, dtype=torch.float32, device=device)
+
+
+def require_4d(w) -> None:
+    if w.key_cache.dim() != 4 or w.value_cache.dim() != 4:
+        raise Unsupported("head-major (5-D) key cache")
+
+
+def nhd_or_hnd(cache: torch.Tensor):
+    """("NHD", cache) when the token stride exceeds the head stride, else ("HND", the
+    [blocks, heads, block_size, dim] view): how kernels with a layout flag want a 4-D cache."""
+    if cache.stride(1) >= cache.stride(2):
+        return "NHD", cache
+    return "HND", cache.permute(0, 2, 1, 3)
+
+
+def uniform_descale(w):
+    """fp8 attention: the one scalar k/v descale, or Unsupported for per-(sequence, head) descales."""
+    if w.k_descale is None:
+        return None, None
+    k, v = w.k_descale, w.v_descale
+    if bool((k != k.flatten()[0]).any()) or bool((v != v.flatten()[0]).any()):
+        raise Unsupported("per-(sequence, kv head) k/v descales")
+    return float(k.flatten()[0]), float(v.flatten()[0])
+
+
+def cu_seqlens_k(w) -> torch.Tensor:
+    return torch.nn.functional.pad(torch.cumsum(w.seqused_k, 0, dtype=torch.int32), (1, 0))
+
+
+def paged_kv_indptr(w):
+    """FlashInfer-style page lists: (indptr int32 [B+1], indices int32 [pages], last_page_len int32 [B])."""
+    bs = w.case.block_size
+    pages = [-(-l // bs) for l in w.kv_lens]
+    indptr = [0]
+    for p in pages:
+        indptr.append(indptr[-1] + p)
+    indices = torch.cat([w.block_table[b, :p] for b, p in enumerate(pages)])
+    last = [(l - 1) % bs + 1 for l in w.kv_lens]
+    dev = w.device
+    return (torch.tensor(indptr, dtype=torch.int32, device=dev), indices.to(torch.int32),
+            torch.tensor(last, dtype=torch.int32, device=dev))

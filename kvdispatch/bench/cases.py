@@ -1,0 +1,493 @@
+"""Benchmark cases (what to run) and workloads (the tensors of one case on one device).
+
+A :class:`Case` is a plain, hashable description (op, layout, dtype, sizes). A :class:`Workload`
+builds its tensors on a device, computes the reference result ONCE (the reference backend, on the
+same device), and checks any implementation's result against it:
+
+* writes: the WHOLE cache buffers (every byte, so a write to a wrong place shows), bit-exact for
+  bf16/fp16 caches, within one fp8 rounding step for fp8 caches;
+* attention: the output (poisoned with NaN before each checked call) against the float32
+  reference by ``|out - ref| / |ref|`` (Frobenius norms), with a NaN anywhere failing.
+
+Byte and FLOP counts are the least an implementation must move / compute (see ``Workload``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import torch
+
+from ..testing import make_kv_cache, make_mla_cache, random_block_table, random_slots
+
+__all__ = ["OPS", "Case", "Workload", "default_suite", "quick_suite", "select_cases", "force_backend",
+           "ATTENTION_OPS", "WRITE_OPS", "DTYPES"]
+
+WRITE_OPS = ("write", "mla-write")
+ATTENTION_OPS = ("decode", "prefill", "mixed")
+OPS = WRITE_OPS + ATTENTION_OPS
+PUBLIC_OP = {"write": "reshape_and_cache_flash", "mla-write": "concat_and_cache_mla",
+             "decode": "flash_attn_varlen_func", "prefill": "flash_attn_varlen_func",
+             "mixed": "flash_attn_varlen_func"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@contextlib.contextmanager
+def force_backend(name: Optional[str]):
+    """Set ``KVDISPATCH_BACKEND`` for the duration (None: automatic selection)."""
+    old = os.environ.get("KVDISPATCH_BACKEND")
+    if name is None:
+        os.environ.pop("KVDISPATCH_BACKEND", None)
+    else:
+        os.environ["KVDISPATCH_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("KVDISPATCH_BACKEND", None)
+        else:
+            os.environ["KVDISPATCH_BACKEND"] = old
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark configuration.
+
+    ``dtype`` is the activation dtype ("bf16", "fp16"); "fp8" means bf16 activations with an fp8
+    e4m3 cache (writes quantize with per-tensor scales, attention dequantizes with descales).
+    Writes use ``tokens``; attention uses ``batch`` sequences of ``kv_len`` keys with ``q_len``
+    queries each; "mixed" makes the first ``prefills`` sequences chunked prefills of ``q_len``
+    queries and the rest decodes (one query).
+    """
+
+    op: str
+    layout: str = "NHD"
+    dtype: str = "bf16"
+    tokens: int = 0
+    batch: int = 0
+    q_len: int = 1
+    kv_len: int = 0
+    prefills: int = 0
+    num_q_heads: int = 32
+    num_kv_heads: int = 8
+    head_size: int = 128
+    head_size_v: Optional[int] = None
+    block_size: int = 16
+    causal: bool = True
+    kv_lora_rank: int = 512
+    rope_dim: int = 64
+
+    @property
+    def act_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.dtype == "fp8" else DTYPES[self.dtype]
+
+    @property
+    def kv_cache_dtype(self) -> str:
+        return "fp8" if self.dtype == "fp8" else "auto"
+
+    def cache_dtype(self, fp8_dtype: torch.dtype = torch.float8_e4m3fn) -> torch.dtype:
+        return fp8_dtype if self.dtype == "fp8" else self.act_dtype
+
+    @property
+    def size(self) -> str:
+        """Short size label, e.g. ``T4096`` or ``B32xL4096`` (also what ``--sizes`` filters on)."""
+        if self.op in WRITE_OPS:
+            return f"T{self.tokens}"
+        if self.op == "mixed":
+            return f"B{self.batch}xL{self.kv_len}+{self.prefills}x{self.q_len}q"
+        if self.op == "prefill":
+            return f"B{self.batch}xL{self.kv_len}"
+        return f"B{self.batch}xL{self.kv_len}"
+
+    @property
+    def shape(self) -> str:
+        if self.op == "write":
+            dv = f"/{self.head_size_v}" if self.head_size_v else ""
+            return f"H{self.num_kv_heads}xD{self.head_size}{dv} bs{self.block_size}"
+        if self.op == "mla-write":
+            return f"{self.kv_lora_rank}+{self.rope_dim} bs{self.block_size}"
+        dv = f"/{self.head_size_v}" if self.head_size_v else ""
+        return f"{self.num_q_heads}q/{self.num_kv_heads}kv xD{self.head_size}{dv} bs{self.block_size}" + \
+            (" causal" if self.causal and self.op != "decode" else "")
+
+    @property
+    def id(self) -> str:
+        return f"{self.op} {self.layout} {self.dtype} {self.size} {self.shape}"
+
+    def q_lens(self) -> list:
+        if self.op == "decode":
+            return [1] * self.batch
+        if self.op == "prefill":
+            return [self.q_len] * self.batch
+        return [self.q_len] * self.prefills + [1] * (self.batch - self.prefills)
+
+
+# -- suites ------------------------------------------------------------------------------------------
+def default_suite() -> list:
+    """The standard GPU suite, anchored on the issue's H100 configs (bf16, 8 kv heads x 128,
+    block 16: writes of 256 / 4096 / 32768 tokens; decode 32q/8kv, batch 32 and 128 x 4096 keys;
+    prefill 8 x 2048 causal), plus layouts, fp8, MLA and a chunked-prefill mix."""
+    w = Case("write", num_kv_heads=8, head_size=128, block_size=16)
+    cases = [replace(w, tokens=t) for t in (256, 4096, 32768)]
+    for layout in ("HND", "combined", "combined-HND", "cross-layer", "head-major"):
+        cases += [replace(w, layout=layout, tokens=t) for t in (4096, 32768)]
+    cases.append(replace(w, layout="diffkv", head_size=128, head_size_v=64, tokens=32768))
+    cases += [replace(w, dtype="fp16", tokens=32768), replace(w, dtype="fp8", tokens=4096),
+              replace(w, dtype="fp8", tokens=32768), replace(w, dtype="fp8", layout="HND", tokens=32768)]
+    m = Case("mla-write", layout="MLA", block_size=64)
+    cases += [replace(m, tokens=t) for t in (256, 4096, 32768)]
+    cases.append(replace(m, tokens=32768, dtype="fp8"))
+    d = Case("decode", num_q_heads=32, num_kv_heads=8, head_size=128, block_size=16, kv_len=4096)
+    cases += [replace(d, batch=32), replace(d, batch=128)]
+    for layout in ("HND", "combined", "cross-layer"):
+        cases.append(replace(d, layout=layout, batch=32))
+    cases += [replace(d, dtype="fp16", batch=32), replace(d, dtype="fp8", batch=32),
+              replace(d, batch=32, block_size=64), replace(d, batch=8, kv_len=32768)]
+    cases.append(Case("decode", layout="mla-slices", num_q_heads=16, num_kv_heads=1, head_size=576,
+                      head_size_v=512, block_size=64, batch=32, kv_len=4096))
+    p = Case("prefill", num_q_heads=32, num_kv_heads=8, head_size=128, block_size=16, batch=8,
+             q_len=2048, kv_len=2048)
+    cases += [p, replace(p, layout="HND"), replace(p, dtype="fp8")]
+    cases.append(Case("mixed", num_q_heads=32, num_kv_heads=8, head_size=128, block_size=16,
+                      batch=64, prefills=4, q_len=512, kv_len=4096))
+    return cases
+
+
+def quick_suite() -> list:
+    """Tiny sizes for CPU smoke runs and tests (seconds with the reference backend)."""
+    w = Case("write", num_kv_heads=2, head_size=64, block_size=16, tokens=64)
+    d = Case("decode", num_q_heads=4, num_kv_heads=2, head_size=64, block_size=16, batch=3, kv_len=80)
+    return [
+        w, replace(w, layout="HND"), replace(w, dtype="fp8"), replace(w, tokens=256),
+        Case("mla-write", layout="MLA", kv_lora_rank=64, rope_dim=16, block_size=16, tokens=48),
+        d, replace(d, layout="HND"), replace(d, dtype="fp8"),
+        Case("prefill", num_q_heads=4, num_kv_heads=2, head_size=64, block_size=16, batch=2, q_len=48, kv_len=48),
+        Case("mixed", num_q_heads=4, num_kv_heads=2, head_size=64, block_size=16, batch=4, prefills=1,
+             q_len=16, kv_len=64),
+    ]
+
+
+def _split(s: Optional[str]) -> Optional[list]:
+    return None if not s else [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _pairs(s: str) -> list:
+    out = []
+    for item in _split(s) or ():
+        b, _, l = item.lower().partition("x")
+        out.append((int(b), int(l)))
+    return out
+
+
+def select_cases(cases: list, ops=None, layouts=None, dtypes=None, sizes=None, tokens=None,
+                 decode=None, prefill=None) -> list:
+    """Filter a suite (comma strings as on the command line) and apply size overrides.
+
+    ``tokens`` ("256,4096") replaces the sizes of write cases; ``decode`` / ``prefill``
+    ("32x4096,128x4096" = batch x kv length) replace those of decode / prefill cases.
+    ``sizes`` keeps cases whose size label (``Case.size``) is listed.
+    """
+    ops, layouts, dtypes, sizes = _split(ops), _split(layouts), _split(dtypes), _split(sizes)
+    if ops:
+        bad = [o for o in ops if o not in OPS]
+        if bad:
+            raise ValueError(f"--ops: unknown {bad}; expected some of {list(OPS)}")
+    out = []
+    seen = set()
+
+    def add(c):
+        if c not in seen:
+            seen.add(c)
+            out.append(c)
+
+    for c in cases:
+        if ops and c.op not in ops:
+            continue
+        if layouts and c.layout not in layouts:
+            continue
+        if dtypes and c.dtype not in dtypes:
+            continue
+        if c.op in WRITE_OPS and tokens:
+            for t in (int(x) for x in _split(tokens)):
+                add(replace(c, tokens=t))
+            continue
+        if c.op == "decode" and decode:
+            for b, l in _pairs(decode):
+                add(replace(c, batch=b, kv_len=l))
+            continue
+        if c.op == "prefill" and prefill:
+            for b, l in _pairs(prefill):
+                add(replace(c, batch=b, q_len=l, kv_len=l))
+            continue
+        if sizes and c.size not in sizes:
+            continue
+        add(c)
+    return out
+
+
+# -- workloads -----------------------------------------------------------------------------------
+def _base(t: torch.Tensor) -> torch.Tensor:
+    return t if t._base is None else t._base
+
+
+def _device_fill(t: torch.Tensor) -> None:
+    """Random finite values straight on the device (a 2 GB cache filled through the CPU is slow)."""
+    if t.dtype.is_floating_point and t.element_size() >= 2:
+        t.normal_()
+    elif t.dtype.is_floating_point:  # fp8: from bf16 normals, finite by construction
+        t.copy_(torch.randn(t.shape, device=t.device, dtype=torch.bfloat16).mul_(4)
+                .clamp_(-torch.finfo(t.dtype).max, torch.finfo(t.dtype).max).to(t.dtype))
+    else:
+        t.view(torch.uint8).random_(0, 0x7C)
+
+
+def _clone_like(view: torch.Tensor, base: torch.Tensor, new_base: torch.Tensor) -> torch.Tensor:
+    return new_base.as_strided(view.shape, view.stride(),
+                               view.storage_offset() - base.storage_offset() + new_base.storage_offset())
+
+
+def fp8_codes_close(got: torch.Tensor, want: torch.Tensor, fp8_dtype=torch.float8_e4m3fn) -> Optional[str]:
+    """None when two fp8 buffers agree within one rounding step on few elements, else why not."""
+    g = got.contiguous().view(torch.uint8).to(torch.int16)
+    w = want.contiguous().view(torch.uint8).to(torch.int16)
+    diff = (g - w).abs()
+    far = diff > 1
+    if bool(far.any()):
+        gv = got.contiguous().view(torch.uint8)[far].view(fp8_dtype).float()
+        wv = want.contiguous().view(torch.uint8)[far].view(fp8_dtype).float()
+        bad = (gv != wv) & ~((gv.abs() < 1e-6) & (wv.abs() < 1e-6))
+        if bool(bad.any()):
+            return f"{int(bad.sum())} fp8 values differ by more than one rounding step"
+    frac = float((diff == 1).float().mean()) if diff.numel() else 0.0
+    if frac >= 0.02:
+        return f"{frac:.1%} of fp8 values differ by one rounding step"
+    return None
+
+
+@dataclass
+class Workload:
+    """The tensors of one :class:`Case` on one device, its reference result and its costs.
+
+    Attributes used by implementations (adapters read only what they need):
+      writes: ``key`` [T, H, Dk], ``value`` [T, H, Dv], ``key_cache`` / ``value_cache`` (views in
+      ``case.layout``), ``slot_mapping`` int64 [T], ``k_scale`` / ``v_scale`` (fp8: float32 [1]);
+      MLA: ``kv_c`` [T, R], ``k_pe`` [T, P], ``kv_cache`` [blocks, bs, R + P], ``scale``;
+      attention: ``q`` [total_q, Hq, Dk], ``key_cache`` / ``value_cache`` (4-D views),
+      ``cu_seqlens_q`` int32 [B+1], ``seqused_k`` int32 [B], ``block_table`` int32 [B, max_blocks],
+      ``max_seqlen_q`` / ``max_seqlen_k``, ``k_descale`` / ``v_descale`` (fp8: float32 [B, Hkv]),
+      ``softmax_scale``, ``causal``, ``q_lens`` / ``kv_lens`` (python lists).
+    """
+
+    case: Case
+    device: torch.device
+    fp8_dtype: torch.dtype = torch.float8_e4m3fn
+    t: dict = field(default_factory=dict)
+    ref: object = None
+    bytes: int = 0
+    flops: int = 0
+
+    def __getattr__(self, name):
+        try:
+            return self.__dict__["t"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    # -- construction ------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, case: Case, device, fp8_dtype: torch.dtype = torch.float8_e4m3fn, seed: int = 0) -> "Workload":
+        device = torch.device(device)
+        torch.manual_seed(seed)
+        w = cls(case, device, fp8_dtype)
+        if case.op == "write":
+            w._build_write()
+        elif case.op == "mla-write":
+            w._build_mla()
+        else:
+            w._build_attention()
+        return w
+
+    def _build_write(self):
+        c, dev = self.case, self.device
+        t, h, dk = c.tokens, c.num_kv_heads, c.head_size
+        dv = c.head_size_v or dk
+        nb = max(2 * -(-t // c.block_size) + 8, 64)
+        kc, vc = make_kv_cache(c.layout, nb, c.block_size, h, dk, c.head_size_v, dtype=c.cache_dtype(self.fp8_dtype),
+                               device=dev, fill=False)
+        for b in {id(_base(kc)): _base(kc), id(_base(vc)): _base(vc)}.values():
+            _device_fill(b)
+        act = c.act_dtype
+        self.t.update(key=torch.randn(t, h, dk, device=dev, dtype=act), value=torch.randn(t, h, dv, device=dev, dtype=act),
+                      key_cache=kc, value_cache=vc,
+                      slot_mapping=random_slots(t, nb, c.block_size, dtype=torch.int64).to(dev),
+                      k_scale=None, v_scale=None, kv_cache_dtype=c.kv_cache_dtype)
+        if c.dtype == "fp8":
+            self.t.update(k_scale=torch.tensor([0.02], device=dev), v_scale=torch.tensor([0.03], device=dev))
+        in_b, cache_b = torch.empty((), dtype=act).element_size(), kc.element_size()
+        self.bytes = t * h * (dk + dv) * (in_b + cache_b) + t * 8
+        self._snapshot_caches()
+        from .. import reshape_and_cache_flash
+        ref_k, ref_v, ref_bases = self._fresh_caches()
+        with force_backend("reference"):
+            reshape_and_cache_flash(self.key, self.value, ref_k, ref_v, self.slot_mapping, c.kv_cache_dtype,
+                                    self.k_scale, self.v_scale)
+        self.ref = ref_bases
+
+    def _build_mla(self):
+        c, dev = self.case, self.device
+        t, r, p = c.tokens, c.kv_lora_rank, c.rope_dim
+        nb = max(2 * -(-t // c.block_size) + 8, 16)
+        cache = make_mla_cache(nb, c.block_size, r, p, dtype=c.cache_dtype(self.fp8_dtype), device=dev, fill=False)
+        _device_fill(_base(cache))
+        act = c.act_dtype
+        self.t.update(kv_c=torch.randn(t, r, device=dev, dtype=act), k_pe=torch.randn(t, p, device=dev, dtype=act),
+                      kv_cache=cache, slot_mapping=random_slots(t, nb, c.block_size, dtype=torch.int64).to(dev),
+                      scale=torch.tensor([0.02], device=dev) if c.dtype == "fp8" else None,
+                      kv_cache_dtype=c.kv_cache_dtype)
+        in_b, cache_b = torch.empty((), dtype=act).element_size(), cache.element_size()
+        self.bytes = t * (r + p) * (in_b + cache_b) + t * 8
+        self._snapshot_caches()
+        from .. import concat_and_cache_mla
+        (ref_cache,), ref_bases = self._fresh_caches_mla()
+        with force_backend("reference"):
+            concat_and_cache_mla(self.kv_c, self.k_pe, ref_cache, self.slot_mapping, c.kv_cache_dtype, self.scale)
+        self.ref = ref_bases
+
+    def _build_attention(self):
+        c, dev = self.case, self.device
+        q_lens = c.q_lens()
+        kv_lens = [c.kv_len] * c.batch
+        if c.op == "prefill":
+            kv_lens = [max(c.kv_len, c.q_len)] * c.batch
+        hq, hk, dk = c.num_q_heads, c.num_kv_heads, c.head_size
+        dv = c.head_size_v or dk
+        need = sum(-(-l // c.block_size) for l in kv_lens)
+        nb = need + max(8, need // 8)
+        kc, vc = make_kv_cache(c.layout, nb, c.block_size, hk, dk, c.head_size_v, dtype=c.cache_dtype(self.fp8_dtype),
+                               device=dev, fill=False)
+        for b in {id(_base(kc)): _base(kc), id(_base(vc)): _base(vc)}.values():
+            _device_fill(b)
+        act = c.act_dtype
+        total_q = sum(q_lens)
+        cu_q = [0]
+        for l in q_lens:
+            cu_q.append(cu_q[-1] + l)
+        self.t.update(
+            q=torch.randn(total_q, hq, dk, device=dev, dtype=act), key_cache=kc, value_cache=vc,
+            cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32, device=dev),
+            seqused_k=torch.tensor(kv_lens, dtype=torch.int32, device=dev),
+            block_table=random_block_table(kv_lens, nb, c.block_size).to(dev),
+            max_seqlen_q=max(q_lens), max_seqlen_k=max(kv_lens), q_lens=q_lens, kv_lens=kv_lens,
+            softmax_scale=1.0 / math.sqrt(dk), causal=c.causal, k_descale=None, v_descale=None,
+            head_size_v=dv)
+        if c.dtype == "fp8":
+            self.t.update(k_descale=torch.rand(c.batch, hk, device=dev) * 0.02 + 0.01,
+                          v_descale=torch.rand(c.batch, hk, device=dev) * 0.02 + 0.01)
+        cache_b = kc.element_size()
+        kv_dims = dk if c.layout == "mla-slices" else dk + dv  # V is a slice of K there: read once
+        act_b = torch.empty((), dtype=act).element_size()
+        self.bytes = sum(kv_lens) * hk * kv_dims * cache_b + total_q * hq * (dk + dv) * act_b
+        pairs = 0
+        for lq, lk in zip(q_lens, kv_lens):
+            if c.causal:  # bottom-right aligned: query i sees keys <= i + lk - lq
+                pairs += sum(min(lk, max(0, i + lk - lq + 1)) for i in range(lq))
+            else:
+                pairs += lq * lk
+        self.flops = 2 * pairs * hq * (dk + dv)
+        from .. import flash_attn_varlen_func
+        with force_backend("reference"):
+            self.ref = flash_attn_varlen_func(**self.public_attention_kwargs()).float()
+
+    # -- helpers for implementations ---------------------------------------------------------------
+    def public_attention_kwargs(self, out: Optional[torch.Tensor] = None) -> dict:
+        """Keyword arguments of ``kvdispatch.flash_attn_varlen_func`` for this workload."""
+        return dict(q=self.q, k=self.key_cache, v=self.value_cache, max_seqlen_q=self.max_seqlen_q,
+                    cu_seqlens_q=self.cu_seqlens_q, max_seqlen_k=self.max_seqlen_k, seqused_k=self.seqused_k,
+                    softmax_scale=self.softmax_scale, causal=self.causal, block_table=self.block_table,
+                    out=out, k_descale=self.k_descale, v_descale=self.v_descale)
+
+    def new_out(self) -> torch.Tensor:
+        return torch.full((self.q.shape[0], self.q.shape[1], self.head_size_v), float("nan"),
+                          dtype=self.q.dtype, device=self.device)
+
+    def gathered_kv(self, dtype: Optional[torch.dtype] = None):
+        """Per sequence, contiguous K/V ``[Hkv, kv_len, D]`` gathered from the paged cache (fp8:
+        dequantized to ``dtype``): what a "no paging" baseline gets for free."""
+        ks, vs = [], []
+        bs = self.case.block_size
+        dtype = dtype or self.q.dtype
+        for b, lk in enumerate(self.kv_lens):
+            blocks = self.block_table[b, :-(-lk // bs)].long()
+            k = self.key_cache[blocks].flatten(0, 1)[:lk]  # [lk, Hkv, D]
+            v = self.value_cache[blocks].flatten(0, 1)[:lk]
+            k, v = k.to(torch.float32), v.to(torch.float32)
+            if self.k_descale is not None:
+                k = k * self.k_descale[b].view(1, -1, 1)
+                v = v * self.v_descale[b].view(1, -1, 1)
+            ks.append(k.to(dtype).transpose(0, 1).contiguous())
+            vs.append(v.to(dtype).transpose(0, 1).contiguous())
+        return ks, vs
+
+    def _snapshot_caches(self):
+        names = ("kv_cache",) if self.case.op == "mla-write" else ("key_cache", "value_cache")
+        bases = {}
+        for n in names:
+            b = _base(self.t[n])
+            bases.setdefault(id(b), b)
+        self._bases = list(bases.values())
+        self._initial = [b.clone() for b in self._bases]
+
+    def _fresh_caches(self):
+        """Copies of key/value cache views (same strides), from the initial cache contents."""
+        news = {id(b): init.clone() for b, init in zip(self._bases, self._initial)}
+        kc, vc = self.key_cache, self.value_cache
+        kb, vb = _base(kc), _base(vc)
+        return (_clone_like(kc, kb, news[id(kb)]), _clone_like(vc, vb, news[id(vb)]), list(news.values()))
+
+    def _fresh_caches_mla(self):
+        news = {id(b): init.clone() for b, init in zip(self._bases, self._initial)}
+        c = self.kv_cache
+        return (_clone_like(c, _base(c), news[id(_base(c))]),), list(news.values())
+
+    def reset(self) -> None:
+        """Restore the caches' initial contents (before checking an implementation)."""
+        for b, init in zip(self._bases, self._initial):
+            b.copy_(init)
+
+    def check(self, result) -> Optional[str]:
+        """None when ``result`` matches the reference, else what is wrong.
+
+        Writes: ``result`` is ignored; the workload's own cache buffers are compared whole.
+        Attention: ``result`` is the output ``[total_q, Hq, Dv]``.
+        """
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if self.case.op in WRITE_OPS:
+            fp8 = self.case.dtype == "fp8"
+            for i, (got, want) in enumerate(zip(self._bases, self.ref)):
+                if fp8:
+                    why = fp8_codes_close(got, want, self.fp8_dtype)
+                    if why:
+                        return f"cache buffer {i}: {why}"
+                else:
+                    g, w = got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)
+                    if not torch.equal(g, w):
+                        n = int((g != w).sum())
+                        return f"cache buffer {i}: {n} of {g.numel()} bytes differ from the reference"
+            return None
+        if not isinstance(result, torch.Tensor):
+            return f"returned {type(result).__name__}, expected the output tensor"
+        if tuple(result.shape) != tuple(self.ref.shape):
+            return f"output shape {tuple(result.shape)}, expected {tuple(self.ref.shape)}"
+        out = result.float()
+        if bool(torch.isnan(out).any()):
+            return f"{int(torch.isnan(out).sum())} output elements are NaN (unwritten or invalid)"
+        rel = float((out - self.ref).norm() / self.ref.norm().clamp_min(1e-30))
+        tol = 3e-2 if self.case.dtype in ("bf16", "fp8") else 1e-2 if self.case.dtype == "fp16" else 1e-4
+        if rel > tol:
+            return f"relative error {rel:.2e} > {tol:.0e}"
+        self.last_error = rel
+        return None

@@ -1,0 +1,164 @@
+"""The benchmark loop: for each case, build the workload once, then for each implementation:
+prepare -> run once on poisoned outputs / initial caches -> check against the reference ->
+only if correct, time. Also the dispatch-overhead measurements."""
+
+from __future__ import annotations
+
+import gc
+import traceback
+from typing import Callable, Optional
+
+import torch
+
+from .cases import ATTENTION_OPS, WRITE_OPS, Case, Workload
+from .timing import graph_replay_us, host_us_per_call, sync, time_us
+from .vendors import Unsupported, Vendor
+
+__all__ = ["run_case", "finish_rows", "dispatch_overhead"]
+
+
+def _short(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:200] if msg else ''}"
+
+
+def run_case(case: Case, w: Workload, impl: Vendor, copy_GBps: float, peak_TFLOPs: float,
+             rep_ms: float = 100, debug: bool = False) -> dict:
+    """One row: ``status`` is "ok" (timed), "unsupported", "WRONG" (ran, result differs from the
+    reference: never timed) or "error" (raised while running)."""
+    row = dict(op=case.op, layout=case.layout, dtype=case.dtype, size=case.size, shape=case.shape, case=case.id,
+               impl=impl.label, kind=impl.kind, status=None, reason=None, us=None, GBps=None, TFLOPs=None,
+               pct_copy=None, pct_peak=None, vs_best_vendor=None, bytes=w.bytes, flops=w.flops)
+    try:
+        with impl.context():
+            if case.op in WRITE_OPS:
+                w.reset()
+            fn = impl.prepare(case.op, w)
+            if case.op in WRITE_OPS:
+                w.reset()  # prepare may have run it: check the first write from the initial caches
+            result = fn()
+            why = w.check(result)
+            if why:
+                row.update(status="WRONG", reason=why)
+                return row
+            if case.op in ATTENTION_OPS:
+                row["rel_err"] = getattr(w, "last_error", None)
+            us = time_us(fn, w.device, rep_ms=rep_ms)
+            if case.op in ATTENTION_OPS:
+                # timing must not have changed what the call computes (stale buffers, races)
+                why = w.check(fn())
+                if why:
+                    row.update(status="WRONG", reason="after timing: " + why)
+                    return row
+    except Unsupported as e:
+        row.update(status="unsupported", reason=str(e).splitlines()[0][:200] if str(e) else "unsupported")
+        return row
+    except Exception as e:  # a broken competitor must not stop the run
+        row.update(status="error", reason=_short(e))
+        if debug:
+            traceback.print_exc()
+        return row
+    finally:
+        sync(w.device)
+    row.update(status="ok", us=us, GBps=w.bytes / us / 1e3)
+    row["pct_copy"] = 100.0 * row["GBps"] / copy_GBps if copy_GBps else None
+    if w.flops:
+        row["TFLOPs"] = w.flops / us / 1e6
+        row["pct_peak"] = 100.0 * row["TFLOPs"] / peak_TFLOPs if peak_TFLOPs else None
+    return row
+
+
+def finish_rows(rows: list) -> None:
+    """Fill ``vs_best_vendor``: the best (fastest) correct vendor time of the same case divided by
+    this row's time, so > 1 means faster than every vendor measured. Baselines (torch) and
+    kvdispatch rows are not vendors."""
+    best = {}
+    for r in rows:
+        if r["status"] == "ok" and r["kind"] == "vendor":
+            best[r["case"]] = min(best.get(r["case"], float("inf")), r["us"])
+    for r in rows:
+        b = best.get(r["case"])
+        r["best_vendor_us"] = b
+        if r["status"] == "ok" and b:
+            r["vs_best_vendor"] = b / r["us"]
+
+
+def dispatch_overhead(device: torch.device, impls: list, quick: bool = False) -> list:
+    """Per-call host time of the public API vs a bare launch of the backend's kernel, and the
+    CUDA-graph replay time of the same call (cuda only). Tiny inputs: the GPU is never the limit.
+
+    Rows: op, what, us (host microseconds per call, or device microseconds per graph replay).
+    """
+    import kvdispatch as kvd
+    from .cases import force_backend
+
+    out = []
+    device = torch.device(device)
+    small_write = Case("write", num_kv_heads=8, head_size=128, block_size=16, tokens=16)
+    small_decode = Case("decode", num_q_heads=32, num_kv_heads=8, head_size=128, block_size=16, batch=4, kv_len=64)
+    if quick:
+        small_write = Case("write", num_kv_heads=2, head_size=64, block_size=16, tokens=8)
+        small_decode = Case("decode", num_q_heads=4, num_kv_heads=2, head_size=64, block_size=16, batch=2, kv_len=32)
+    calls = 300 if quick else 3000
+    for impl in impls:
+        if impl.kind != "kvdispatch":
+            continue
+        backend = impl.backend
+        for case in (small_write, small_decode):
+            try:
+                w = Workload.build(case, device, _fp8_type(device))
+                with impl.context():
+                    desc = kvd.KVCacheDescriptor.from_tensors(w.key_cache, w.value_cache)
+                    if case.op == "write":
+                        a = (w.key, w.value, w.key_cache, w.value_cache, w.slot_mapping)
+                        public: Callable = lambda a=a: kvd.reshape_and_cache_flash(*a)
+                        bare: Callable = lambda a=a, d=desc: backend.reshape_and_cache_flash(*a, d)
+                    else:
+                        o = w.new_out()
+                        kw = w.public_attention_kwargs(o)
+                        public = lambda kw=kw: kvd.flash_attn_varlen_func(**kw)
+                        args = _attention_args(kvd, w)
+                        bare = lambda o=o, d=desc, args=args: backend.flash_attn_varlen_func(
+                            w.q, w.key_cache, w.value_cache, o, d, args)
+                    for what, fn in (("public API, host us/call", public), ("backend method (no checks, no dispatch), host us/call", bare)):
+                        out.append(dict(impl=impl.label, op=case.op, size=case.size, what=what,
+                                        us=host_us_per_call(fn, device, calls)))
+                    if device.type == "cuda":
+                        out.append(dict(impl=impl.label, op=case.op, size=case.size,
+                                        what="CUDA graph replay of the public call, device us/call",
+                                        us=graph_replay_us(public, device)))
+            except Exception as e:
+                out.append(dict(impl=impl.label, op=case.op, size=case.size, what="error", us=None, reason=_short(e)))
+            finally:
+                gc.collect()
+    if device.type == "cuda":
+        try:
+            out.append(dict(impl="(floor)", op="-", size="-", what="empty Triton kernel launch, host us/call",
+                            us=host_us_per_call(_empty_launcher(device), device, calls)))
+        except Exception as e:
+            out.append(dict(impl="(floor)", op="-", size="-", what="error", us=None, reason=_short(e)))
+    return out
+
+
+def _fp8_type(device):
+    from ..platform import platform_of
+    return platform_of(torch.device(device)).fp8_e4m3_dtype
+
+
+def _attention_args(kvd, w: Workload):
+    from ..registry import AttentionArgs
+    return AttentionArgs(cu_seqlens_q=w.cu_seqlens_q, max_seqlen_q=w.max_seqlen_q, cu_seqlens_k=None,
+                         seqused_k=w.seqused_k, max_seqlen_k=w.max_seqlen_k, block_table=w.block_table,
+                         softmax_scale=w.softmax_scale, causal=False, window_left=-1, window_right=-1,
+                         softcap=0.0, q_descale=None, k_descale=None, v_descale=None)
+
+
+def _empty_launcher(device):
+    import triton
+
+    @triton.jit
+    def _empty(x):
+        pass
+
+    dummy = torch.empty(1, device=device)
+    return lambda: _empty[(1,)](dummy)

@@ -1,0 +1,216 @@
+"""`kvdispatch bench` on the CPU: the command, its JSON, and the rule that every result is checked
+against the reference before it is timed (wrong vendors are reported WRONG, never timed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+
+import kvdispatch
+import kvdispatch.cli
+from kvdispatch.bench import main, run
+from kvdispatch.bench.cases import Case, Workload, default_suite, quick_suite, select_cases
+from kvdispatch.bench.vendors import Unsupported, Vendor, discover_vendors
+from kvdispatch.registry import registry
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_cli_quick_json(tmp_path):
+    """The issue's command works on the CPU and its JSON holds a checked, timed row per case."""
+    out = tmp_path / "out.json"
+    plot = tmp_path / "out.png"
+    md = tmp_path / "out.md"
+    rc = kvdispatch.cli.main(["bench", "--device", "cpu", "--quick", "--json", str(out), "--plot", str(plot),
+                              "--markdown", str(md), "--rep-ms", "1"])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["info"]["copy"]["GBps"] > 0 and data["info"]["matmul"]["TFLOPs"] > 0
+    cases = {c.id for c in quick_suite()}
+    ref_rows = [r for r in data["rows"] if r["impl"] == "kvdispatch[reference]"]
+    assert {r["case"] for r in ref_rows} == cases
+    for r in ref_rows:
+        assert r["status"] == "ok", r
+        assert r["us"] > 0 and r["GBps"] > 0 and r["pct_copy"] > 0
+        if r["op"] in ("decode", "prefill", "mixed"):
+            assert r["TFLOPs"] > 0 and r["rel_err"] is not None and r["rel_err"] < 3e-2
+    # the torch baselines ran, were checked, and are not "vendors"
+    naive = [r for r in data["rows"] if r["impl"] == "torch naive write"]
+    assert naive and all(r["status"] == "ok" for r in naive), naive
+    assert all(r["vs_best_vendor"] is None for r in data["rows"])
+    names = {v["name"]: v for v in data["implementations"]}
+    assert not names["flag_gems"]["available"] and "cpu" in names["flag_gems"]["reason"]
+    assert {"write", "decode"} <= {o["op"] for o in data["overhead"]}
+    assert plot.stat().st_size > 10_000
+    text = md.read_text()
+    assert "## write" in text and "## decode" in text and "## Dispatch overhead" in text
+
+
+def test_vendor_discovery_through_entry_points():
+    names = {v.name for v in discover_vendors()}
+    assert {"flag_gems", "vllm-C", "vllm-triton", "flashinfer", "flash-attn", "ipex", "torch naive write",
+            "torch SDPA (pre-gathered K/V)"} <= names
+    ipex = registry.get("ipex")  # IPEX is also a kvdispatch backend (XPU only, low priority)
+    assert ipex.priority < registry.get("triton").priority
+    assert ipex.available(kvdispatch.platform_of(torch.device("cpu"))) is not None
+
+
+# -- fakes: a vendor that writes to the wrong place, one returning wrong attention, one that
+# leaves outputs unwritten, one that cannot run, one that crashes, and one correct "vendor" ---
+class _WrongSlotWrite(Vendor):
+    name, platforms, ops = "fake-wrong-slot", ("*",), ("write",)
+
+    def prepare(self, op, w):
+        def fn():
+            with torch.no_grad():
+                shifted = (w.slot_mapping + 1) % (w.key_cache.shape[0] * w.key_cache.shape[1])
+                kvdispatch.reshape_and_cache_flash(w.key, w.value, w.key_cache, w.value_cache, shifted)
+        return fn
+
+
+class _ScaledAttention(Vendor):
+    name, platforms, ops = "fake-scaled-attention", ("*",), ("decode",)
+
+    def prepare(self, op, w):
+        kw = w.public_attention_kwargs()
+        return lambda: kvdispatch.flash_attn_varlen_func(**kw) * 1.1
+
+
+class _Unwritten(Vendor):
+    name, platforms, ops = "fake-unwritten", ("*",), ("decode",)
+
+    def prepare(self, op, w):
+        out = w.new_out()
+
+        def fn():
+            kvdispatch.flash_attn_varlen_func(**w.public_attention_kwargs(out))
+            out[0, 0, 0] = float("nan")  # one element never written
+            return out
+        return fn
+
+
+class _Declines(Vendor):
+    name, platforms, ops = "fake-declines", ("*",), ("write", "decode")
+
+    def prepare(self, op, w):
+        raise Unsupported("no HND here")
+
+
+class _Crashes(Vendor):
+    name, platforms, ops = "fake-crashes", ("*",), ("write",)
+
+    def prepare(self, op, w):
+        return lambda: 1 / 0
+
+
+class _CorrectVendor(Vendor):
+    name, platforms, ops = "fake-correct", ("*",), ("write", "decode")
+
+    def prepare(self, op, w):
+        if op == "write":
+            a = (w.key, w.value, w.key_cache, w.value_cache, w.slot_mapping, w.kv_cache_dtype, w.k_scale, w.v_scale)
+            return lambda: kvdispatch.reshape_and_cache_flash(*a)
+        kw = w.public_attention_kwargs()
+        return lambda: kvdispatch.flash_attn_varlen_func(**kw)
+
+
+class _FakePlugin:
+    @kvdispatch.hookimpl
+    def kvdispatch_vendors(self):
+        return [_WrongSlotWrite(), _ScaledAttention(), _Unwritten(), _Declines(), _Crashes(), _CorrectVendor()]
+
+
+@pytest.fixture
+def fake_vendors():
+    plugin = _FakePlugin()
+    registry.register(plugin, name="fake-bench-vendors")
+    try:
+        yield
+    finally:
+        registry.unregister(plugin)
+
+
+def test_wrong_vendors_are_reported_and_never_timed(fake_vendors):
+    res = run(["--device", "cpu", "--quick", "--ops", "write,decode", "--layouts", "NHD", "--dtypes", "bf16",
+               "--impls", "fake,kvdispatch", "--rep-ms", "1", "--no-overhead"])
+    rows = {(r["case"], r["impl"]): r for r in res["rows"]}
+    write = next(c.id for c in quick_suite() if c.op == "write" and c.layout == "NHD" and c.dtype == "bf16")
+    decode = next(c.id for c in quick_suite() if c.op == "decode" and c.layout == "NHD" and c.dtype == "bf16")
+    r = rows[(write, "fake-wrong-slot")]
+    assert r["status"] == "WRONG" and "bytes differ" in r["reason"] and r["us"] is None
+    r = rows[(decode, "fake-scaled-attention")]
+    assert r["status"] == "WRONG" and "relative error" in r["reason"] and r["us"] is None
+    r = rows[(decode, "fake-unwritten")]
+    assert r["status"] == "WRONG" and "NaN" in r["reason"] and r["us"] is None
+    assert rows[(write, "fake-declines")]["status"] == "unsupported"
+    assert rows[(write, "fake-declines")]["reason"] == "no HND here"
+    r = rows[(write, "fake-crashes")]
+    assert r["status"] == "error" and "ZeroDivisionError" in r["reason"]
+    # the only correct vendor is the best vendor; kvdispatch rows get their ratio to it
+    for case in (write, decode):
+        good = rows[(case, "fake-correct")]
+        assert good["status"] == "ok" and good["vs_best_vendor"] == pytest.approx(1.0)
+        mine = rows[(case, "kvdispatch[reference]")]
+        assert mine["vs_best_vendor"] == pytest.approx(good["us"] / mine["us"])
+
+
+def test_main_fails_when_kvdispatch_is_wrong(monkeypatch):
+    """Exit status 1 when a kvdispatch backend's own result is WRONG (what CI lanes rely on)."""
+    from kvdispatch.bench import cases as bench_cases
+
+    real = bench_cases.Workload.check
+
+    def flaky(self, result):
+        why = real(self, result)
+        return why or "planted failure"
+
+    monkeypatch.setattr(bench_cases.Workload, "check", flaky)
+    assert main(["--device", "cpu", "--quick", "--ops", "write", "--layouts", "NHD", "--dtypes", "bf16",
+                 "--tokens", "16", "--impls", "kvdispatch", "--rep-ms", "1", "--no-overhead"]) == 1
+
+
+def test_byte_and_flop_counts():
+    w = Workload.build(Case("write", num_kv_heads=2, head_size=64, block_size=16, tokens=10), "cpu")
+    assert w.bytes == 10 * 2 * (64 + 64) * (2 + 2) + 10 * 8
+    w = Workload.build(Case("write", dtype="fp8", num_kv_heads=2, head_size=64, block_size=16, tokens=10), "cpu")
+    assert w.bytes == 10 * 2 * 128 * (2 + 1) + 10 * 8
+    w = Workload.build(Case("mla-write", layout="MLA", kv_lora_rank=32, rope_dim=8, tokens=5), "cpu")
+    assert w.bytes == 5 * 40 * 4 + 5 * 8
+    c = Case("decode", num_q_heads=4, num_kv_heads=2, head_size=32, block_size=16, batch=3, kv_len=40)
+    w = Workload.build(c, "cpu")
+    assert w.bytes == 3 * 40 * 2 * 64 * 2 + 3 * 4 * 64 * 2
+    assert w.flops == 2 * 3 * 40 * 4 * 64
+    # causal, q_len 3 of kv_len 5 (bottom-right): rows see 3, 4, 5 keys
+    c = Case("mixed", num_q_heads=1, num_kv_heads=1, head_size=16, block_size=16, batch=1, prefills=1, q_len=3, kv_len=5)
+    assert Workload.build(c, "cpu").flops == 2 * (3 + 4 + 5) * 32
+
+
+def test_suite_selection_and_anchors():
+    suite = default_suite()
+    ids = {c.id for c in suite}
+    for t in (256, 4096, 32768):
+        assert f"write NHD bf16 T{t} H8xD128 bs16" in ids
+    assert "decode NHD bf16 B32xL4096 32q/8kv xD128 bs16" in ids
+    assert "decode NHD bf16 B128xL4096 32q/8kv xD128 bs16" in ids
+    assert "prefill NHD bf16 B8xL2048 32q/8kv xD128 bs16 causal" in ids
+    sel = select_cases(suite, ops="write", layouts="HND", tokens="100,200")
+    assert {(c.layout, c.tokens) for c in sel} == {("HND", 100), ("HND", 200)}
+    assert all(c.dtype in ("bf16", "fp8") for c in sel)
+    sel = select_cases(suite, ops="decode", layouts="NHD", dtypes="bf16", decode="2x64")
+    assert {(c.batch, c.kv_len, c.block_size) for c in sel} == {(2, 64, 16), (2, 64, 64)}
+    sel = select_cases(suite, sizes="B8xL2048")
+    assert sel and all(c.op == "prefill" for c in sel)
+    with pytest.raises(ValueError, match="--ops"):
+        select_cases(suite, ops="attention")
+
+
+def test_gpu_check_and_lane_scripts_parse():
+    for script in ("benchmarks/gpu_check.sh", "ci/lanes/cpu.sh", "ci/lanes/nvidia.sh", "ci/lanes/rocm.sh",
+                   "ci/lanes/xpu.sh"):
+        path = os.path.join(ROOT, script)
+        assert os.path.exists(path), script
+        subprocess.run(["bash", "-n", path], check=True)
