@@ -164,9 +164,18 @@ def write_spec(family: str, in_p: str, cache_p: str, quant: bool, slot: str, idx
                 (_storage(in_p), _storage(cache_p), slot))
 
 
-def attention_spec(qe: str, kve: str, oe: str, dk: int, dv: int, idx: str) -> Spec:
-    return Spec("paged_attention", (qe, kve, oe, str(dk), str(dv), str(ATTENTION_WG), idx),
+def attention_spec(qe: str, kve: str, oe: str, dk: int, dv: int, heads_per_group: int) -> Spec:
+    # 64-bit offsets always: per key the kernel does a few integer ops against DK loads, and one
+    # index width halves the AOT table
+    return Spec("paged_attention", (qe, kve, oe, str(dk), str(dv), str(heads_per_group), str(ATTENTION_WG),
+                                    "int64_t"),
                 (_storage(qe), _storage(kve), _storage(oe)))
+
+
+def heads_per_group(group: int) -> int:
+    """Query heads one attention work-group serves (GT): all of a kv head's group up to 8, in
+    three sizes so the AOT table stays small (MHA 1, GQA up to 4, else 8)."""
+    return 1 if group == 1 else 4 if group <= 4 else 8
 
 
 def esimd_spec(raw: str, dk: int, dv: int, slot: str, idx: str) -> Spec:
@@ -267,11 +276,12 @@ def _descale_steps(t: Optional[torch.Tensor]):
 
 
 def attention_launch(q, k, v, out, desc: KVCacheDescriptor, args: AttentionArgs) -> Launch:
-    """One group per (row of q, query head); rows past ``cu_seqlens_q[-1]`` return at once."""
-    idx = "int32_t" if _fits32(desc) else "int64_t"
+    """One group per (row of q, kv head, GT of its query heads); rows past ``cu_seqlens_q[-1]``
+    return at once."""
     dk, dv = q.shape[2], out.shape[2]
-    spec = attention_spec(_elem(q.dtype), _elem(desc.cache_dtype), _elem(out.dtype), dk, dv, idx)
     hq, hkv = q.shape[1], desc.num_kv_heads
+    gt = heads_per_group(hq // hkv)
+    spec = attention_spec(_elem(q.dtype), _elem(desc.cache_dtype), _elem(out.dtype), dk, dv, gt)
     bt = args.block_table
     a = [
         ("ptr", q, False), ("ptr", k, False), ("ptr", v, False), ("ptr", out, True),
@@ -289,7 +299,8 @@ def attention_launch(q, k, v, out, desc: KVCacheDescriptor, args: AttentionArgs)
         *[("i64", s, False) for t in (args.q_descale, args.k_descale, args.v_descale)
           for s in _descale_steps(t)],
     ]
-    return Launch(spec, a, q.shape[0] * hq, ATTENTION_WG)
+    tiles = -(-(hq // hkv) // gt)
+    return Launch(spec, a, q.shape[0] * hkv * tiles, ATTENTION_WG)
 
 
 # -- the ahead-of-time build's instantiations ------------------------------------------------------
@@ -302,8 +313,9 @@ DEFAULT_AOT_HEAD_SIZES = ((64, 64), (80, 80), (96, 96), (128, 128), (192, 192), 
 def aot_specs(head_sizes=DEFAULT_AOT_HEAD_SIZES) -> list:
     """Every instantiation the SyclExtension build compiles: all writes (element copy of 1/2/4-byte
     elements, or quantization from float/half/bf16 to each fp8 kind; int32/int64 slots; 32/64-bit
-    offsets), and attention for q = out in float/half/bf16 over a cache of the same type or any
-    fp8 kind, plus fp8 q (the cache's kind) with a bf16/half out, for each head-size pair."""
+    offsets) and their ESIMD twins per head-size pair, and attention for q = out in
+    float/half/bf16 over a cache of the same type, bf16/half q over any fp8 kind, fp8 q (the
+    cache's kind) with a bf16/half out, for each head-size pair and heads-per-group size."""
     specs = []
     writes = [(RAW[n], RAW[n], False) for n in sorted(RAW)]
     writes += [(PLAIN[i], FP8[f], True) for i in PLAIN for f in FP8]
@@ -319,12 +331,15 @@ def aot_specs(head_sizes=DEFAULT_AOT_HEAD_SIZES) -> list:
             for slot in ("int32_t", "int64_t"):
                 for idx in ("int32_t", "int64_t"):
                     specs.append(esimd_spec(RAW[n], dk, dv, slot, idx))
-    combos = [(PLAIN[t], kv, PLAIN[t]) for t in PLAIN for kv in (PLAIN[t], *FP8.values())]
-    combos += [(FP8[f], FP8[f], PLAIN[o]) for f in FP8 for o in (torch.bfloat16, torch.float16)]
+    half = (torch.bfloat16, torch.float16)
+    combos = [(PLAIN[t], PLAIN[t], PLAIN[t]) for t in PLAIN]
+    combos += [(PLAIN[t], kv, PLAIN[t]) for t in half for kv in FP8.values()]
+    combos += [(FP8[f], FP8[f], PLAIN[o]) for f in FP8 for o in half]
     for dk, dv in head_sizes:
-        for qe, kve, oe in combos:
-            for idx in ("int32_t", "int64_t"):
-                specs.append(attention_spec(qe, kve, oe, dk, dv, idx))
+        # MLA (Dv < Dk, one kv head) always has many query heads per kv head
+        for gt in ((8,) if (dk, dv) == (576, 512) else (1, 4, 8)):
+            for qe, kve, oe in combos:
+                specs.append(attention_spec(qe, kve, oe, dk, dv, gt))
     return specs
 
 

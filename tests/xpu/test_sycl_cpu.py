@@ -69,6 +69,10 @@ EXTRA_ATTENTION = [
     # fp8 queries with per-(sequence, head) descales; MQA 8:1
     replace(_A, fp8="e4m3", q_fp8=True, descale="batch_head"),
     replace(_A, num_q_heads=8, num_kv_heads=1, fp8="e5m2", q_lens=(4, 1), k_lens=(30, 66)),
+    # query heads per kv head not a multiple of the work-group's GT: 12 -> two groups of 8 and 4
+    # heads, 3 -> one group of 4 with a masked head
+    replace(_A, num_q_heads=12, num_kv_heads=1, q_lens=(2, 1), k_lens=(70, 8)),
+    replace(_A, num_q_heads=6, num_kv_heads=2, q_lens=(5, 1), k_lens=(20, 90), dtype=torch.float16),
     # float32 output from a bf16 cache
     replace(_A, out_dtype=torch.float32, q_lens=(2, 5), k_lens=(9, 5)),
 ]

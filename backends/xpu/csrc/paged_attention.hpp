@@ -1,11 +1,13 @@
 // flash_attn_varlen_func over a paged (or one-block, non-paged) KV cache of any 4-D layout:
 // decode, prefill and chunked-prefill batches in one kernel.
 //
-// One work-group per (query token, query head). The group walks the query's visible key range
-// [lo, hi) in tiles of WG keys: each work-item scores one key of the tile (q . k over the head,
-// q staged in local memory), the group takes the tile's max and sum (online softmax, float32),
-// then each work-item updates its own output dims over the tile's keys (dims are contiguous
-// across work-items, so V rows are read coalesced). Masking is bottom-right aligned like
+// One work-group per (query token, kv head, GT of the query heads sharing that kv head): GQA/MQA
+// heads read each K and V element once per group instead of once per query head (decode is
+// bound by reading the cache; MLA decode has 16-128 query heads on one kv head). The group walks
+// the query's visible key range [lo, hi) in tiles of WG keys: each work-item scores one key of the
+// tile for the GT heads (q rows staged in local memory), the group takes each head's tile max and
+// sum (online softmax, float32), then each work-item updates its own output dims of the GT heads
+// over the tile's keys (dims are contiguous across work-items, so V rows are read coalesced). Masking is bottom-right aligned like
 // flash-attn: query i of a sequence with Lq queries and Lk keys sits at key position
 // p = i + Lk - Lq and sees keys j with p - left <= j <= p + right (-1: unbounded; causal is
 // right = 0). A query that sees no key writes zeros (the reference's convention).
@@ -14,6 +16,7 @@
 //   QE, KVE, OutE  element policies (kvx_types.hpp) of q, the cache (Plain or Fp8) and out
 //   DK, DV         head sizes of K and V (compile-time, so q / accumulator live in local memory
 //                  of exactly that size; DV may be < DK: MLA with V a slice of K's buffer)
+//   GT             query heads per work-group (a group of G heads takes ceil(G / GT) work-groups)
 //   WG             work-group size = keys per tile
 //   Idx            offset type (int64_t unless the host proved int32 suffices)
 #pragma once
@@ -38,15 +41,20 @@
 
 namespace kvx {
 
-template <class QE, class KVE, class OutE, int DK, int DV, int WG, class Idx>
+template <class QE, class KVE, class OutE, int DK, int DV, int GT, int WG, class Idx>
 inline void paged_attention(sycl::nd_item<1> it, KVX_ATTENTION_PARAMS(typename QE::storage,
                                                                       typename KVE::storage,
                                                                       typename OutE::storage)) {
-  auto g = it.get_group();
+  auto wg = it.get_group();
   const int lid = int(it.get_local_id(0));
-  const int64_t t = int64_t(it.get_group(0)) / num_q_heads;
-  const int h = int(int64_t(it.get_group(0)) % num_q_heads);
-  const int kvh = h / group;
+  const int num_kv_heads = num_q_heads / group;
+  const int head_tiles = (group + GT - 1) / GT;
+  const int64_t per_token = int64_t(num_kv_heads) * head_tiles;
+  const int64_t t = int64_t(it.get_group(0)) / per_token;
+  const int rest = int(int64_t(it.get_group(0)) % per_token);
+  const int kvh = rest / head_tiles;
+  const int h0 = kvh * group + (rest % head_tiles) * GT;         // first query head of this group
+  const int gn = sycl::min(GT, kvh * group + group - h0);       // query heads it serves (<= GT)
   // the host may launch one group per row of q (no sync to read cu_seqlens_q[batch]): rows past
   // the last sequence belong to nobody and are left as they are
   if (t >= cu_seqlens_q[batch]) return;
@@ -81,19 +89,30 @@ inline void paged_attention(sycl::nd_item<1> it, KVX_ATTENTION_PARAMS(typename Q
 
   // work-group local memory of compile-time size (work_group_static: the run-time compiler
   // crashes on group_local_memory_for_overwrite, DPC++ 2026.2)
-  static sycl::ext::oneapi::experimental::work_group_static<float[DK]> q_loc;
-  static sycl::ext::oneapi::experimental::work_group_static<float[DV]> acc;
-  static sycl::ext::oneapi::experimental::work_group_static<float[WG]> prob;
+  static sycl::ext::oneapi::experimental::work_group_static<float[GT][DK]> q_loc;
+  static sycl::ext::oneapi::experimental::work_group_static<float[GT][DV]> acc;
+  static sycl::ext::oneapi::experimental::work_group_static<float[GT][WG]> prob;
   static sycl::ext::oneapi::experimental::work_group_static<Idx[WG]> v_row;
 
-  for (int d = lid; d < DK; d += WG) q_loc[d] = QE::to_float(q[t * q_s_token + h * q_s_head + d]) * qd;
-  for (int d = lid; d < DV; d += WG) acc[d] = 0.0f;
-  sycl::group_barrier(g);
+  // heads past gn get q = 0: their scores are computed (branch-free) and never used
+  for (int e = lid; e < GT * DK; e += WG) {
+    const int g = e / DK, d = e % DK;
+    q_loc[g][d] = g < gn ? QE::to_float(q[t * q_s_token + (h0 + g) * q_s_head + d]) * qd : 0.0f;
+  }
+  for (int e = lid; e < GT * DV; e += WG) acc[e / DV][e % DV] = 0.0f;
+  sycl::group_barrier(wg);
 
-  float m = -kInf, l = 0.0f;
+  float m[GT], l[GT];
+#pragma unroll
+  for (int g = 0; g < GT; g++) {
+    m[g] = -kInf;
+    l[g] = 0.0f;
+  }
   for (int64_t j0 = lo; j0 < hi; j0 += WG) {
     const int64_t j = j0 + lid;
-    float s = -kInf;
+    float s[GT];
+#pragma unroll
+    for (int g = 0; g < GT; g++) s[g] = -kInf;
     if (j < hi) {
       Idx blk, tok;
       if (paged) {
@@ -104,31 +123,56 @@ inline void paged_attention(sycl::nd_item<1> it, KVX_ATTENTION_PARAMS(typename Q
         tok = Idx(k_start + j);
       }
       const Idx kb = blk * Idx(k_s_block) + tok * Idx(k_s_token) + Idx(kvh) * Idx(k_s_head);
-      float dot = 0.0f;
-      for (int d = 0; d < DK; d++)
-        dot += q_loc[d] * KVE::to_float(k_cache[kb + Idx(d / k_x) * Idx(k_s_chunk) + Idx(d % k_x)]);
-      s = dot * score_scale;
-      if (softcap > 0.0f) s = softcap * sycl::tanh(s / softcap);
+      float dot[GT] = {};
+      for (int d = 0; d < DK; d++) {
+        const float kv = KVE::to_float(k_cache[kb + Idx(d / k_x) * Idx(k_s_chunk) + Idx(d % k_x)]);
+#pragma unroll
+        for (int g = 0; g < GT; g++) dot[g] += q_loc[g][d] * kv;
+      }
+#pragma unroll
+      for (int g = 0; g < GT; g++) {
+        s[g] = dot[g] * score_scale;
+        if (softcap > 0.0f) s[g] = softcap * sycl::tanh(s[g] / softcap);
+      }
       v_row[lid] = blk * Idx(v_s_block) + tok * Idx(v_s_token) + Idx(kvh) * Idx(v_s_head);
     }
-    const float m_new = sycl::max(m, sycl::reduce_over_group(g, s, sycl::maximum<float>()));
-    const float pj = j < hi ? sycl::exp(s - m_new) : 0.0f;
-    const float alpha = sycl::exp(m - m_new);  // 0 on the first tile (m = -inf)
-    l = l * alpha + sycl::reduce_over_group(g, pj, sycl::plus<float>());
-    prob[lid] = pj;
-    sycl::group_barrier(g);
+    float alpha[GT];
+#pragma unroll
+    for (int g = 0; g < GT; g++) {
+      if (g < gn) {  // uniform across the work-group
+        const float m_new = sycl::max(m[g], sycl::reduce_over_group(wg, s[g], sycl::maximum<float>()));
+        const float pj = j < hi ? sycl::exp(s[g] - m_new) : 0.0f;
+        alpha[g] = sycl::exp(m[g] - m_new);  // 0 on the first tile (m = -inf)
+        l[g] = l[g] * alpha[g] + sycl::reduce_over_group(wg, pj, sycl::plus<float>());
+        m[g] = m_new;
+        prob[g][lid] = pj;
+      } else {
+        alpha[g] = 0.0f;
+        prob[g][lid] = 0.0f;
+      }
+    }
+    sycl::group_barrier(wg);
     const int n = int(sycl::min(int64_t(WG), hi - j0));
     for (int d = lid; d < DV; d += WG) {
       const Idx dv = Idx(d / v_x) * Idx(v_s_chunk) + Idx(d % v_x);
-      float a = acc[d] * alpha;
-      for (int jj = 0; jj < n; jj++) a += prob[jj] * KVE::to_float(v_cache[v_row[jj] + dv]);
-      acc[d] = a;
+      float a[GT];
+#pragma unroll
+      for (int g = 0; g < GT; g++) a[g] = acc[g][d] * alpha[g];
+      for (int jj = 0; jj < n; jj++) {
+        const float vv = KVE::to_float(v_cache[v_row[jj] + dv]);  // read once for GT heads
+#pragma unroll
+        for (int g = 0; g < GT; g++) a[g] += prob[g][jj] * vv;
+      }
+#pragma unroll
+      for (int g = 0; g < GT; g++) acc[g][d] = a[g];
     }
-    m = m_new;
-    sycl::group_barrier(g);  // prob / v_row are rewritten by the next tile
+    sycl::group_barrier(wg);  // prob / v_row are rewritten by the next tile
   }
-  const float norm = l > 0.0f ? vd / l : 0.0f;
-  for (int d = lid; d < DV; d += WG) out[t * o_s_token + h * o_s_head + d] = OutE::from_float(acc[d] * norm);
+  for (int e = lid; e < gn * DV; e += WG) {
+    const int g = e / DV, d = e % DV;
+    const float norm = l[g] > 0.0f ? vd / l[g] : 0.0f;
+    out[t * o_s_token + (h0 + g) * o_s_head + d] = OutE::from_float(acc[g][d] * norm);
+  }
 }
 
 }  // namespace kvx
