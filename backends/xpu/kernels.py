@@ -148,6 +148,12 @@ def element_support(in_dtype: torch.dtype, desc: KVCacheDescriptor) -> Optional[
     return None
 
 
+def _dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Index vectors and scales are read as dense arrays by the kernels; the public API accepts
+    any strides for them, so a strided one (rare) is copied."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
 def _scale_step(scale: Optional[torch.Tensor]) -> int:
     return 1 if scale is not None and scale.numel() > 1 else 0
 
@@ -208,7 +214,7 @@ def cache_write_esimd_launch(key, value, key_cache, value_cache, slot_mapping,
     k, v = desc.k, desc.v
     args = [
         ("ptr", key, False), ("ptr", value, False), ("ptr", key_cache, True), ("ptr", value_cache, True),
-        ("ptr", slot_mapping, False),
+        ("ptr", _dense(slot_mapping), False),
         *[("i64", n, False) for n in (key.stride(0), key.stride(1), value.stride(0), value.stride(1),
                                       desc.num_kv_heads, desc.block_size, k.block, k.token, k.head,
                                       v.block, v.token, v.head)],
@@ -226,7 +232,8 @@ def cache_write_launch(key, value, key_cache, value_cache, slot_mapping,
     idx = "int32_t" if _fits32(desc, key, value) else "int64_t"
     spec = write_spec("cache_write", in_p, cache_p, quant, INDEX[slot_mapping.dtype], idx)
     k, v = desc.k, desc.v
-    ks, vs = (desc.k_scale, desc.v_scale) if quant else (None, None)
+    ks, vs = (_dense(desc.k_scale), _dense(desc.v_scale)) if quant else (None, None)
+    slot_mapping = _dense(slot_mapping)
     args = [
         ("ptr", key, False), ("ptr", value, False), ("ptr", key_cache, True), ("ptr", value_cache, True),
         ("ptr", slot_mapping, False), ("ptr", ks, False), ("ptr", vs, False),
@@ -245,9 +252,10 @@ def mla_write_launch(kv_c, k_pe, kv_cache, slot_mapping, desc: KVCacheDescriptor
     in_p, cache_p, quant = _elements(kv_c.dtype, desc)
     idx = "int32_t" if _fits32(desc, kv_c, k_pe) else "int64_t"
     spec = write_spec("concat_and_cache_mla", in_p, cache_p, quant, INDEX[slot_mapping.dtype], idx)
+    slot_mapping = _dense(slot_mapping)
     args = [
         ("ptr", kv_c, False), ("ptr", k_pe, False), ("ptr", kv_cache, True), ("ptr", slot_mapping, False),
-        ("ptr", desc.k_scale if quant else None, False),
+        ("ptr", _dense(desc.k_scale) if quant else None, False),
         ("i64", kv_c.stride(0), False), ("i64", k_pe.stride(0), False),
         ("i64", kv_c.shape[1], False), ("i64", k_pe.shape[1], False), ("i64", desc.block_size, False),
         ("i64", desc.k.block, False), ("i64", desc.k.token, False),
@@ -283,9 +291,12 @@ def attention_launch(q, k, v, out, desc: KVCacheDescriptor, args: AttentionArgs)
     gt = heads_per_group(hq // hkv)
     spec = attention_spec(_elem(q.dtype), _elem(desc.cache_dtype), _elem(out.dtype), dk, dv, gt)
     bt = args.block_table
+    if bt is not None and bt.stride(1) != 1:
+        bt = bt.contiguous()
     a = [
         ("ptr", q, False), ("ptr", k, False), ("ptr", v, False), ("ptr", out, True),
-        ("ptr", args.cu_seqlens_q, False), ("ptr", args.cu_seqlens_k, False), ("ptr", args.seqused_k, False),
+        ("ptr", _dense(args.cu_seqlens_q), False), ("ptr", _dense(args.cu_seqlens_k), False),
+        ("ptr", _dense(args.seqused_k), False),
         ("ptr", bt, False), ("ptr", args.q_descale, False), ("ptr", args.k_descale, False),
         ("ptr", args.v_descale, False),
         ("i64", q.stride(0), False), ("i64", q.stride(1), False),
