@@ -22,6 +22,7 @@ OUT=${OUT:-benchmarks/results/local}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+export KVDISPATCH_BENCH_INVOKED_BY="bash benchmarks/gpu_check.sh $*"
 run_tests=1 run_bench=1 quick=0
 bench_args=()
 for a in "$@"; do

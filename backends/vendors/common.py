@@ -54,3 +54,8 @@ def paged_kv_indptr(w):
     dev = w.device
     return (torch.tensor(indptr, dtype=torch.int32, device=dev), indices.to(torch.int32),
             torch.tensor(last, dtype=torch.int32, device=dev))
+
+
+def vllm_cache(cache: torch.Tensor) -> torch.Tensor:
+    """vLLM's convention (which FlagGems follows): an fp8 cache is handed over as a uint8 view."""
+    return cache.view(torch.uint8) if cache.element_size() == 1 and cache.dtype != torch.uint8 else cache

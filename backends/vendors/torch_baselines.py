@@ -125,7 +125,9 @@ class FlexAttentionGathered(Vendor):
     name = "torch FlexAttention (pre-gathered K/V)"
     kind = "baseline"
     platforms = ("*",)
-    ops = ("decode", "prefill")
+    # prefill only: every new shape costs a compile of tens of seconds, and for memory-bound
+    # decode the SDPA row is already the no-paging ceiling
+    ops = ("prefill",)
     requires = ("torch.nn.attention.flex_attention",)
 
     def version(self):

@@ -15,7 +15,7 @@ import importlib
 
 from kvdispatch.bench.vendors import Unsupported, Vendor
 
-from .common import ones, require_4d
+from .common import ones, require_4d, vllm_cache
 
 
 def _first(*paths):
@@ -40,10 +40,10 @@ class VllmC(Vendor):
         if op == "write":
             require_4d(w)
             one = ones(w.device)
-            a = (w.key, w.value, w.key_cache, w.value_cache, w.slot_mapping, w.kv_cache_dtype,
+            a = (w.key, w.value, vllm_cache(w.key_cache), vllm_cache(w.value_cache), w.slot_mapping, w.kv_cache_dtype,
                  one if w.k_scale is None else w.k_scale, one if w.v_scale is None else w.v_scale)
             return lambda: ops.reshape_and_cache_flash(*a)
-        a = (w.kv_c, w.k_pe, w.kv_cache, w.slot_mapping, w.kv_cache_dtype, ones(w.device) if w.scale is None else w.scale)
+        a = (w.kv_c, w.k_pe, vllm_cache(w.kv_cache), w.slot_mapping, w.kv_cache_dtype, ones(w.device) if w.scale is None else w.scale)
         return lambda: ops.concat_and_cache_mla(*a)
 
 
@@ -59,7 +59,7 @@ class VllmTriton(Vendor):
             fn = _first(("vllm.v1.attention.ops.triton_reshape_and_cache_flash", "triton_reshape_and_cache_flash"),
                         ("vllm.attention.ops.triton_reshape_and_cache_flash", "triton_reshape_and_cache_flash"))
             one = ones(w.device)
-            a = (w.key, w.value, w.key_cache, w.value_cache, w.slot_mapping, w.kv_cache_dtype,
+            a = (w.key, w.value, vllm_cache(w.key_cache), vllm_cache(w.value_cache), w.slot_mapping, w.kv_cache_dtype,
                  one if w.k_scale is None else w.k_scale, one if w.v_scale is None else w.v_scale)
             return lambda: fn(*a)
         fn = _first(("vllm.v1.attention.ops.triton_unified_attention", "unified_attention"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import platform as _py_platform
 import subprocess
 import sys
@@ -83,6 +84,7 @@ def _info(device: torch.device, platform, argv) -> dict:
                 timer="median of CUDA-event-timed calls, L2 cleared before each (triton.testing.do_bench)"
                 if device.type == "cuda" else "median host time of synchronized calls",
                 command="kvdispatch bench " + " ".join(argv),
+                invoked_by=os.environ.get("KVDISPATCH_BENCH_INVOKED_BY"),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

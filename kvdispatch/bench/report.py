@@ -77,7 +77,8 @@ def markdown(info: dict, vendors: list, rows: list, overhead: list) -> str:
     """The results as a markdown page (benchmarks/results/<device>.md)."""
     v = info.get("versions", {})
     lines = [f"# kvdispatch bench: {info.get('device_name', info['device'])}", "",
-             f"Command: `{info.get('command', '')}`  ", f"Date: {info.get('date', '')}  ",
+             (f"Produced by: `{info['invoked_by']}`  " if info.get("invoked_by") else "")
+             + f"Command: `{info.get('command', '')}`  ", f"Date: {info.get('date', '')}  ",
              f"Device: {info['device']} = {info.get('device_name', '')} ({info.get('platform', '')})"
              + (f", driver {info['driver']}" if info.get("driver") else "") + "  ",
              "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + "  ",

@@ -19,7 +19,12 @@ __all__ = ["run_case", "finish_rows", "dispatch_overhead"]
 
 def _short(e: BaseException) -> str:
     msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0][:200] if msg else ''}"
+    if msg:
+        return f"{type(e).__name__}: {msg[0][:200]}"
+    # a bare `assert` says nothing: name where it fired instead
+    tb = traceback.extract_tb(e.__traceback__)
+    where = f" at {tb[-1].filename.split('site-packages/')[-1]}:{tb[-1].lineno}" if tb else ""
+    return f"{type(e).__name__}{where}"
 
 
 def run_case(case: Case, w: Workload, impl: Vendor, copy_GBps: float, peak_TFLOPs: float,
