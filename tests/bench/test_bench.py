@@ -214,3 +214,25 @@ def test_gpu_check_and_lane_scripts_parse():
         path = os.path.join(ROOT, script)
         assert os.path.exists(path), script
         subprocess.run(["bash", "-n", path], check=True)
+
+
+def test_ipex_backend_declares_what_it_serves():
+    """IPEX as a kvdispatch backend: XPU only, below our own XPU and Triton backends, and it
+    declines (with a reason) every cache its PagedAttention cannot address."""
+    from kvdispatch.backends.vendors.ipex import IpexBackend
+    from kvdispatch.platform import Platform
+    from kvdispatch.testing import make_kv_cache
+
+    xpu = Platform(name="xpu", device_type="xpu", arch="Intel(R) Data Center GPU Max 1550")
+    b = IpexBackend()
+    assert "XPU" in b.available(Platform(name="cpu", device_type="cpu"))
+    assert b.available(xpu) is not None  # IPEX is not installed here: the reason says so
+    assert "intel_extension_for_pytorch" in b.available(xpu)
+    assert b.priority < registry.get("triton").priority < registry.get("xpu-sycl").priority
+    nhd = kvdispatch.KVCacheDescriptor.from_tensors(*make_kv_cache("NHD", 4, 16, 2, 64))
+    hnd = kvdispatch.KVCacheDescriptor.from_tensors(*make_kv_cache("HND", 4, 16, 2, 64))
+    k8, v8 = make_kv_cache("NHD", 4, 16, 2, 64, dtype=torch.float8_e4m3fn)
+    fp8 = kvdispatch.KVCacheDescriptor.from_tensors(k8, v8, "fp8", torch.ones(1), torch.ones(1))
+    assert b.supports("reshape_and_cache_flash", nhd, xpu) is None
+    assert "packed" in b.supports("reshape_and_cache_flash", hnd, xpu)
+    assert "fp8" in b.supports("flash_attn_varlen_func", fp8, xpu)
