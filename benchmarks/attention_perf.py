@@ -199,8 +199,10 @@ def decode_rows(results, section, kw, label, copy_bw, with_competitors=True, spl
         return {"GB/s": round(gbs, 1), "of_copy": round(gbs / copy_bw, 3)}
 
     rows = {}
-    for s in splits:
+    for i, s in enumerate(splits):
         nm = f"kvdispatch {label}" + ("" if s is None else f" splits={s}")
+        if splits[:i].count(s):
+            nm += f" (repeat {splits[:i].count(s) + 1})"  # the few-sequence cases vary run to run
         rows[nm] = measure(results, section, nm, kvd_call(kw, s), ref, lambda o: o, bw)
     if with_competitors:
         rows["sdpa"] = measure(results, section, f"torch SDPA contiguous {label}", sdpa_call(kw), ref,
@@ -245,7 +247,8 @@ def main():
     if "decode" in sections:
         for batch, L in ((32, 4096), (128, 4096), (1, 32768), (4, 32768)):
             kw = make_case(batch, 1, L)
-            decode_rows(results, "decode", kw, f"decode b{batch}x{L}", copy_bw)
+            decode_rows(results, "decode", kw, f"decode b{batch}x{L}", copy_bw,
+                        splits=(None, 1) if batch >= 32 else (None, None, None, 1))
             del kw
     if "layouts" in sections:
         for layout in ("NHD", "HND", "combined", "combined-HND", "cross-layer"):
@@ -274,10 +277,10 @@ def main():
                 sdpa_check(kw), tf)
         measure(results, "prefill", "FlagGems paged prefill 8x2048 causal", flag_gems_call(kw), ref, lambda o: o, tf)
     if "splits" in sections:
-        for batch, L in ((1, 32768), (4, 32768), (32, 4096), (8, 8192)):
+        for batch, L in ((1, 32768), (2, 16384), (4, 32768), (8, 8192), (16, 4096), (32, 4096)):
             kw = make_case(batch, 1, L)
             decode_rows(results, "splits", kw, f"decode b{batch}x{L}", copy_bw, with_competitors=False,
-                        splits=(None, 1, 2, 4, 8, 16, 32, 64))
+                        splits=(None, 1, 4, 8, 16, 32, 64, None))
     if "tiles" in sections:
         from kvdispatch.backends.triton import attention, attention_configs as ac
         base = ac.config_for(kvd.KVCacheDescriptor.from_tensors(*make_kv_cache(
@@ -287,23 +290,26 @@ def main():
         pre = make_case(4, 2048, 2048)
         dref, pref = reference(dec), reference(pre)
         fl = prefill_flops(pre)
-        variants = [("decode", ac.TileConfig(128, 16, bn, w, s)) for bn in (32, 64, 128) for w in (4, 8)
-                    for s in (2, 3, 4)]
+        dec8 = make_case(32, 1, 4096, fp8=torch.float8_e4m3fn)
+        d8ref = reference(dec8)
+        variants = [("decode", ac.TileConfig(128, 16, bn, w, s)) for bn, w, s in
+                    ((64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2), (256, 4, 2), (256, 8, 2), (256, 4, 1))]
+        variants += [("fp8", ac.TileConfig(128, 16, bn, w, s)) for bn, w, s in
+                     ((64, 4, 3), (128, 4, 2), (128, 4, 3), (256, 4, 2), (256, 8, 2), (256, 4, 3), (512, 8, 2))]
         variants += [("prefill", ac.TileConfig(128, bm, bn, w, s)) for bm, bn, w, s in
-                     ((128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 4),
-                      (64, 128, 4, 2), (128, 64, 8, 2))]
+                     ((128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 4, 2), (64, 64, 4, 4))]
         for kind, tile in variants:
-            cfg = ac.AttentionConfig(decode=(tile,) if kind == "decode" else base.decode,
+            cfg = ac.AttentionConfig(decode=(tile,) if kind != "prefill" else base.decode,
                                      prefill=(tile,) if kind == "prefill" else base.prefill,
                                      split_programs_per_sm=base.split_programs_per_sm,
                                      split_min_keys=base.split_min_keys, source="sweep")
             attention.config_for = lambda *a_, **k_: cfg
             attention._PLANS.clear()
-            kw, ref = (dec, dref) if kind == "decode" else (pre, pref)
+            kw, ref = {"decode": (dec, dref), "fp8": (dec8, d8ref), "prefill": (pre, pref)}[kind]
             nm = f"{kind} bm{tile.block_m} bn{tile.block_n} w{tile.num_warps} s{tile.num_stages}"
             extra = (lambda r: {"TFLOP/s": round(fl / (r["us"] * 1e-6) / 1e12, 1)} if "us" in r else {}) \
                 if kind == "prefill" else \
-                (lambda r: {"GB/s": round(kv_bytes(dec) / (r["us"] * 1e-6) / 1e9, 1)} if "us" in r else {})
+                (lambda r: {"GB/s": round(kv_bytes(kw) / (r["us"] * 1e-6) / 1e9, 1)} if "us" in r else {})
             measure(results, "tiles", nm, kvd_call(kw, None if kind == "prefill" else 1), ref, lambda o: o, extra)
         attention.config_for = orig
         attention._PLANS.clear()

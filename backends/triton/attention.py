@@ -30,7 +30,7 @@ output with its running max and sum to a float32 workspace; a second kernel merg
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
 from typing import NamedTuple, Optional
 
@@ -52,6 +52,8 @@ _BITS_FACTOR = {FP8_E4M3_BITS: 2.0 ** 8, FP8_E5M2_BITS: 1.0, FP8_E4M3FNUZ_BITS: 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz)
 _BITS_MODE = {torch.float8_e4m3fn: FP8_E4M3_BITS, torch.float8_e5m2: FP8_E5M2_BITS,
               torch.float8_e4m3fnuz: FP8_E4M3FNUZ_BITS}
+_PTXAS_ERRORS = tuple(e for e in (getattr(getattr(triton.runtime, "errors", None), "PTXASError", None),)
+                      if e is not None)
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
@@ -413,6 +415,7 @@ def supports(op: str, desc, platform) -> Optional[str]:
 
 class Plan(NamedTuple):
     """Everything fixed by (descriptor, q/out dtypes, heads, options, batch shape bucket)."""
+    key: tuple
     tile: TileConfig
     constexprs: dict
     v_factor: float
@@ -480,7 +483,7 @@ def plan_for(q: torch.Tensor, out: torch.Tensor, desc, args, decode: bool) -> Pl
         HAS_LEFT=args.window_left >= 0, HAS_RIGHT=args.window_right >= 0,
     )
     kv_factor = _BITS_FACTOR.get(kv_mode, 1.0)
-    plan = Plan(tile, constexprs, kv_factor, kv_factor, _BITS_FACTOR.get(q_mode, 1.0), cfg)
+    plan = Plan(key, tile, constexprs, kv_factor, kv_factor, _BITS_FACTOR.get(q_mode, 1.0), cfg)
     if len(_PLANS) > 4096:
         _PLANS.clear()
     _PLANS[key] = plan
@@ -495,12 +498,14 @@ def _descale_strides(t: Optional[torch.Tensor]):
 
 def choose_splits(batch: int, num_kv_heads: int, q_tiles: int, max_seqlen_k: int, block_n: int,
                   cfg: AttentionConfig, multiprocessors: int) -> int:
-    """Split-KV count: enough programs to fill the GPU, no split shorter than split_min_keys."""
+    """Split-KV count: none once every multiprocessor has a program (splitting then only adds
+    the partial round trip), else enough splits for ``split_programs_per_sm`` programs per
+    multiprocessor, none shorter than ``split_min_keys``."""
     programs = batch * num_kv_heads * q_tiles
-    target = cfg.split_programs_per_sm * max(multiprocessors, 1)
-    if programs >= target or max_seqlen_k < 2 * cfg.split_min_keys:
+    sms = max(multiprocessors, 1)
+    if programs >= sms or max_seqlen_k < 2 * cfg.split_min_keys:
         return 1
-    by_fill = -(-target // programs)
+    by_fill = -(-cfg.split_programs_per_sm * sms // programs)
     by_length = max_seqlen_k // cfg.split_min_keys
     return max(1, min(by_fill, by_length, 256))
 
@@ -547,17 +552,29 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
     vv = v.view(torch.uint8) if c["KV_MODE"] >= FP8_E4M3_BITS else v
     qq = q.view(torch.uint8) if c["Q_MODE"] >= FP8_E4M3_BITS else q
     bt = args.block_table if args.paged else dummy
-    grid = (q_tiles, batch * hkv, num_splits)
-    _attention_kernel[grid](
-        qq, kk, vv, out, ws_o, ws_ml,
-        args.cu_seqlens_q, args.cu_seqlens_k if args.cu_seqlens_k is not None else dummy,
-        args.seqused_k if args.seqused_k is not None else dummy, bt,
-        qd if qd is not None else dummy, kd if kd is not None else dummy, vd if vd is not None else dummy,
-        scale, float(args.softcap), v_factor, args.window_left, args.window_right, total_q, split_keys,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), bt.stride(0) if args.paged else 0,
-        *_descale_strides(qd), *_descale_strides(kd), *_descale_strides(vd),
-        SPLIT=split, INTERPRET=_interpreting(), num_warps=plan.tile.num_warps, num_stages=plan.tile.num_stages, **c,
-    )
+    while True:
+        try:
+            _attention_kernel[(q_tiles, batch * hkv, num_splits)](
+                qq, kk, vv, out, ws_o, ws_ml,
+                args.cu_seqlens_q, args.cu_seqlens_k if args.cu_seqlens_k is not None else dummy,
+                args.seqused_k if args.seqused_k is not None else dummy, bt,
+                qd if qd is not None else dummy, kd if kd is not None else dummy,
+                vd if vd is not None else dummy,
+                scale, float(args.softcap), v_factor, args.window_left, args.window_right, total_q,
+                split_keys, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+                bt.stride(0) if args.paged else 0,
+                *_descale_strides(qd), *_descale_strides(kd), *_descale_strides(vd),
+                SPLIT=split, INTERPRET=_interpreting(), num_warps=plan.tile.num_warps,
+                num_stages=plan.tile.num_stages, **c,
+            )
+            break
+        except _PTXAS_ERRORS:
+            # ptxas (12.9, triton 3.6) segfaults on some multi-stage pipelines; the kernel is
+            # compiled before anything runs, so retrying with fewer stages is safe.
+            if plan.tile.num_stages <= 1:
+                raise
+            plan = plan._replace(tile=dataclasses.replace(plan.tile, num_stages=plan.tile.num_stages - 1))
+            _PLANS[plan.key] = plan
     if split:
         _merge_splits_kernel[(total_q, hq)](
             ws_o, ws_ml, out, args.cu_seqlens_q, total_q, out.stride(0), out.stride(1),

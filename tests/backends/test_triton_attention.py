@@ -63,7 +63,9 @@ EXTRA = [
 
 @pytest.mark.parametrize("case", EXTRA, ids=lambda c: c.id)
 def test_extra_attention(case):
-    run_attention_case(case, "triton", device=DEVICE)
+    # bf16/fp16 q computes in its own precision (P rounded to it): an fp32 out does not make it exact
+    tol = 2e-2 if case.out_dtype == torch.float32 and case.dtype != torch.float32 else None
+    run_attention_case(case, "triton", device=DEVICE, rel_tol=tol)
 
 
 SPLIT_CASES = [
@@ -88,12 +90,16 @@ def test_split_kv(case, splits, monkeypatch):
 def test_choose_splits_fills_the_gpu_only_when_needed():
     from kvdispatch.backends.triton.attention_configs import NVIDIA
     cfg = NVIDIA[(9, 0)]
-    # few long sequences: split until ~2 programs per SM
-    assert attention.choose_splits(1, 8, 1, 32768, 64, cfg, 132) == 33
-    assert attention.choose_splits(4, 8, 1, 32768, 64, cfg, 132) == 9
-    # enough programs already, or keys too short to pay for a split
+    per_sm, min_keys = cfg.split_programs_per_sm, cfg.split_min_keys
+    # few long sequences: split until the table's programs per SM
+    assert attention.choose_splits(1, 8, 1, 32768, 64, cfg, 132) == \
+        min(-(-per_sm * 132 // 8), 32768 // min_keys)
+    assert attention.choose_splits(4, 8, 1, 32768, 64, cfg, 132) == \
+        min(-(-per_sm * 132 // 32), 32768 // min_keys)
+    # every SM busy already, or keys too short to pay for a split
+    assert attention.choose_splits(32, 8, 1, 4096, 64, cfg, 132) == 1
     assert attention.choose_splits(128, 8, 1, 4096, 64, cfg, 132) == 1
-    assert attention.choose_splits(1, 8, 1, 600, 64, cfg, 132) == 1
+    assert attention.choose_splits(1, 8, 1, 2 * min_keys - 1, 64, cfg, 132) == 1
 
 
 def test_out_rows_outside_sequences_untouched():
@@ -144,3 +150,35 @@ def test_supports_declines_what_it_cannot_address():
     assert attention.supports("flash_attn_varlen_func", mla, plat) is not None
     nhd = kvd.KVCacheDescriptor.from_tensors(*make_kv_cache("HND", 2, 16, 2, 128))
     assert attention.supports("flash_attn_varlen_func", nhd, plat) is None
+
+
+def test_ptxas_crash_retries_with_fewer_stages(monkeypatch):
+    """A compiler crash on a multi-stage pipeline falls back to fewer stages (and is remembered)."""
+    from kvdispatch.backends.triton import attention_configs as ac
+
+    class FakePTXASError(RuntimeError):
+        pass
+
+    tile = ac.TileConfig(1024, block_m=16, block_n=16, num_warps=1, num_stages=3)
+    cfg = ac.AttentionConfig(decode=(tile,), prefill=(tile,), split_programs_per_sm=1, split_min_keys=16,
+                             source="test")
+    monkeypatch.setattr(attention, "config_for", lambda *a, **k: cfg)
+    monkeypatch.setattr(attention, "_PTXAS_ERRORS", (FakePTXASError,))
+    monkeypatch.setattr(attention, "_PLANS", {})
+    real = attention._attention_kernel
+    stages_tried = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                stages_tried.append(kw["num_stages"])
+                if kw["num_stages"] > 1:
+                    raise FakePTXASError("ptxas died")
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(attention, "_attention_kernel", Kernel())
+    run_attention_case(replace(_B, **_CHUNKED), "triton", device=DEVICE)
+    assert stages_tried == [3, 2, 1]
+    run_attention_case(replace(_B, **_CHUNKED), "triton", device=DEVICE, seed=1)
+    assert stages_tried == [3, 2, 1, 1]
