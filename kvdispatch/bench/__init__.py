@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--include-reference", action="store_true",
                    help="also time the reference backend where it is not what kvdispatch selects")
     p.add_argument("--no-overhead", action="store_true", help="skip the dispatch-overhead measurements")
+    p.add_argument("--graph", action="store_true",
+                   help="also time each correct row as CUDA-graph replays (device time without host gaps)")
     p.add_argument("--rep-ms", type=float, default=None, help="timing budget per row (default 100, quick 20)")
     p.add_argument("--list", action="store_true", help="list implementations and cases, run nothing")
     p.add_argument("--debug", action="store_true", help="print tracebacks of implementations that raise")
@@ -177,7 +179,7 @@ def run(argv: list, console=None) -> dict:
                     prog.advance(task)
                     continue
                 rows.append(run_case(case, w, impl, info["copy"]["GBps"], info["matmul"]["TFLOPs"], rep_ms,
-                                     debug=args.debug))
+                                     debug=args.debug, graph=args.graph))
                 prog.advance(task)
             del w
             gc.collect()

@@ -42,8 +42,10 @@ def print_tables(console, info: dict, rows: list, overhead: list) -> None:
         t = Table(title=f"{op}  (copy {info['copy']['GBps']:.0f} GB/s"
                         + (f", matmul {info['matmul']['TFLOPs']:.0f} TFLOP/s" if attn else "") + ")",
                   show_lines=False)
+        graphs = any(r.get("graph_us") for r in group)
         for col in ("layout", "dtype", "size", "implementation", "time us", "GB/s", "% copy") + \
-                (("TFLOP/s", "% mm peak") if attn else ()) + ("vs best vendor", "result"):
+                (("TFLOP/s", "% mm peak") if attn else ()) + ("vs best vendor",) + \
+                (("graph us",) if graphs else ()) + ("result",):
             t.add_column(col, justify="right" if col not in ("layout", "dtype", "size", "implementation", "result") else "left",
                          overflow="fold")
         last = None
@@ -55,7 +57,10 @@ def print_tables(console, info: dict, rows: list, overhead: list) -> None:
                      _fmt(r["GBps"], ".0f"), _fmt(r["pct_copy"], ".0f")]
             if attn:
                 cells += [_fmt(r["TFLOPs"], ".1f"), _fmt(r["pct_peak"], ".0f")]
-            cells += [_fmt(r["vs_best_vendor"], ".2f") + ("x" if r["vs_best_vendor"] else ""), _status_cell(r)]
+            cells.append(_fmt(r["vs_best_vendor"], ".2f") + ("x" if r["vs_best_vendor"] else ""))
+            if graphs:
+                cells.append(_fmt(r.get("graph_us"), ".1f"))
+            cells.append(_status_cell(r))
             t.add_row(*cells)
         console.print(t)
     if overhead:
@@ -88,7 +93,9 @@ def markdown(info: dict, vendors: list, rows: list, overhead: list) -> str:
              "Every implementation's result was checked against kvdispatch's reference backend (whole cache "
              "buffers for writes; NaN-poisoned output vs float32 reference for attention) before it was timed; "
              "`WRONG` rows were never timed. Times: " + info.get("timer", "") + ". `vs best vendor` = fastest correct vendor time / this time "
-             "(> 1: faster than every vendor measured; torch baselines are not vendors).", "",
+             "(> 1: faster than every vendor measured; torch baselines are not vendors). "
+             "`graph replay` (GPUs): device time per call of 10 calls captured in a CUDA graph, same inputs "
+             "(small cases then run from L2): no host time between launches.", "",
              "## Implementations", "", "| implementation | kind | version / status |", "| --- | --- | --- |"]
     for x in vendors:
         lines.append(f"| {x['name']} | {x['kind']} | {x['version'] if x['available'] else 'unavailable: ' + x['reason']} |")
@@ -98,15 +105,18 @@ def markdown(info: dict, vendors: list, rows: list, overhead: list) -> str:
         head = ["layout", "dtype", "size", "shape", "implementation", "time (us)", "GB/s", "% copy BW"]
         if attn:
             head += ["TFLOP/s", "% matmul peak"]
-        head += ["vs best vendor", "result"]
+        graphs = any(r.get("graph_us") for r in group)
+        head += ["vs best vendor"] + (["graph replay (us)"] if graphs else []) + ["result"]
         lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
         for r in group:
             cells = [r["layout"], r["dtype"], r["size"], r["shape"], r["impl"], _fmt(r["us"], ".1f"),
                      _fmt(r["GBps"], ".0f"), _fmt(r["pct_copy"], ".0f")]
             if attn:
                 cells += [_fmt(r["TFLOPs"], ".1f"), _fmt(r["pct_peak"], ".0f")]
-            cells += [(_fmt(r["vs_best_vendor"], ".2f") + "x") if r["vs_best_vendor"] else "-",
-                      _status_cell(r, rich=False).replace("|", "/")]
+            cells.append((_fmt(r["vs_best_vendor"], ".2f") + "x") if r["vs_best_vendor"] else "-")
+            if graphs:
+                cells.append(_fmt(r.get("graph_us"), ".1f"))
+            cells.append(_status_cell(r, rich=False).replace("|", "/"))
             lines.append("| " + " | ".join(cells) + " |")
     if overhead:
         lines += ["", "## Dispatch overhead (tiny inputs)", "", "| implementation | op | size | measure | us |",

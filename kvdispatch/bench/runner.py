@@ -28,12 +28,12 @@ def _short(e: BaseException) -> str:
 
 
 def run_case(case: Case, w: Workload, impl: Vendor, copy_GBps: float, peak_TFLOPs: float,
-             rep_ms: float = 100, debug: bool = False) -> dict:
+             rep_ms: float = 100, debug: bool = False, graph: bool = False) -> dict:
     """One row: ``status`` is "ok" (timed), "unsupported", "WRONG" (ran, result differs from the
     reference: never timed) or "error" (raised while running)."""
     row = dict(op=case.op, layout=case.layout, dtype=case.dtype, size=case.size, shape=case.shape, case=case.id,
                impl=impl.label, kind=impl.kind, status=None, reason=None, us=None, GBps=None, TFLOPs=None,
-               pct_copy=None, pct_peak=None, vs_best_vendor=None, bytes=w.bytes, flops=w.flops)
+               pct_copy=None, pct_peak=None, vs_best_vendor=None, graph_us=None, bytes=w.bytes, flops=w.flops)
     try:
         with impl.context():
             if case.op in WRITE_OPS:
@@ -66,6 +66,18 @@ def run_case(case: Case, w: Workload, impl: Vendor, copy_GBps: float, peak_TFLOP
     finally:
         sync(w.device)
     row.update(status="ok", us=us, GBps=w.bytes / us / 1e3)
+    if w.device.type == "cuda" and graph:
+        # device time alone: host work between launches (Python wrappers, argument checks)
+        # cannot leave the GPU idle inside a graph replay. Inputs stay the same, so small
+        # cases run from L2 here: compare graph times only with graph times.
+        try:
+            with impl.context():
+                row["graph_us"] = graph_replay_us(fn, w.device, calls_per_graph=10, replays=10)
+        except Exception as e:
+            row["graph_us"] = None
+            row["graph_error"] = _short(e)
+        finally:
+            sync(w.device)
     row["pct_copy"] = 100.0 * row["GBps"] / copy_GBps if copy_GBps else None
     if w.flops:
         row["TFLOPs"] = w.flops / us / 1e6
