@@ -43,7 +43,8 @@ class VllmC(Vendor):
             a = (w.key, w.value, vllm_cache(w.key_cache), vllm_cache(w.value_cache), w.slot_mapping, w.kv_cache_dtype,
                  one if w.k_scale is None else w.k_scale, one if w.v_scale is None else w.v_scale)
             return lambda: ops.reshape_and_cache_flash(*a)
-        a = (w.kv_c, w.k_pe, vllm_cache(w.kv_cache), w.slot_mapping, w.kv_cache_dtype, ones(w.device) if w.scale is None else w.scale)
+        a = (w.kv_c, w.k_pe, vllm_cache(w.kv_cache), w.slot_mapping, w.kv_cache_dtype,
+             ones(w.device) if w.scale is None else w.scale)
         return lambda: ops.concat_and_cache_mla(*a)
 
 

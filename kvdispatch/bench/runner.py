@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import gc
 import traceback
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -107,7 +107,6 @@ def dispatch_overhead(device: torch.device, impls: list, quick: bool = False) ->
     Rows: op, what, us (host microseconds per call, or device microseconds per graph replay).
     """
     import kvdispatch as kvd
-    from .cases import force_backend
 
     out = []
     device = torch.device(device)
@@ -137,7 +136,8 @@ def dispatch_overhead(device: torch.device, impls: list, quick: bool = False) ->
                         args = _attention_args(kvd, w)
                         bare = lambda o=o, d=desc, args=args: backend.flash_attn_varlen_func(
                             w.q, w.key_cache, w.value_cache, o, d, args)
-                    for what, fn in (("public API, host us/call", public), ("backend method (no checks, no dispatch), host us/call", bare)):
+                    for what, fn in (("public API, host us/call", public),
+                                     ("backend method (no checks, no dispatch), host us/call", bare)):
                         out.append(dict(impl=impl.label, op=case.op, size=case.size, what=what,
                                         us=host_us_per_call(fn, device, calls)))
                     if device.type == "cuda":

@@ -18,7 +18,6 @@ import importlib
 import importlib.metadata
 from typing import Callable, Optional
 
-import torch
 
 from ..platform import Platform
 from .cases import PUBLIC_OP, Workload, force_backend
