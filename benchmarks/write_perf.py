@@ -239,7 +239,6 @@ def calibration(results, copy_bw):
     """What the GPU does for the same bytes without any indexing: a contiguous copy of the
     key+value bytes of each size (both timings), and an empty kernel (the floor of a launch)."""
     import triton
-    import triton.language as tl
 
     @triton.jit
     def _empty(x):
