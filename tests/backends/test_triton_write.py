@@ -23,7 +23,7 @@ from matrix import (FP8, MLACase, WriteCase, assert_cache_equal, force_backend, 
                     run_mla_case, run_write_case, write_cases)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.interpret if DEVICE == "cpu" else []
+pytestmark = pytest.mark.interpret if DEVICE == "cpu" else pytest.mark.gpu
 
 
 @pytest.mark.parametrize("case", write_cases(), ids=lambda c: c.id)
