@@ -20,8 +20,9 @@ stored ``kv_lora_rank`` elements into the cache row.
 Offsets are int32 when the descriptor proves the cache fits (and the inputs do), else int64.
 FP8: ``x * (1 / scale)`` clamped to the type's largest finite value (so a finite input never
 becomes NaN/inf), rounded to nearest-even by the hardware conversion where Triton has one for the
-platform and type, otherwise by an exact integer encoder (``_fp8_encode``), which also serves the
-CPU interpreter (whose own fp8 casts do not round to nearest-even).
+platform and type (e4m3fnuz on NVIDIA goes through e4m3fn: same codes at twice the value),
+otherwise by an exact integer encoder (``_fp8_encode``), which also serves the CPU interpreter
+(whose own fp8 casts do not round to nearest-even).
 
 Per-call Python is kept small: everything derived from the descriptor, the input strides, the
 pointer alignments and the token-count bucket is cached; on NVIDIA the cached compiled kernel is
@@ -55,8 +56,11 @@ _FP8 = tuple(_FP8_FORMAT)
 # type; the integer encoder; e4m3fnuz through the hardware e4m3fn conversion (NVIDIA has no fnuz)
 COPY, NATIVE_FP8, SOFT_FP8, FNUZ_VIA_E4M3FN = 0, 1, 2, 3
 
-# the widest row a program holds (elements, padded): MLA's 512 latents, or 16 heads x 256 merged
+# the widest head row a program holds (elements, padded)
 _MAX_ROW = 1 << 14
+# whole-token rows only up to this width (elements, padded): wider rows gain nothing (a 2 KB
+# token row is already a long burst) and would only grow the per-program tile
+_MAX_MERGED_ROW = 1 << 12
 
 
 def _interpreting() -> bool:
@@ -403,7 +407,8 @@ def _plan_kv(ck, n, key, value, key_cache, value_cache, desc, config, merge, for
     ks, vs = key.stride(), value.stride()
     h, dk, dv = desc.num_kv_heads, desc.head_size_k, desc.head_size_v
     mergeable = (h > 1 and desc.k.x == dk and desc.v.x == dv and desc.k.head == dk
-                 and desc.v.head == dv and ks[1] == dk and vs[1] == dv)
+                 and desc.v.head == dv and ks[1] == dk and vs[1] == dv
+                 and _pow2(h * max(dk, dv)) <= _MAX_MERGED_ROW)
     off64 = not desc.int32_offsets or in64
     if force_off64 is not None:
         off64 = force_off64
