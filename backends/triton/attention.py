@@ -499,13 +499,15 @@ def _descale_strides(t: Optional[torch.Tensor]):
 def choose_splits(batch: int, num_kv_heads: int, q_tiles: int, max_seqlen_k: int, block_n: int,
                   cfg: AttentionConfig, multiprocessors: int) -> int:
     """Split-KV count: none once every multiprocessor has a program (splitting then only adds
-    the partial round trip), else enough splits for ``split_programs_per_sm`` programs per
-    multiprocessor, none shorter than ``split_min_keys``."""
+    the partial round trip); else as many splits as keep the programs within
+    ``split_programs_per_sm`` waves of the machine (rounded DOWN: a partly filled last wave costs
+    a whole wave; on the H100 9 splits of batch 4 x 32768 took 217 us, 8 took 185 us), none
+    shorter than ``split_min_keys``."""
     programs = batch * num_kv_heads * q_tiles
     sms = max(multiprocessors, 1)
-    if programs >= sms or max_seqlen_k < 2 * cfg.split_min_keys:
+    if programs >= sms:
         return 1
-    by_fill = -(-cfg.split_programs_per_sm * sms // programs)
+    by_fill = cfg.split_programs_per_sm * sms // programs
     by_length = max_seqlen_k // cfg.split_min_keys
     return max(1, min(by_fill, by_length, 256))
 

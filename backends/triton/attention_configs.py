@@ -49,11 +49,11 @@ class AttentionConfig:
 
 # NVIDIA, by compute capability ------------------------------------------------------------------
 # H100 (sm90), measured with benchmarks/attention_perf.py (2026-11-22, torch 2.11, triton 3.6; the
-# sweeps are in benchmarks/results/attention_h100.md). Decode: 128-key tiles, 4 warps, 2 stages
-# (194 us at batch 32 x 4096 vs 200 us for 64-key tiles and 201-208 us for 256). Prefill: 128x64,
-# 8 warps, 2 stages (300 TFLOP/s; 3 stages measured the same but ptxas 12.9 of triton 3.6 crashes
-# (SIGSEGV) compiling the 3-stage kernel for some head sizes). Split-KV: 2 programs per SM and
-# >= 512 keys per split (batch 4 x 32768: 198-200 us at 8-16 splits vs 540 us unsplit).
+# numbers and sweeps are in benchmarks/results/attention_h100.md). Decode: 128-key tiles, 4 warps,
+# 2 stages (194 us at batch 32 x 4096 vs 200 us for 64-key tiles and 201-208 us for 256). Prefill:
+# 128x64, 8 warps, 2 stages (300 TFLOP/s; 3 stages measured the same but ptxas of triton 3.6
+# crashes (SIGSEGV) compiling the 3-stage kernel for some head sizes). Split-KV: whole waves of
+# 2 programs per SM, >= 512 keys per split (the best split count of every swept case).
 _H100 = AttentionConfig(
     decode=(
         TileConfig(128, block_m=16, block_n=128, num_warps=4, num_stages=2),

@@ -91,15 +91,16 @@ def test_choose_splits_fills_the_gpu_only_when_needed():
     from kvdispatch.backends.triton.attention_configs import NVIDIA
     cfg = NVIDIA[(9, 0)]
     per_sm, min_keys = cfg.split_programs_per_sm, cfg.split_min_keys
-    # few long sequences: split until the table's programs per SM
-    assert attention.choose_splits(1, 8, 1, 32768, 64, cfg, 132) == \
-        min(-(-per_sm * 132 // 8), 32768 // min_keys)
-    assert attention.choose_splits(4, 8, 1, 32768, 64, cfg, 132) == \
-        min(-(-per_sm * 132 // 32), 32768 // min_keys)
+    # few long sequences: whole waves of programs (the H100 sweep's best counts, per_sm = 2)
+    assert attention.choose_splits(1, 8, 1, 32768, 128, cfg, 132) == min(per_sm * 132 // 8, 32768 // min_keys)
+    assert attention.choose_splits(4, 8, 1, 32768, 128, cfg, 132) == per_sm * 132 // 32
+    assert attention.choose_splits(8, 8, 1, 8192, 128, cfg, 132) == per_sm * 132 // 64
     # every SM busy already, or keys too short to pay for a split
-    assert attention.choose_splits(32, 8, 1, 4096, 64, cfg, 132) == 1
-    assert attention.choose_splits(128, 8, 1, 4096, 64, cfg, 132) == 1
-    assert attention.choose_splits(1, 8, 1, 2 * min_keys - 1, 64, cfg, 132) == 1
+    assert attention.choose_splits(32, 8, 1, 4096, 128, cfg, 132) == 1
+    assert attention.choose_splits(128, 8, 1, 4096, 128, cfg, 132) == 1
+    assert attention.choose_splits(1, 8, 1, min_keys - 1, 128, cfg, 132) == 1
+    if per_sm == 2:
+        assert [attention.choose_splits(b, 8, 1, 32768 // b, 128, cfg, 132) for b in (1, 4, 8, 16)] == [33, 8, 4, 2]
 
 
 def test_out_rows_outside_sequences_untouched():
