@@ -1,9 +1,10 @@
 """The backend objects of the SYCL kernels.
 
 * ``xpu-sycl`` (platform xpu): the kernels compiled ahead of time by the SyclExtension build
-  (``setup_xpu.py``), launched on torch's current XPU queue. Unavailable, with the reason
-  ``kvdispatch info`` shows, where the extension is not built or torch sees no XPU device; routing
-  then falls to the Triton backend (if Intel's Triton XPU backend is installed), else the reference.
+  (``setup_xpu.py``), launched on torch's current XPU queue; with ``KVDISPATCH_XPU_JIT=1`` also
+  instantiations compiled at first use (``jit.py``). Unavailable, with the reason ``kvdispatch
+  info`` shows, where neither can run or torch sees no XPU device; routing then falls to the
+  Triton backend (if Intel's Triton XPU backend is installed), else the reference.
 * ``sycl-cpu`` (no platform: only when forced with ``KVDISPATCH_BACKEND=sycl-cpu``): the same kernel
   sources compiled at run time by DPC++'s kernel compiler and run on Intel's OpenCL CPU device,
   on CPU tensors. This is how CI tests the kernels without an Intel GPU.
@@ -117,14 +118,19 @@ class XpuSyclBackend(_SyclKernels):
         return getenv(kernels.ESIMD_ENV.encode()) not in (None, "", "0")
 
     def available(self, platform) -> Optional[str]:
-        from . import extension
-        return extension.load_error()
+        from . import extension, jit
+        aot = extension.load_error()
+        if aot is None:
+            return None
+        first_use = jit.unavailable()
+        return None if first_use is None else f"{aot}; {first_use}"
 
     def supports(self, op, desc, platform) -> Optional[str]:
         why = super().supports(op, desc, platform)
         if why is None and desc is not None:
-            from . import extension
-            why = extension.aot_support(op, desc)
+            from . import extension, jit
+            if extension.load_error() is None and jit.unavailable() is not None:
+                why = extension.aot_support(op, desc)
         return why
 
     def versions(self) -> dict:
@@ -132,5 +138,10 @@ class XpuSyclBackend(_SyclKernels):
         return extension.versions()
 
     def _run(self, launch) -> None:
-        from . import extension
-        extension.launch(launch)
+        from . import extension, jit
+        if extension.has_kernel(launch.spec.name):
+            extension.launch(launch)
+        elif jit.unavailable() is None:
+            jit.launch(launch)  # not in the AOT table (or no AOT build): compile at first use
+        else:
+            extension.launch(launch)  # raises, naming the missing instantiation

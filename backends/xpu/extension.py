@@ -54,6 +54,10 @@ def aot_support(op: str, desc) -> Optional[str]:
     return None
 
 
+def has_kernel(name: str) -> bool:
+    return name in _load()[1]
+
+
 def versions() -> dict:
     out = {}
     if hasattr(torch, "xpu") and hasattr(torch.version, "xpu"):

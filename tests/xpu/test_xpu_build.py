@@ -49,6 +49,20 @@ def test_aot_extension_host_side_compiles(tmp_path):
                  kernels.CSRC, tmp_path], tmp_path, defines=["KVX_HOST_SYNTAX_CHECK"])
 
 
+@pytest.mark.skipif(not (TORCH_INCLUDE / "c10" / "xpu" / "XPUStream.h").exists(),
+                    reason="this torch ships no c10/xpu headers")
+def test_first_use_module_host_side_compiles(tmp_path):
+    """csrc/jit_ops.cpp is what jit.py builds with torch.utils.cpp_extension on an XPU machine."""
+    import sysconfig
+    impl = tmp_path / "c10" / "xpu" / "impl"
+    impl.mkdir(parents=True)
+    (impl / "xpu_cmake_macros.h").write_text("#define C10_XPU_BUILD_SHARED_LIBS\n")
+    _gxx_syntax(kernels.CSRC / "jit_ops.cpp",
+                [sycl_root() / "include", TORCH_INCLUDE, TORCH_INCLUDE / "torch/csrc/api/include",
+                 sysconfig.get_paths()["include"], tmp_path], tmp_path,
+                defines=["TORCH_EXTENSION_NAME=kvdispatch_xpu_jit"])
+
+
 def test_setup_xpu_table_generation(tmp_path, monkeypatch):
     import importlib.util
     spec = importlib.util.spec_from_file_location("setup_xpu", kernels.CSRC.parent / "setup_xpu.py")

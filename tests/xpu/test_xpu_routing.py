@@ -70,7 +70,8 @@ def test_unbuilt_extension_says_how_to_build(xpu, monkeypatch):
     monkeypatch.setattr(torch.xpu, "is_available", lambda: True)
     why = extension.load_error()
     assert "not built" in why and "setup_xpu.py" in why
-    assert _reasons("flash_attn_varlen_func")["xpu-sycl"] == why
+    shown = _reasons("flash_attn_varlen_func")["xpu-sycl"]
+    assert why in shown and "KVDISPATCH_XPU_JIT=1" in shown
 
 
 def test_intel_triton_xpu_is_next_when_extension_missing(xpu, monkeypatch):
@@ -164,3 +165,64 @@ def test_xpu_path_end_to_end_with_the_op_run_by_the_cpu_lane(xpu, monkeypatch):
     run_write_case(WriteCase(layout="HND", kv_cache_dtype="fp8", scale="head"), "xpu-sycl")
     run_attention_case(attention_cases()[3], "xpu-sycl")
     assert calls == ["cache_write", "paged_attention"]
+
+
+def _fake_jit_module(calls):
+    """jit_ops.cpp's interface, run by the CPU lane: build compiles the source, launch re-pairs the
+    per-kind value lists with the kinds exactly as the C++ side does."""
+    from kvdispatch.backends.xpu.cpu_lane.runtime import runtime
+
+    class Fake:
+        specs = {}
+
+        def build(self, device, source, options, name):
+            calls.append(("build", name))
+            self.specs[name] = source
+
+        def launch(self, device, name, tensors, kinds, ints, floats, groups, local):
+            calls.append(("launch", name))
+            it_t, it_i, it_f = iter(tensors), iter(ints), iter(floats)
+            names = {0: "ptr", 1: "i64", 2: "i32", 3: "f32"}
+            args = [(names[k], next(it_t) if k == 0 else next(it_f) if k == 3 else next(it_i), True)
+                    for k in kinds]
+            assert next(it_t, None) is None and next(it_i, None) is None and next(it_f, None) is None
+            spec = _SpecFromSource(name, self.specs[name])
+            runtime().launch(kernels.Launch(spec, args, groups, local))
+
+    return Fake()
+
+
+class _SpecFromSource:
+    """Stands in for a Spec in the CPU runtime: the name and the source the JIT module was given."""
+
+    def __init__(self, name, source):
+        self.name, self._source = name, source
+
+    def free_function_source(self):
+        return self._source
+
+
+def test_first_use_compilation_path(xpu, monkeypatch):
+    """KVDISPATCH_XPU_JIT=1 without an AOT build: xpu-sycl is available, compiles each
+    instantiation once and launches it (module replaced by the CPU lane; head sizes outside
+    the AOT list are served too)."""
+    from kvdispatch.backends.xpu import jit
+    from kvdispatch.backends.xpu.cpu_lane.runtime import missing
+    if missing():
+        pytest.skip(missing())
+    monkeypatch.setenv("KVDISPATCH_XPU_JIT", "1")
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: True)
+    monkeypatch.setattr(jit, "unavailable", lambda: None)
+    calls = []
+    fake = _fake_jit_module(calls)
+    monkeypatch.setattr(jit, "module", lambda: fake)
+    monkeypatch.setattr(jit, "_built", set())
+    monkeypatch.setattr(jit, "device_index", lambda t: 0)
+    assert kvd.select_backend("flash_attn_varlen_func", "cpu") == "xpu-sycl"
+    case = attention_cases()[8]  # diffkv 64/32: not in the AOT head-size list
+    run_attention_case(case, "xpu-sycl")
+    run_attention_case(case, "xpu-sycl", seed=1)  # same instantiation: no second compile
+    run_write_case(WriteCase(layout="combined-HND"), "xpu-sycl")
+    builds = [n for k, n in calls if k == "build"]
+    assert len(builds) == len(set(builds)) == 2, calls  # one compile per instantiation
+    assert sum(k == "launch" for k, _ in calls) == 3
