@@ -12,6 +12,7 @@ arguments.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,7 @@ class Spec:
     template_args: tuple
     macro_types: tuple
 
-    @property
+    @functools.cached_property  # hashed once per Spec object, not per launch
     def name(self) -> str:
         h = hashlib.sha1(repr((self.family, self.template_args)).encode()).hexdigest()[:12]
         if self.family == "paged_attention":
@@ -165,11 +166,13 @@ def _write_group(elements: int) -> int:
     return wg
 
 
+@functools.lru_cache(maxsize=None)  # one Spec per instantiation: its name is hashed once
 def write_spec(family: str, in_p: str, cache_p: str, quant: bool, slot: str, idx: str) -> Spec:
     return Spec(family, (in_p, cache_p, "true" if quant else "false", slot, idx),
                 (_storage(in_p), _storage(cache_p), slot))
 
 
+@functools.lru_cache(maxsize=None)  # one Spec per instantiation: its name is hashed once
 def attention_spec(qe: str, kve: str, oe: str, dk: int, dv: int, heads_per_group: int) -> Spec:
     # 64-bit offsets always: per key the kernel does a few integer ops against DK loads, and one
     # index width halves the AOT table
@@ -184,6 +187,7 @@ def heads_per_group(group: int) -> int:
     return 1 if group == 1 else 4 if group <= 4 else 8
 
 
+@functools.lru_cache(maxsize=None)  # one Spec per instantiation: its name is hashed once
 def esimd_spec(raw: str, dk: int, dv: int, slot: str, idx: str) -> Spec:
     return Spec("cache_write_esimd", (f"{raw}::storage", str(dk), str(dv), slot, idx), (f"{raw}::storage", slot))
 
