@@ -36,7 +36,8 @@ def visible_devices() -> list:
     return devs
 
 
-def _versions() -> dict:
+def versions() -> dict:
+    """Versions of everything a result depends on (info, check, bench records)."""
     v = {"kvdispatch": __version__, "python": _py_platform.python_version(), "torch": torch.__version__}
     if torch.version.cuda:
         v["cuda"] = torch.version.cuda
@@ -60,7 +61,7 @@ def cmd_info(args) -> int:
 
     con = _console()
     con.print(f"[bold]kvdispatch {__version__}[/bold]  " +
-              "  ".join(f"{k} {val}" for k, val in _versions().items() if k != "kvdispatch"))
+              "  ".join(f"{k} {val}" for k, val in versions().items() if k != "kvdispatch"))
     devs = visible_devices()
     plats = {d: platform_of(d) for d in devs}
 

@@ -353,7 +353,7 @@ def _launch(plan: _Plan, n: int, k_src, v_src, k_dst, v_dst, slot_mapping, k_sca
         _view(k_dst, plan.dst_view), _view(v_dst_t, plan.dst_view), slot_mapping,
         k_scale, v_scale, n_rows, ia[0], ia[1], ia[2], ia[3],
         num_warps=plan.num_warps, num_stages=1, **plan.constexprs)
-    if (plan.kernel is None and not _interpreting() and k_dst.is_cuda and torch.version.hip is None
+    if (plan.kernel is None and not _interpreting() and k_dst.is_cuda and plan.desc.platform.is_nvidia
             and not hasattr(compiled, "result")):
         plan.device = k_dst.get_device()
         plan.kernel = compiled

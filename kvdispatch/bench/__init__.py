@@ -71,17 +71,8 @@ def _driver() -> Optional[str]:
 
 
 def _info(device: torch.device, platform, argv) -> dict:
-    from .. import __version__
-    v = {"kvdispatch": __version__, "python": _py_platform.python_version(), "torch": torch.__version__}
-    if torch.version.cuda:
-        v["cuda"] = torch.version.cuda
-    if torch.version.hip:
-        v["hip"] = torch.version.hip
-    try:
-        import triton
-        v["triton"] = triton.__version__
-    except Exception:
-        v["triton"] = "not installed"
+    from ..cli import versions
+    v = versions()
     info = dict(device=str(device), platform=str(platform), versions=v,
                 timer="median of CUDA-event-timed calls, L2 cleared before each (triton.testing.do_bench)"
                 if device.type == "cuda" else "median host time of synchronized calls",
