@@ -20,7 +20,8 @@ stored ``kv_lora_rank`` elements into the cache row.
 Offsets are int32 when the descriptor proves the cache fits (and the inputs do), else int64.
 FP8: ``x * (1 / scale)`` clamped to the type's largest finite value (so a finite input never
 becomes NaN/inf), rounded to nearest-even by the hardware conversion where Triton has one for the
-platform and type (e4m3fnuz on NVIDIA goes through e4m3fn: same codes at twice the value),
+platform and type (e4m3fnuz on NVIDIA has none: a shortcut through e4m3fn stored wrong codes on
+the H100, 2026-11-22),
 otherwise by an exact integer encoder (``_fp8_encode``), which also serves the CPU interpreter
 (whose own fp8 casts do not round to nearest-even).
 
@@ -53,8 +54,8 @@ _FP8_FORMAT = {
 _FP8 = tuple(_FP8_FORMAT)
 
 # mode of the element conversion (constexpr QUANT): copy; hardware conversion to the cache's fp8
-# type; the integer encoder; e4m3fnuz through the hardware e4m3fn conversion (NVIDIA has no fnuz)
-COPY, NATIVE_FP8, SOFT_FP8, FNUZ_VIA_E4M3FN = 0, 1, 2, 3
+# type; the integer encoder
+COPY, NATIVE_FP8, SOFT_FP8 = 0, 1, 2
 
 # the widest head row a program holds (elements, padded)
 _MAX_ROW = 1 << 14
@@ -126,14 +127,6 @@ def _write_side(
         y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
         if QUANT == 1:
             x = y.to(dst.dtype.element_ty)
-        elif QUANT == 3:
-            # e4m3fnuz is e4m3fn with an exponent bias one higher: the fnuz code of y is the fn
-            # code of 2y (exact scaling, same rounding), except above fn's largest finite value
-            # 448 = 2 * 224, where fnuz still has 240 (0x7F) for |y| > 232 (the tie rounds to
-            # even: 224), and for -0 (0x80 is fnuz's NaN).
-            c = (y * 2.0).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-            c = tl.where(tl.abs(y) > 232.0, (c & 0x80) | 0x7F, c)
-            x = tl.where(c == 0x80, 0, c).to(tl.uint8)
         else:
             x = _fp8_encode(y, FP8_BIAS, FP8_MAN, FP8_FNUZ)
     row_off = blk * S_BLOCK + off * S_TOKEN + head * S_HEAD
@@ -189,14 +182,12 @@ def _write_kv_kernel(
 # -- planning (cached per descriptor, input strides, alignment and batch bucket) -------------------
 def _fp8_mode(platform, fp8_dtype: torch.dtype) -> int:
     """How this platform converts fp32 -> ``fp8_dtype``: in hardware where Triton has the type
-    for the target, e4m3fnuz through e4m3fn on NVIDIA, else with the integer encoder."""
+    for the target, else with the exact integer encoder (e4m3fnuz on NVIDIA)."""
     if _interpreting():
         return SOFT_FP8
     if platform.name == "nvidia" and (platform.capability or (0, 0)) >= (8, 9):
         if fp8_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             return NATIVE_FP8
-        if fp8_dtype == torch.float8_e4m3fnuz:
-            return FNUZ_VIA_E4M3FN
     if platform.name == "rocm":
         arch = (platform.arch or "").split(":")[0]
         if arch in ("gfx940", "gfx941", "gfx942") and fp8_dtype == torch.float8_e4m3fnuz:

@@ -158,7 +158,7 @@ def _fp8_probe_values(dtype: torch.dtype) -> torch.Tensor:
 def test_fp8_conversion_probes(storage):
     """Every finite code, every tie and its neighbours, saturation, tiny values: the integer
     encoder (the interpreter's, and any platform without a hardware conversion) rounds exactly
-    like torch; the hardware paths (GPU; e4m3fnuz through e4m3fn on NVIDIA) within one step.
+    like torch; the hardware paths (GPU) within one step.
     Never NaN."""
     dtype = FP8[storage]
     vals = _fp8_probe_values(dtype)
