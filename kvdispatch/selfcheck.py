@@ -3,8 +3,6 @@ reference on CPU copies of the same inputs."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 
 import torch
@@ -12,20 +10,7 @@ import torch
 from .ops import concat_and_cache_mla, flash_attn_varlen_func, reshape_and_cache_flash
 from .platform import platform_of
 from .registry import registry
-from .testing import make_kv_cache, make_mla_cache, random_block_table, random_fill, random_slots
-
-
-@contextlib.contextmanager
-def _reference():
-    old = os.environ.get("KVDISPATCH_BACKEND")
-    os.environ["KVDISPATCH_BACKEND"] = "reference"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("KVDISPATCH_BACKEND")
-        else:
-            os.environ["KVDISPATCH_BACKEND"] = old
+from .testing import force_backend, make_kv_cache, make_mla_cache, random_block_table, random_fill, random_slots
 
 
 def _sync(dev):
@@ -62,7 +47,7 @@ def _write_case(dev, layout, kv_cache_dtype, scale, heads=4, d=128, bs=16, nb=32
     rv_base = rk_base if _base(vc) is _base(kc) else _base(vc).clone()
     ref_k = rk_base.as_strided(kc.shape, kc.stride(), kc.storage_offset())
     ref_v = rv_base.as_strided(vc.shape, vc.stride(), vc.storage_offset())
-    with _reference():
+    with force_backend("reference"):
         reshape_and_cache_flash(key, value, ref_k, ref_v, slots, kv_cache_dtype, ks, vs)
     dk_base = _base(kc).to(dev)
     dv_base = dk_base if _base(vc) is _base(kc) else _base(vc).to(dev)
@@ -103,7 +88,7 @@ def _mla_case(dev, kv_cache_dtype):
     slots = random_slots(t, nb, bs)
     scale = torch.tensor([0.1]) if kv_cache_dtype != "auto" else None
     ref = cache.clone()
-    with _reference():
+    with force_backend("reference"):
         concat_and_cache_mla(kv_c, k_pe, ref, slots, kv_cache_dtype, scale)
     dc = cache.to(dev)
     args = (kv_c.to(dev), k_pe.to(dev), dc, slots.to(dev), kv_cache_dtype, None if scale is None else scale.to(dev))
@@ -130,7 +115,7 @@ def _attn_case(dev, q_lens, k_lens, causal=True, window=(-1, -1), softcap=0.0, f
     if fp8:
         kd, vd = torch.rand(len(k_lens), hkv) * 0.1 + 0.05, torch.rand(len(k_lens), hkv) * 0.1 + 0.05
     kw = dict(max_seqlen_q=max(q_lens), max_seqlen_k=max(k_lens), causal=causal, window_size=window, softcap=softcap)
-    with _reference():
+    with force_backend("reference"):
         want = flash_attn_varlen_func(q.float() if not fp8 else q, kc.float() if not fp8 else kc,
                                       vc.float() if not fp8 else vc, cu_seqlens_q=cu_q, seqused_k=used,
                                       block_table=bt, k_descale=kd, v_descale=vd,

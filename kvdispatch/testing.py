@@ -7,6 +7,8 @@ data (never zeros), so a kernel that writes to the wrong place or skips elements
 
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Optional
 
 import torch
@@ -15,7 +17,7 @@ from .descriptor import FP8_DTYPES
 
 __all__ = [
     "LAYOUTS", "ATTENTION_LAYOUTS", "make_kv_cache", "make_mla_cache", "random_fill",
-    "random_slots", "random_block_table", "fp8_max",
+    "random_slots", "random_block_table", "fp8_max", "force_backend",
 ]
 
 # Layouts of a K/V cache pair (4-D views indexed [block, token, head, dim], or head-major).
@@ -156,3 +158,20 @@ def random_block_table(seq_lens_k, num_blocks: int, block_size: int, device="cpu
         table[i, :n] = perm[pos:pos + n]
         pos += n
     return table.to(dtype=torch.int32, device=device)
+
+
+@contextlib.contextmanager
+def force_backend(name: Optional[str]):
+    """Set ``KVDISPATCH_BACKEND`` for the duration (None: automatic selection)."""
+    old = os.environ.get("KVDISPATCH_BACKEND")
+    if name is None:
+        os.environ.pop("KVDISPATCH_BACKEND", None)
+    else:
+        os.environ["KVDISPATCH_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("KVDISPATCH_BACKEND", None)
+        else:
+            os.environ["KVDISPATCH_BACKEND"] = old

@@ -10,33 +10,16 @@ NaN first) against a float32 reference.
 
 from __future__ import annotations
 
-import contextlib
-import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 
 import kvdispatch as kvd
-from kvdispatch.testing import make_kv_cache, make_mla_cache, random_block_table, random_fill, random_slots
+from kvdispatch.testing import (force_backend, make_kv_cache, make_mla_cache, random_block_table, random_fill,  # noqa: F401
+                                random_slots)
 
 FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2, "e4m3fnuz": torch.float8_e4m3fnuz}
-
-
-@contextlib.contextmanager
-def force_backend(name: Optional[str]):
-    old = os.environ.get("KVDISPATCH_BACKEND")
-    if name is None:
-        os.environ.pop("KVDISPATCH_BACKEND", None)
-    else:
-        os.environ["KVDISPATCH_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("KVDISPATCH_BACKEND", None)
-        else:
-            os.environ["KVDISPATCH_BACKEND"] = old
 
 
 def _base(t: torch.Tensor) -> torch.Tensor:

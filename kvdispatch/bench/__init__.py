@@ -23,6 +23,8 @@ from typing import Optional
 
 import torch
 
+from ..cli import default_device
+
 __all__ = ["main", "run"]
 
 
@@ -51,14 +53,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list implementations and cases, run nothing")
     p.add_argument("--debug", action="store_true", help="print tracebacks of implementations that raise")
     return p
-
-
-def _default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    if hasattr(torch, "xpu") and torch.xpu.is_available():
-        return torch.device("xpu", 0)
-    return torch.device("cpu")
 
 
 def _driver() -> Optional[str]:
@@ -108,7 +102,7 @@ def run(argv: list, console=None) -> dict:
     if console is None:
         # logs of CI and device runs are not terminals: rich would wrap the tables at 80 columns
         console = Console() if sys.stdout.isatty() else Console(width=200)
-    device = torch.device(args.device) if args.device else _default_device()
+    device = torch.device(args.device) if args.device else default_device()
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     platform = platform_of(device)

@@ -14,15 +14,13 @@ Byte and FLOP counts are the least an implementation must move / compute (see ``
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
 
-from ..testing import make_kv_cache, make_mla_cache, random_block_table, random_slots
+from ..testing import force_backend, make_kv_cache, make_mla_cache, random_block_table, random_slots  # noqa: F401
 
 __all__ = ["OPS", "Case", "Workload", "default_suite", "quick_suite", "select_cases", "force_backend",
            "ATTENTION_OPS", "WRITE_OPS", "DTYPES"]
@@ -34,23 +32,6 @@ PUBLIC_OP = {"write": "reshape_and_cache_flash", "mla-write": "concat_and_cache_
              "decode": "flash_attn_varlen_func", "prefill": "flash_attn_varlen_func",
              "mixed": "flash_attn_varlen_func"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-@contextlib.contextmanager
-def force_backend(name: Optional[str]):
-    """Set ``KVDISPATCH_BACKEND`` for the duration (None: automatic selection)."""
-    old = os.environ.get("KVDISPATCH_BACKEND")
-    if name is None:
-        os.environ.pop("KVDISPATCH_BACKEND", None)
-    else:
-        os.environ["KVDISPATCH_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("KVDISPATCH_BACKEND", None)
-        else:
-            os.environ["KVDISPATCH_BACKEND"] = old
 
 
 @dataclass(frozen=True)
