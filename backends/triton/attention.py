@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from .attention_configs import AttentionConfig, TileConfig, config_for
+from .write import _no_launch_hooks
 
 __all__ = ["supports", "flash_attn_varlen_func", "plan_for"]
 
@@ -197,7 +198,9 @@ def _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, 
     return acc, l_i, m_new
 
 
-@triton.jit
+# Values that change from step to step are not specialized on, so one compiled kernel serves every
+# step of a plan and can be launched directly (see ``_launch_direct``).
+@triton.jit(do_not_specialize=["total_q", "split_keys", "s_bt"])
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_ml_ptr,
     cu_q_ptr, cu_k_ptr, seqused_ptr, bt_ptr,
@@ -490,6 +493,23 @@ def plan_for(q: torch.Tensor, out: torch.Tensor, desc, args, decode: bool) -> Pl
     return plan
 
 
+_COMPILED: dict = {}
+
+
+def _launch_direct(kernel, grid, device: int, ptr_values, scale, softcap, v_factor, window_left, window_right,
+                   total_q, split_keys, s_bt, specialized, constexprs, split) -> None:
+    """Launch an already compiled ``_attention_kernel`` with raw arguments, skipping Triton's
+    per-call binding (about 60 us of host time for this many arguments). The cache key that
+    found ``kernel`` holds every value it was specialized on; the argument order is the kernel's
+    signature (constexpr slots are passed and ignored by the launcher)."""
+    s_qt, s_qh, s_ot, s_oh, qd_sb, qd_sh, kd_sb, kd_sh, vd_sb, vd_sh = specialized[:10]
+    kernel.run(grid[0], grid[1], grid[2], torch._C._cuda_getCurrentRawStream(device), kernel.function,
+               kernel.packed_metadata, None, None, None, *ptr_values,
+               scale, softcap, v_factor, window_left, window_right, total_q, split_keys,
+               s_qt, s_qh, s_ot, s_oh, s_bt, qd_sb, qd_sh, kd_sb, kd_sh, vd_sb, vd_sh,
+               *constexprs.values(), split, False)
+
+
 def _descale_strides(t: Optional[torch.Tensor]):
     if t is None or t.numel() == 1:
         return 0, 0
@@ -554,14 +574,33 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
     vv = v.view(torch.uint8) if c["KV_MODE"] >= FP8_E4M3_BITS else v
     qq = q.view(torch.uint8) if c["Q_MODE"] >= FP8_E4M3_BITS else q
     bt = args.block_table if args.paged else dummy
-    while True:
+    ptrs = (qq, kk, vv, out, ws_o, ws_ml, args.cu_seqlens_q,
+            args.cu_seqlens_k if args.cu_seqlens_k is not None else dummy,
+            args.seqused_k if args.seqused_k is not None else dummy, bt,
+            qd if qd is not None else dummy, kd if kd is not None else dummy, vd if vd is not None else dummy)
+    # Everything Triton specializes this launch on, but the values in do_not_specialize.
+    specialized = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), *_descale_strides(qd),
+                   *_descale_strides(kd), *_descale_strides(vd), args.window_left, args.window_right)
+    grid = (q_tiles, batch * hkv, num_splits)
+    direct = None  # the key under which a compiled kernel is kept for direct launches
+    launched = False
+    if q.is_cuda and desc.platform.is_nvidia and not _interpreting():
+        ptr_values = tuple(t.data_ptr() for t in ptrs)
+        align = 0
+        for p in ptr_values:
+            align |= p
+        direct = (plan.key, plan.tile, specialized, split,
+                  0 if align & 15 == 0 else tuple(p & 15 for p in ptr_values))
+        kernel = _COMPILED.get(direct)
+        if kernel is not None and _no_launch_hooks():
+            _launch_direct(kernel, grid, q.get_device(), ptr_values, scale, float(args.softcap), v_factor,
+                           args.window_left, args.window_right, total_q, split_keys,
+                           bt.stride(0) if args.paged else 0, specialized, c, split)
+            launched = True
+    while not launched:
         try:
-            _attention_kernel[(q_tiles, batch * hkv, num_splits)](
-                qq, kk, vv, out, ws_o, ws_ml,
-                args.cu_seqlens_q, args.cu_seqlens_k if args.cu_seqlens_k is not None else dummy,
-                args.seqused_k if args.seqused_k is not None else dummy, bt,
-                qd if qd is not None else dummy, kd if kd is not None else dummy,
-                vd if vd is not None else dummy,
+            compiled = _attention_kernel[grid](
+                *ptrs,
                 scale, float(args.softcap), v_factor, args.window_left, args.window_right, total_q,
                 split_keys, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
                 bt.stride(0) if args.paged else 0,
@@ -569,7 +608,11 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
                 SPLIT=split, INTERPRET=_interpreting(), num_warps=plan.tile.num_warps,
                 num_stages=plan.tile.num_stages, **c,
             )
-            break
+            if direct is not None and hasattr(compiled, "packed_metadata") and hasattr(compiled, "function"):
+                if len(_COMPILED) > 4096:
+                    _COMPILED.clear()
+                _COMPILED[direct] = compiled
+            launched = True
         except _PTXAS_ERRORS:
             # ptxas (12.9, triton 3.6) segfaults on some multi-stage pipelines; the kernel is
             # compiled before anything runs, so retrying with fewer stages is safe.
@@ -577,6 +620,8 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
                 raise
             plan = plan._replace(tile=dataclasses.replace(plan.tile, num_stages=plan.tile.num_stages - 1))
             _PLANS[plan.key] = plan
+            if direct is not None:
+                direct = (plan.key, plan.tile) + direct[2:]
     if split:
         _merge_splits_kernel[(total_q, hq)](
             ws_o, ws_ml, out, args.cu_seqlens_q, total_q, out.stride(0), out.stride(1),
