@@ -56,6 +56,14 @@ class Platform:
     # free-form extras (warp size, ...) kept out of hashing/equality
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
+    def __post_init__(self):
+        # hashed on every selection-cache lookup: compute it once
+        object.__setattr__(self, "_hash", hash((self.name, self.device_type, self.arch, self.capability,
+                                                self.multiprocessors, self.device_name)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
     @property
     def is_rocm(self) -> bool:
         return self.name == ROCM

@@ -31,12 +31,13 @@ output with its running max and sum to a float32 workspace; a second kernel merg
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from kvdispatch.platform import getenv
 
 from .attention_configs import AttentionConfig, TileConfig, config_for
 from .write import _no_launch_hooks
@@ -59,7 +60,7 @@ _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return getenv(b"TRITON_INTERPRET") not in (None, "", "0")
 
 
 def _pow2_floor(n: int) -> int:
@@ -448,7 +449,7 @@ def plan_for(q: torch.Tensor, out: torch.Tensor, desc, args, decode: bool) -> Pl
     interp = _interpreting()
     key = (desc.key, q.dtype, out.dtype, q.shape[1], decode, args.paged, args.seqused_k is not None,
            args.softcap > 0, args.window_left >= 0, args.window_right >= 0, args.q_descale is not None,
-           args.k_descale is not None, args.v_descale is not None, interp, desc.platform)
+           args.k_descale is not None, args.v_descale is not None, interp, desc.platform)  # hash cached
     plan = _PLANS.get(key)
     if plan is not None:
         return plan

@@ -32,12 +32,13 @@ launched directly with raw pointers, skipping Triton's per-call argument special
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from kvdispatch.platform import getenv
 
 from .write_configs import WriteConfig, config_for
 
@@ -65,7 +66,7 @@ _MAX_MERGED_ROW = 1 << 12
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return getenv(b"TRITON_INTERPRET") not in (None, "", "0")
 
 
 # -- kernels ----------------------------------------------------------------------------------------
