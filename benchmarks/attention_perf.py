@@ -270,6 +270,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/attention_h100")
     ap.add_argument("--sections", default="copy,host,decode,layouts,fp8,mla,prefill,splits,tiles")
+    ap.add_argument("--tiles", default="", help="tiles section: 'kind:bm,bn,warps,stages[,splits[,fp16]] ...' "
+                    "(kind: decode, fp8, prefill, mla128) instead of the default sweep")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (TRITON_INTERPRET=1)")
     a = ap.parse_args()
     global DEV, SMOKE
@@ -335,36 +337,61 @@ def main():
             decode_rows(results, "splits", kw, f"decode b{batch}x{L}", copy_bw, with_competitors=False,
                         splits=(None, 1, 2, 4, 8, 16, 32, 64))
     if "tiles" in sections:
+        # launch-config sweep: each variant replaces the platform's whole table (one tile for every
+        # head size and batch shape), so the kind's case runs with exactly that tile
         from kvdispatch.backends.triton import attention, attention_configs as ac
         base = ac.config_for(kvd.KVCacheDescriptor.from_tensors(*make_kv_cache(
             "NHD", 1, 16, 1, 128, device=DEV, fill=False)).platform)
         orig = attention.config_for
-        dec = make_case(32, 1, 4096)
-        pre = make_case(4, 2048, 2048)
-        dref, pref = reference(dec), reference(pre)
-        fl = prefill_flops(pre)
-        dec8 = make_case(32, 1, 4096, fp8=torch.float8_e4m3fn)
-        d8ref = reference(dec8)
-        variants = [("decode", ac.TileConfig(128, 16, bn, w, s)) for bn, w, s in
-                    ((64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2), (256, 4, 2), (256, 8, 2), (256, 4, 1))]
-        variants += [("fp8", ac.TileConfig(128, 16, bn, w, s)) for bn, w, s in
-                     ((64, 4, 3), (128, 4, 2), (128, 4, 3), (256, 4, 2), (256, 8, 2), (256, 4, 3), (512, 8, 2))]
-        variants += [("prefill", ac.TileConfig(128, bm, bn, w, s)) for bm, bn, w, s in
-                     ((128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 4, 2), (64, 64, 4, 4))]
-        for kind, tile in variants:
-            cfg = ac.AttentionConfig(decode=(tile,) if kind != "prefill" else base.decode,
-                                     prefill=(tile,) if kind == "prefill" else base.prefill,
+        cases = {
+            "decode": make_case(32, 1, 4096),
+            "fp8": make_case(32, 1, 4096, fp8=torch.float8_e4m3fn),
+            "prefill": make_case(8, 2048, 2048),
+            "mla128": make_case(4, 1, 16384, layout="mla-slices", hq=128, hkv=1, d=576, dv=512),
+        }
+        refs = {k: reference(kw) for k, kw in cases.items()}
+        T = ac.TileConfig
+        variants = [("decode", T(1024, 16, 128, 4, 2), 1, True)]
+        if a.tiles:  # kind:bm,bn,warps,stages[,splits[,fp16]] separated by spaces
+            variants = []
+            for item in a.tiles.split():
+                kind, nums = item.split(":")
+                v = nums.split(",")
+                sp = int(v[4]) if len(v) > 4 and v[4] != "auto" else None
+                variants.append((kind, T(1024, *map(int, v[:4])), sp, len(v) < 6 or v[5] != "0"))
+        default_variants = []
+        default_variants += [("fp8", T(1024, 16, bn, w, st), sp, f16) for bn, w, st, sp, f16 in
+                     ((128, 4, 2, 1, False), (128, 4, 2, 2, False), (128, 4, 2, 1, True), (128, 4, 2, 2, True),
+                      (128, 4, 2, 4, True), (128, 8, 2, 1, True), (128, 4, 3, 1, True), (256, 4, 2, 1, True),
+                      (256, 8, 2, 2, True), (64, 4, 3, 2, True))]
+        default_variants += [("prefill", T(1024, bm, bn, w, st), None, True) for bm, bn, w, st in
+                     ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
+                      (128, 32, 4, 3), (64, 128, 4, 2))]
+        default_variants += [("mla128", T(1024, bm, bn, w, st), None, True) for bm, bn, w, st in
+                     ((32, 32, 8, 1), (64, 32, 8, 1), (64, 16, 4, 1), (64, 32, 4, 2), (128, 16, 8, 1),
+                      (32, 64, 8, 2), (64, 64, 8, 1))]
+        for kind, tile, splits, f16 in (variants if a.tiles else variants + default_variants):
+            cfg = ac.AttentionConfig(decode=(tile,), prefill=(tile,),
                                      split_programs_per_sm=base.split_programs_per_sm,
                                      split_min_keys=base.split_min_keys, source="sweep")
             attention.config_for = lambda *a_, **k_: cfg
+            attention.FP8_KV_IN_FP16 = f16
             attention._PLANS.clear()
-            kw, ref = {"decode": (dec, dref), "fp8": (dec8, d8ref), "prefill": (pre, pref)}[kind]
-            nm = f"{kind} bm{tile.block_m} bn{tile.block_n} w{tile.num_warps} s{tile.num_stages}"
-            extra = (lambda r: {"TFLOP/s": round(fl / (r["us"] * 1e-6) / 1e12, 1)} if "us" in r else {}) \
-                if kind == "prefill" else \
-                (lambda r: {"GB/s": round(kv_bytes(kw) / (r["us"] * 1e-6) / 1e9, 1)} if "us" in r else {})
-            measure(results, "tiles", nm, kvd_call(kw, None if kind == "prefill" else 1), ref, lambda o: o, extra)
+            kw, ref = cases[kind], refs[kind]
+            nm = (f"{kind} bm{tile.block_m} bn{tile.block_n} w{tile.num_warps} s{tile.num_stages}"
+                  f" splits={splits or 'auto'}" + ("" if kind != "fp8" else f" fp16={f16}"))
+            if kind == "prefill":
+                fl = prefill_flops(kw)
+                extra = (lambda r, fl=fl: {"TFLOP/s": round(fl / (r["us"] * 1e-6) / 1e12, 1)} if "us" in r else {})
+            elif kind == "mla128":
+                fl = 4 * 128 * (576 + 512) / 2 * kw["seqused_k"].sum().item()
+                extra = (lambda r, fl=fl: {"TFLOP/s": round(fl / (r["us"] * 1e-6) / 1e12, 1)} if "us" in r else {})
+            else:
+                extra = (lambda r, kw=kw: {"GB/s": round(kv_bytes(kw) / (r["us"] * 1e-6) / 1e9, 1)}
+                         if "us" in r else {})
+            measure(results, "tiles", nm, kvd_call(kw, splits), ref, lambda o: o, extra)
         attention.config_for = orig
+        attention.FP8_KV_IN_FP16 = True
         attention._PLANS.clear()
 
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)

@@ -161,8 +161,10 @@ def _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, 
         # softcap * tanh(x / softcap) on the scaled score, then to base 2 for exp2
         t = s * qk_scale / softcap
         s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * t) + 1.0)) * 1.4426950408889634
+        s_scale = 1.0
     else:
-        s = s * qk_scale
+        # the scale (> 0) is applied after the row max, fused with the subtraction (one FMA)
+        s_scale = qk_scale
     if MASKED:
         ok = key_ok[None, :]
         if HAS_RIGHT:
@@ -171,10 +173,13 @@ def _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, 
             ok = ok & (offs_n[None, :] >= p_row[:, None] - window_left)
         s = tl.where(ok, s, float("-inf"))
 
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # a row that has seen no key yet keeps m = -inf: subtract 0 instead (exp2(-inf) = 0, no NaN)
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_use[:, None])
+    m_new = tl.maximum(m_i, tl.max(s, 1) * s_scale)
+    if MASKED:
+        # a row that has seen no key yet keeps m = -inf: subtract 0 instead (exp2(-inf) = 0, no NaN)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new  # an unmasked tile gives every row finite scores
+    p = tl.math.exp2(s * s_scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -191,11 +196,11 @@ def _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, 
         v = tl.load(v_ptr + v_rows[:, None] + offs_dv[None, :])
     v = _to_compute(v, KV_MODE, COMPUTE)
     if DOT_F32:
-        acc += tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
     elif IEEE:
-        acc += tl.dot(p, v, input_precision="ieee")
+        acc = tl.dot(p, v, acc, input_precision="ieee")
     else:
-        acc += tl.dot(p.to(COMPUTE), v)
+        acc = tl.dot(p.to(COMPUTE), v, acc)
     return acc, l_i, m_new
 
 
@@ -215,7 +220,7 @@ def _attention_kernel(
     DA: tl.constexpr, DB: tl.constexpr, DB_VALID: tl.constexpr,
     DV: tl.constexpr, DV_VALID: tl.constexpr,
     PAGED: tl.constexpr, HAS_SEQUSED: tl.constexpr, INT64: tl.constexpr,
-    KV_MODE: tl.constexpr, Q_MODE: tl.constexpr, COMPUTE: tl.constexpr,
+    KV_MODE: tl.constexpr, Q_MODE: tl.constexpr, COMPUTE: tl.constexpr, Q_PRE: tl.constexpr,
     DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     HAS_QD: tl.constexpr, HAS_KD: tl.constexpr, HAS_VD: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -226,7 +231,8 @@ def _attention_kernel(
     With SPLIT, writes ``ws_o`` ``(splits, total_q, Hq, DV_VALID)`` (unnormalized) and ``ws_ml``
     ``(splits, total_q, Hq, 2)`` (running max in base 2, sum) instead of ``out``.
     """
-    tile = tl.program_id(0)
+    # the longest (causal: most keys) q tiles of a sequence start first; shorter ones fill the tail
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     split = tl.program_id(2)
     b = bh // NUM_KV_HEADS
@@ -282,11 +288,15 @@ def _attention_kernel(
     q_rows = (q_start + q_tok).to(tl.int64) * s_qt + head * s_qh
     offs_da = tl.arange(0, DA)
     qa = tl.load(q_ptr + q_rows[:, None] + offs_da[None, :], mask=row_ok[:, None], other=0.0)
+    if Q_PRE != 1.0:
+        qa = qa.to(tl.float32) * Q_PRE
     qa = _to_compute(qa, Q_MODE, COMPUTE)
     if DB > 0:
         offs_db = DA + tl.arange(0, DB)
         qb = tl.load(q_ptr + q_rows[:, None] + offs_db[None, :],
                      mask=row_ok[:, None] & (offs_db[None, :] < DA + DB_VALID), other=0.0)
+        if Q_PRE != 1.0:
+            qb = qb.to(tl.float32) * Q_PRE
         qb = _to_compute(qb, Q_MODE, COMPUTE)
     else:
         qb = qa
@@ -442,6 +452,8 @@ def _mode(dtype: torch.dtype, platform, interpreting: bool) -> int:
 
 
 _PLANS: dict = {}
+# fp8 caches with bf16 queries compute in fp16 (see plan_for); a switch for benchmarks to compare
+FP8_KV_IN_FP16 = True
 
 
 def plan_for(q: torch.Tensor, out: torch.Tensor, desc, args, decode: bool) -> Plan:
@@ -449,7 +461,8 @@ def plan_for(q: torch.Tensor, out: torch.Tensor, desc, args, decode: bool) -> Pl
     interp = _interpreting()
     key = (desc.key, q.dtype, out.dtype, q.shape[1], decode, args.paged, args.seqused_k is not None,
            args.softcap > 0, args.window_left >= 0, args.window_right >= 0, args.q_descale is not None,
-           args.k_descale is not None, args.v_descale is not None, interp, desc.platform)  # hash cached
+           args.k_descale is not None, args.v_descale is not None, interp, desc.platform,
+           FP8_KV_IN_FP16)  # hash cached
     plan = _PLANS.get(key)
     if plan is not None:
         return plan
@@ -470,6 +483,15 @@ def plan_for(q: torch.Tensor, out: torch.Tensor, desc, args, decode: bool) -> Pl
         compute = tl.float16
     else:
         compute = _TL[q.dtype]
+    q_pre = 1.0
+    if FP8_KV_IN_FP16 and desc.cache_dtype in _FP8 and compute == tl.bfloat16:
+        # fp8 K/V with bf16 q: decode K/V to fp16 (one hardware conversion per two elements on
+        # sm89+, against fp8 -> fp16 -> fp32 -> bf16) and run both dots in fp16, which holds
+        # every e4m3/e5m2 value exactly and P with 3 more bits than bf16. q enters fp16 scaled
+        # by 1/16 (folded back into the softmax scale): no overflow below 1.05e6, and full
+        # precision above 2^-10 (absolute error <= 2^-21 below).
+        compute = tl.float16
+        q_pre = 1.0 / 16.0
     group = q.shape[1] // desc.num_kv_heads
     ks, vs = desc.k, desc.v
     paged = args.paged
@@ -480,14 +502,14 @@ def plan_for(q: torch.Tensor, out: torch.Tensor, desc, args, decode: bool) -> Pl
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
         DA=da, DB=db, DB_VALID=rest, DV=_pow2_ceil(max(dv, 16)), DV_VALID=dv,
         PAGED=paged, HAS_SEQUSED=args.seqused_k is not None, INT64=not desc.int32_offsets,
-        KV_MODE=kv_mode, Q_MODE=q_mode, COMPUTE=compute,
+        KV_MODE=kv_mode, Q_MODE=q_mode, COMPUTE=compute, Q_PRE=q_pre,
         DOT_F32=interp and compute != tl.float32, IEEE=compute == tl.float32,
         HAS_QD=args.q_descale is not None, HAS_KD=args.k_descale is not None,
         HAS_VD=args.v_descale is not None, SOFTCAP=args.softcap > 0,
         HAS_LEFT=args.window_left >= 0, HAS_RIGHT=args.window_right >= 0,
     )
     kv_factor = _BITS_FACTOR.get(kv_mode, 1.0)
-    plan = Plan(key, tile, constexprs, kv_factor, kv_factor, _BITS_FACTOR.get(q_mode, 1.0), cfg)
+    plan = Plan(key, tile, constexprs, kv_factor, kv_factor, _BITS_FACTOR.get(q_mode, 1.0) / q_pre, cfg)
     if len(_PLANS) > 4096:
         _PLANS.clear()
     _PLANS[key] = plan
@@ -518,17 +540,18 @@ def _descale_strides(t: Optional[torch.Tensor]):
 
 
 def choose_splits(batch: int, num_kv_heads: int, q_tiles: int, max_seqlen_k: int, block_n: int,
-                  cfg: AttentionConfig, multiprocessors: int) -> int:
+                  cfg: AttentionConfig, multiprocessors: int, programs_per_sm: int = 0) -> int:
     """Split-KV count: none once every multiprocessor has a program (splitting then only adds
     the partial round trip); else as many splits as keep the programs within
     ``split_programs_per_sm`` waves of the machine (rounded DOWN: a partly filled last wave costs
     a whole wave; on the H100 9 splits of batch 4 x 32768 took 217 us, 8 took 185 us), none
-    shorter than ``split_min_keys``."""
+    shorter than ``split_min_keys``. ``programs_per_sm`` (the tile's own, when it sets one: a tile
+    so large that one program fills a multiprocessor) replaces the config's count."""
     programs = batch * num_kv_heads * q_tiles
     sms = max(multiprocessors, 1)
     if programs >= sms:
         return 1
-    by_fill = cfg.split_programs_per_sm * sms // programs
+    by_fill = (programs_per_sm or cfg.split_programs_per_sm) * sms // programs
     by_length = max_seqlen_k // cfg.split_min_keys
     return max(1, min(by_fill, by_length, 256))
 
@@ -555,7 +578,7 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
     q_tiles = -(-args.max_seqlen_q * group // c["BLOCK_M"])
     if num_splits is None:
         num_splits = choose_splits(batch, hkv, q_tiles, args.max_seqlen_k, c["BLOCK_N"], plan.config,
-                                   desc.platform.multiprocessors or 1)
+                                   desc.platform.multiprocessors or 1, plan.tile.programs_per_sm)
     split_keys = -(-max(args.max_seqlen_k, 1) // num_splits)
     split_keys = -(-split_keys // c["BLOCK_N"]) * c["BLOCK_N"]
     num_splits = max(1, -(-max(args.max_seqlen_k, 1) // split_keys))

@@ -30,6 +30,9 @@ class TileConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    # split-KV fill target for this tile (0: the config's split_programs_per_sm); set where one
+    # program takes a whole multiprocessor's shared memory or registers
+    programs_per_sm: int = 0
 
 
 @dataclass(frozen=True)
@@ -48,11 +51,17 @@ class AttentionConfig:
 
 
 # NVIDIA, by compute capability ------------------------------------------------------------------
-# H100 (sm90), measured with benchmarks/attention_perf.py (2026-11-22, torch 2.11, triton 3.6; the
-# numbers and sweeps are in benchmarks/results/attention_h100.md). Decode: 128-key tiles, 4 warps,
-# 2 stages (194 us at batch 32 x 4096 vs 200 us for 64-key tiles and 201-208 us for 256). Prefill:
-# 128x64, 8 warps, 2 stages (300 TFLOP/s; 3 stages measured the same but ptxas of triton 3.6
-# crashes (SIGSEGV) compiling the 3-stage kernel for some head sizes). Split-KV: whole waves of
+# H100 (sm90), measured with benchmarks/attention_perf.py (2026-11-22/23, torch 2.11, triton 3.6;
+# the numbers and sweeps are in benchmarks/results/attention_h100.md). Decode: 128-key tiles,
+# 4 warps, 2 stages (194 us at batch 32 x 4096 vs 200 us for 64-key tiles and 201-208 us for 256;
+# fp8 e4m3 b32: 108 us, vs 114-178 us for 8 warps, 3 stages, 256-key tiles or 2-4 splits).
+# Prefill head 128: 128x32, 4 warps, 3 stages (8 x 2048 causal: 326 TFLOP/s, against 306 for
+# 128x64/8 warps/2 stages, 317 for 128x128/8/3, 224-310 for the other swept tiles; ptxas of
+# triton 3.6 crashes (SIGSEGV) on some 3-stage kernels: the launcher retries with fewer stages).
+# Head 64: not swept, the earlier 128x64 tile. Wide heads (MLA 576/512, also many-head MLA decode,
+# whose 128 query rows per latent head take prefill tiles): 64x64, 8 warps, 1 stage, one program
+# per SM when splitting (b4 x 16384, 128 heads: 122 us with 16 splits, 140 us with 32, 267 us for
+# the earlier 32x32 tile; 2 stages do not fit in shared memory). Split-KV: whole waves of
 # 2 programs per SM, >= 512 keys per split (the best split count of every swept case).
 _H100 = AttentionConfig(
     decode=(
@@ -62,9 +71,9 @@ _H100 = AttentionConfig(
     ),
     prefill=(
         TileConfig(64, block_m=128, block_n=64, num_warps=8, num_stages=2),
-        TileConfig(128, block_m=128, block_n=64, num_warps=8, num_stages=2),
+        TileConfig(128, block_m=128, block_n=32, num_warps=4, num_stages=3),
         TileConfig(256, block_m=64, block_n=32, num_warps=4, num_stages=2),
-        TileConfig(1024, block_m=32, block_n=32, num_warps=8, num_stages=1),
+        TileConfig(1024, block_m=64, block_n=64, num_warps=8, num_stages=1, programs_per_sm=1),
     ),
     split_programs_per_sm=2,
     split_min_keys=512,
@@ -73,11 +82,15 @@ _H100 = AttentionConfig(
 
 NVIDIA = {
     (9, 0): _H100,
-    # A100 (sm80): not measured here. 164 KB shared memory per SM (vs 228 KB on H100): the
-    # three-stage 128x64 prefill pipeline at head 128 needs ~128 KB and still fits, so the H100
-    # tiles are kept; follows NVIDIA's Ampere tuning guide (cp.async multi-stage pipelines).
-    (8, 0): AttentionConfig(decode=_H100.decode, prefill=_H100.prefill, split_programs_per_sm=2,
-                            split_min_keys=512,
+    # A100 (sm80): not measured here. 164 KB shared memory per SM (vs 228 KB on H100): the H100
+    # tiles up to head 256 fit and are kept (the three-stage 128x32 prefill pipeline at head 128
+    # needs well under 100 KB), but the H100's 64x64 MLA tile (its 2-stage form asked for 344 KB
+    # on the H100; the 1-stage form's size was not read) may not fit, so wide heads keep the
+    # earlier 32x32 tile; follows NVIDIA's Ampere tuning guide (cp.async
+    # multi-stage pipelines).
+    (8, 0): AttentionConfig(decode=_H100.decode,
+                            prefill=_H100.prefill[:-1] + (TileConfig(1024, 32, 32, 8, 1),),
+                            split_programs_per_sm=2, split_min_keys=512,
                             source="not measured; H100 tiles, fit A100 shared memory (Ampere tuning guide)"),
     # Ada (sm89): not measured here. 100 KB shared memory per SM: two pipeline stages for prefill.
     (8, 9): AttentionConfig(
