@@ -15,7 +15,7 @@
 #
 # Options (before any bench arguments): --skip-tests, --skip-bench, --quick (bench --quick, and
 # pytest -m "gpu and not slow"). Every other argument is passed to `kvdispatch bench`.
-# Env: PYTHON (default python3), PYTEST_TIMEOUT_S (default 300), BENCH_TIMEOUT_S (default 0 = none).
+# Env: PYTHON (default python3), PYTEST_TIMEOUT_S (default 420: a cold Triton cache compiles for about 3 minutes), BENCH_TIMEOUT_S (default 0 = none).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/local}
@@ -67,7 +67,7 @@ if [ "$run_tests" = 1 ]; then
   marker="gpu"
   [ "$quick" = 1 ] && marker="gpu and not slow"
   log "== pytest -m '$marker'"
-  timeout "${PYTEST_TIMEOUT_S:-300}" $PY -m pytest -q -m "$marker" -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.log" | tail -25
+  timeout "${PYTEST_TIMEOUT_S:-420}" $PY -m pytest -q -m "$marker" -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.log" | tail -25
   rc=${PIPESTATUS[0]}
   tail -5 "$OUT/pytest.log" >>"$LOG"
   log "pytest exit status: $rc"

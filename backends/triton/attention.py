@@ -383,7 +383,7 @@ def _attention_kernel(
                  mask=row_ok[:, None] & dv_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["total_q"])
 def _merge_splits_kernel(ws_o_ptr, ws_ml_ptr, out_ptr, cu_q_ptr, total_q, s_ot, s_oh,
                          BATCH: tl.constexpr, NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr,
                          SPLITS_P2: tl.constexpr, DV: tl.constexpr, DV_VALID: tl.constexpr):
@@ -647,8 +647,36 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
             if direct is not None:
                 direct = (plan.key, plan.tile) + direct[2:]
     if split:
-        _merge_splits_kernel[(total_q, hq)](
-            ws_o, ws_ml, out, args.cu_seqlens_q, total_q, out.stride(0), out.stride(1),
-            BATCH=batch, NUM_HEADS=hq, NUM_SPLITS=num_splits, SPLITS_P2=_pow2_ceil(num_splits),
-            DV=c["DV"], DV_VALID=c["DV_VALID"], num_warps=4 if c["DV"] <= 256 else 8,
-        )
+        _merge(ws_o, ws_ml, out, args.cu_seqlens_q, total_q, batch, hq, num_splits, c["DV"], c["DV_VALID"],
+               direct is not None)
+
+
+_MERGE_COMPILED: dict = {}
+
+
+def _merge(ws_o, ws_ml, out, cu_q, total_q: int, batch: int, hq: int, num_splits: int, dv: int,
+           dv_valid: int, direct_ok: bool) -> None:
+    """The split-KV reduction; like the attention kernel, a compiled merge kernel is launched
+    directly on later calls (Triton's generic launcher costs about 60 us of host time)."""
+    constexprs = (batch, hq, num_splits, _pow2_ceil(num_splits), dv, dv_valid)
+    s_ot, s_oh = out.stride(0), out.stride(1)
+    ptrs = (ws_o.data_ptr(), ws_ml.data_ptr(), out.data_ptr(), cu_q.data_ptr())
+    key = None
+    if direct_ok:
+        align = ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3]
+        key = (out.get_device(), constexprs, s_ot, s_oh,
+               0 if align & 15 == 0 else tuple(p & 15 for p in ptrs))
+        kernel = _MERGE_COMPILED.get(key)
+        if kernel is not None and _no_launch_hooks():
+            kernel.run(total_q, hq, 1, torch._C._cuda_getCurrentRawStream(key[0]), kernel.function,
+                       kernel.packed_metadata, None, None, None, *ptrs, total_q, s_ot, s_oh, *constexprs)
+            return
+    compiled = _merge_splits_kernel[(total_q, hq)](
+        ws_o, ws_ml, out, cu_q, total_q, s_ot, s_oh,
+        BATCH=batch, NUM_HEADS=hq, NUM_SPLITS=num_splits, SPLITS_P2=constexprs[3],
+        DV=dv, DV_VALID=dv_valid, num_warps=4 if dv <= 256 else 8,
+    )
+    if key is not None and hasattr(compiled, "packed_metadata") and hasattr(compiled, "function"):
+        if len(_MERGE_COMPILED) > 4096:
+            _MERGE_COMPILED.clear()
+        _MERGE_COMPILED[key] = compiled
