@@ -19,7 +19,7 @@ in three loops: masked edge tiles, unmasked full tiles in the middle, masked til
 
 Head sizes are handled as a power-of-two part plus a remainder (80 = 64 + 16, 192 = 128 + 64,
 MLA 576 = 512 + 64), so no padded lanes are loaded for K. FP8 caches (and fp8 q) are decoded to
-fp16, the compute type of every fp8 call (a bf16 q enters fp16 scaled by 1/16; see ``plan_for``),
+the compute type, fp16 unless q is float32 (a bf16 q enters fp16 scaled by 1/16; see ``plan_for``),
 by the hardware conversion where Triton has one for the platform, else
 by moving the bits into an fp16 pattern (exact for e4m3fn, e5m2, e4m3fnuz; the power-of-two
 exponent-bias difference is folded into the descales).
