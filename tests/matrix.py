@@ -391,3 +391,35 @@ def run_attention_case(case: AttnCase, backend: str, device="cpu", seed: int = 0
     err = (got - ref).norm() / ref.norm().clamp_min(1e-6)
     assert err < tol, f"{case.id}: relative error {float(err):.2e} >= {tol:.0e}"
     return float(err)
+
+
+# -- strided index views -----------------------------------------------------------------------
+def run_strided_index_case(backend: str, device="cpu") -> None:
+    """slot_mapping, per-head scales, block_table, cu_seqlens and seqused_k given as strided views
+    (the API accepts them): the backend must match the reference."""
+    kc, vc = make_kv_cache("HND", 6, 16, 2, 64, dtype=torch.float8_e4m3fn, device=device)
+    rk, rv = kc.clone(), vc.clone()
+    key = torch.randn(10, 2, 64, dtype=torch.bfloat16, device=device)
+    slots = random_slots(20, 6, 16, device=device)[::2]
+    ks = torch.rand(4, device=device)[::2] + 0.1
+    vs = torch.rand(4, device=device)[1::2] + 0.1
+    with force_backend("reference"):
+        kvd.reshape_and_cache_flash(key, key * 2, rk, rv, slots, "fp8", ks, vs)
+    with force_backend(backend):
+        kvd.reshape_and_cache_flash(key, key * 2, kc, vc, slots, "fp8", ks, vs)
+    assert_cache_equal(kc, rk, True, "key_cache (strided slots, per-head scale)")
+    assert_cache_equal(vc, rv, True, "value_cache (strided slots, per-head scale)")
+
+    k, v = make_kv_cache("NHD", 12, 16, 2, 64, device=device)
+    lens = [30, 7, 51]
+    bt = random_block_table(lens, 12, 16, device=device).t().contiguous().t()  # column-major
+    q = torch.randn(6, 4, 64, dtype=torch.bfloat16, device=device)
+    cu_q = torch.tensor([0, 0, 2, 0, 5, 0, 6], dtype=torch.int32, device=device)[::2]
+    used = torch.tensor([30, 0, 7, 0, 51, 0], dtype=torch.int32, device=device)[::2]
+    outs = []
+    for name in ("reference", backend):
+        out = torch.full_like(q, float("nan"))
+        with force_backend(name):
+            kvd.flash_attn_varlen_func(q, k, v, 3, cu_q, 51, seqused_k=used, block_table=bt, causal=True, out=out)
+        outs.append(out.float())
+    assert torch.allclose(outs[0], outs[1], atol=2e-2, rtol=2e-2), (outs[0] - outs[1]).abs().max()

@@ -41,7 +41,7 @@ import triton.language as tl
 from kvdispatch.platform import getenv
 
 from .attention_configs import AttentionConfig, TileConfig, config_for
-from .write import _no_launch_hooks
+from .write import _no_launch_hooks, unit_stride
 
 __all__ = ["supports", "flash_attn_varlen_func", "plan_for"]
 
@@ -569,6 +569,13 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
     total_q, hq, _ = q.shape
     if batch == 0 or total_q == 0 or args.max_seqlen_q == 0:
         return
+    for t in (args.cu_seqlens_q, args.cu_seqlens_k, args.seqused_k, args.block_table):
+        if t is not None and t.shape[-1] > 1 and t.stride(-1) != 1:
+            # strided index views (allowed by the API): the kernels read them as contiguous rows
+            args = args._replace(cu_seqlens_q=unit_stride(args.cu_seqlens_q),
+                                 cu_seqlens_k=unit_stride(args.cu_seqlens_k),
+                                 seqused_k=unit_stride(args.seqused_k), block_table=unit_stride(args.block_table))
+            break
     hkv = desc.num_kv_heads
     group = hq // hkv
     cfg0 = config_for(desc.platform, _interpreting())

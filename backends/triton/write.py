@@ -320,6 +320,15 @@ def _no_launch_hooks() -> bool:
     return True
 
 
+def unit_stride(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t`` itself when its last dimension is contiguous, else a contiguous copy: the kernels
+    read index vectors, block-table rows and per-head scales as contiguous arrays (the public API
+    accepts strided views of them)."""
+    if t is None or t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
+
+
 def _launch(plan: _Plan, n: int, k_src, v_src, k_dst, v_dst, slot_mapping, k_scale, v_scale,
             v_dst_offset: int = 0) -> None:
     """Launch ``plan`` over ``n`` tokens; ``v_dst_offset`` shifts V's destination (MLA's k_pe)."""
@@ -443,11 +452,13 @@ def reshape_and_cache_flash(key: torch.Tensor, value: torch.Tensor, key_cache: t
     n = slot_mapping.shape[0]
     if n == 0:
         return
+    slot_mapping = unit_stride(slot_mapping)
     plan = plan_for(key, value, key_cache, value_cache, slot_mapping, desc, config, merge, force_off64)
     if plan.quant == COPY:
         _launch(plan, n, key, value, key_cache, value_cache, slot_mapping, None, None)
     else:
-        _launch(plan, n, key, value, key_cache, value_cache, slot_mapping, desc.k_scale, desc.v_scale)
+        _launch(plan, n, key, value, key_cache, value_cache, slot_mapping, unit_stride(desc.k_scale),
+                unit_stride(desc.v_scale))
 
 
 def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
@@ -458,6 +469,7 @@ def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch
     n = slot_mapping.shape[0]
     if n == 0:
         return
+    slot_mapping = unit_stride(slot_mapping)
     rank = kv_c.shape[1]
     cache_ptr = kv_cache.data_ptr()
     ck = ("mla", id(desc), kv_cache.get_device(), kv_c.dtype, kv_c.stride(), k_pe.stride(), rank,

@@ -18,7 +18,8 @@ import torch
 import kvdispatch as kvd
 from kvdispatch.backends.triton import attention
 
-from matrix import AttnCase, attention_cases, force_backend, make_attention_inputs, run_attention_case
+from matrix import (AttnCase, attention_cases, force_backend, make_attention_inputs, run_attention_case,
+                    run_strided_index_case)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.interpret if DEVICE == "cpu" else []
@@ -183,3 +184,9 @@ def test_ptxas_crash_retries_with_fewer_stages(monkeypatch):
     assert stages_tried == [3, 2, 1]
     run_attention_case(replace(_B, **_CHUNKED), "triton", device=DEVICE, seed=1)
     assert stages_tried == [3, 2, 1, 1]
+
+
+def test_strided_index_vectors_and_scales():
+    """Strided slot_mapping / per-head scales / block_table / cu_seqlens_q / seqused_k views: the
+    kernels read these as contiguous rows, so the backend hands them a contiguous copy."""
+    run_strided_index_case("triton", DEVICE)

@@ -17,7 +17,7 @@ from kvdispatch.backends.xpu.cpu_lane.runtime import missing
 from kvdispatch.testing import make_kv_cache, random_slots
 
 from matrix import (AttnCase, MLACase, WriteCase, attention_cases, force_backend, mla_cases,
-                    run_attention_case, run_mla_case, run_write_case, write_cases)
+                    run_attention_case, run_mla_case, run_strided_index_case, run_write_case, write_cases)
 
 BACKEND = "sycl-cpu"
 _why = missing()
@@ -160,29 +160,4 @@ def test_many_slots_larger_than_a_group():
 
 def test_strided_index_vectors_and_scales():
     """slot_mapping, per-head scales, block_table, cu_seqlens and seqused_k may be strided views."""
-    from kvdispatch.testing import random_block_table
-    kc, vc = make_kv_cache("HND", 6, 16, 2, 64, dtype=torch.float8_e4m3fn)
-    rk, rv = kc.clone(), vc.clone()
-    key = torch.randn(10, 2, 64, dtype=torch.bfloat16)
-    slots = random_slots(20, 6, 16)[::2]
-    ks = torch.rand(4)[::2] + 0.1
-    vs = torch.rand(4)[1::2] + 0.1
-    with force_backend("reference"):
-        kvd.reshape_and_cache_flash(key, key * 2, rk, rv, slots, "fp8", ks, vs)
-    with force_backend(BACKEND):
-        kvd.reshape_and_cache_flash(key, key * 2, kc, vc, slots, "fp8", ks, vs)
-    assert torch.equal(kc.view(torch.uint8), rk.view(torch.uint8)) and torch.equal(vc.view(torch.uint8), rv.view(torch.uint8))
-
-    k, v = make_kv_cache("NHD", 12, 16, 2, 64)
-    lens = [30, 7, 51]
-    bt = random_block_table(lens, 12, 16).t().contiguous().t()  # column-major block table
-    q = torch.randn(6, 4, 64, dtype=torch.bfloat16)
-    cu_q = torch.tensor([0, 0, 2, 0, 5, 0, 6], dtype=torch.int32)[::2]
-    used = torch.tensor([30, 0, 7, 0, 51, 0], dtype=torch.int32)[::2]
-    outs = []
-    for backend in ("reference", BACKEND):
-        out = torch.full_like(q, float("nan"))
-        with force_backend(backend):
-            kvd.flash_attn_varlen_func(q, k, v, 3, cu_q, 51, seqused_k=used, block_table=bt, causal=True, out=out)
-        outs.append(out.float())
-    assert torch.allclose(outs[0], outs[1], atol=2e-2, rtol=2e-2)
+    run_strided_index_case(BACKEND)
