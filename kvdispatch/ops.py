@@ -217,9 +217,62 @@ def _check_descale(t, name: str, batch: int, heads: int, device) -> None:
     _same_device(t, name, device)
 
 
+def _meta(t):
+    return None if t is None else (t.shape, t.dtype, t.device)
+
+
+# Call signatures whose tensor checks passed: (desc, head_size). Every tensor property the checks
+# read (shapes, strides, dtypes, devices; None-ness of the optional tensors) is in the key, so a
+# hit passes them again; the scalar arguments are checked on every call.
+_ATTN_SEEN: dict = {}
+
+
 def _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
                softmax_scale, causal, window_left, window_right, softcap, block_table,
                q_descale, k_descale, v_descale) -> None:
+    try:
+        sig = (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
+               v.shape, v.stride(), v.dtype, v.device, out.shape, out.stride(), out.dtype, out.device,
+               cu_seqlens_q.shape, cu_seqlens_q.dtype, cu_seqlens_q.device, _meta(cu_seqlens_k),
+               _meta(seqused_k), _meta(block_table), _meta(q_descale), _meta(k_descale), _meta(v_descale))
+        hit = _ATTN_SEEN.get(sig)
+    except (AttributeError, TypeError):  # not tensors: the full checks below name the argument
+        sig = hit = None
+    if hit is None:
+        desc, d = _check_attention_tensors(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table,
+                                           q_descale, k_descale, v_descale)
+        if sig is not None:
+            if len(_ATTN_SEEN) >= 4096:
+                _ATTN_SEEN.clear()
+            _ATTN_SEEN[sig] = (desc, d)
+    else:
+        desc, d = hit
+    for name, val in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not isinstance(val, int) or val < 0:
+            _fail(name, "a non-negative int", repr(val))
+    if softcap < 0:
+        _fail("softcap", ">= 0 (0 disables it)", softcap)
+    if window_left < -1 or window_right < -1:
+        _fail("window_size", "(left, right) with -1 for unbounded", (window_left, window_right))
+    if softmax_scale is None or softmax_scale <= 0:
+        softmax_scale = 1.0 / math.sqrt(d)
+    if causal:
+        window_right = 0
+    args = AttentionArgs(cu_seqlens_q, max_seqlen_q, cu_seqlens_k, seqused_k, max_seqlen_k, block_table,
+                         float(softmax_scale), bool(causal), int(window_left), int(window_right),
+                         float(softcap), q_descale, k_descale, v_descale)
+    backend = registry.select("flash_attn_varlen_func", desc.platform, desc)
+    if backend.name != "reference" and debug_checks():
+        check_attention_values(args, desc)
+    paged = block_table is not None
+    backend.flash_attn_varlen_func(q, k if paged else k.unsqueeze(0), v if paged else v.unsqueeze(0),
+                                   out, desc, args)
+
+
+def _check_attention_tensors(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table,
+                             q_descale, k_descale, v_descale):
+    """Every check of ``flash_attn_varlen_func`` that reads only tensor metadata; returns
+    ``(descriptor, head_size)``."""
     _tensor(q, "q")
     _tensor(k, "k")
     _tensor(v, "v")
@@ -276,28 +329,10 @@ def _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlen
         _check_index(cu_seqlens_k, "cu_seqlens_k", (batch + 1,), dev, "int32 [batch + 1]")
         if seqused_k is not None:
             _check_index(seqused_k, "seqused_k", (batch,), dev, f"int32 [batch={batch}]")
-    for name, val in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if not isinstance(val, int) or val < 0:
-            _fail(name, "a non-negative int", repr(val))
-    if softcap < 0:
-        _fail("softcap", ">= 0 (0 disables it)", softcap)
-    if window_left < -1 or window_right < -1:
-        _fail("window_size", "(left, right) with -1 for unbounded", (window_left, window_right))
     _check_descale(q_descale, "q_descale", batch, hkv, dev)
     _check_descale(k_descale, "k_descale", batch, hkv, dev)
     _check_descale(v_descale, "v_descale", batch, hkv, dev)
-    if softmax_scale is None or softmax_scale <= 0:
-        softmax_scale = 1.0 / math.sqrt(d)
-    if causal:
-        window_right = 0
-    args = AttentionArgs(cu_seqlens_q, max_seqlen_q, cu_seqlens_k, seqused_k, max_seqlen_k, block_table,
-                         float(softmax_scale), bool(causal), int(window_left), int(window_right),
-                         float(softcap), q_descale, k_descale, v_descale)
-    backend = registry.select("flash_attn_varlen_func", desc.platform, desc)
-    if backend.name != "reference" and debug_checks():
-        check_attention_values(args, desc)
-    backend.flash_attn_varlen_func(q, k if paged else k.unsqueeze(0), v if paged else v.unsqueeze(0),
-                                   out, desc, args)
+    return desc, d
 
 
 def flash_attn_varlen_func(

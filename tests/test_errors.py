@@ -165,3 +165,24 @@ def test_bad_attention_raises_before_writing(case):
     assert str(e.value).startswith(name), str(e.value)
     if before is not None and before.shape == out.shape:
         assert torch.equal(out.isnan(), before.isnan())
+
+
+def test_bad_attention_after_a_good_call_with_the_same_shapes():
+    """The public call remembers signatures whose tensor checks passed; a later call that differs
+    in any checked property, or passes bad scalars with a remembered signature, still fails."""
+    a = _attn_args()
+    with force_backend("reference"):
+        kvd.flash_attn_varlen_func(**a)  # remembered
+        for over, name in [(dict(softcap=-1.0), "softcap"), (dict(max_seqlen_k=-3), "max_seqlen_k"),
+                           (dict(window_size=(-5, 0)), "window_size"),
+                           (dict(seqused_k=a["seqused_k"].long()), "seqused_k"),
+                           (dict(block_table=a["block_table"].long()), "block_table"),
+                           (dict(cu_seqlens_q=[0, 1, 2]), "cu_seqlens_q"),
+                           (dict(q=a["q"].half()), "q"),
+                           (dict(out=torch.empty(2, 4, 2 * D).bfloat16()[..., ::2]), "out")]:
+            b = dict(a, **over)
+            before = b["out"].clone()
+            with pytest.raises((ValueError, TypeError)) as e:
+                kvd.flash_attn_varlen_func(**b)
+            assert str(e.value).startswith(name), str(e.value)
+            assert torch.equal(b["out"].view(torch.int16), before.view(torch.int16))  # bit-identical
