@@ -263,7 +263,7 @@ def prefill_flops(kw):
     lq, lk = kw["max_seqlen_q"], kw["max_seqlen_k"]
     b = kw["cu_seqlens_q"].shape[0] - 1
     pairs = sum(min(max(i + lk - lq + 1, 0), lk) for i in range(lq)) if kw["causal"] else lq * lk
-    return 4 * kw["q"].shape[1] * kw["q"].shape[2] * pairs * b
+    return 2 * kw["q"].shape[1] * (kw["q"].shape[2] + kw["out"].shape[2]) * pairs * b  # QK^T + PV
 
 
 def main():
@@ -351,7 +351,6 @@ def main():
         }
         refs = {k: reference(kw) for k, kw in cases.items()}
         T = ac.TileConfig
-        variants = [("decode", T(1024, 16, 128, 4, 2), 1, True)]
         if a.tiles:  # kind:bm,bn,warps,stages[,splits[,fp16]] separated by spaces
             variants = []
             for item in a.tiles.split():
@@ -359,18 +358,19 @@ def main():
                 v = nums.split(",")
                 sp = int(v[4]) if len(v) > 4 and v[4] != "auto" else None
                 variants.append((kind, T(1024, *map(int, v[:4])), sp, len(v) < 6 or v[5] != "0"))
-        default_variants = []
-        default_variants += [("fp8", T(1024, 16, bn, w, st), sp, f16) for bn, w, st, sp, f16 in
-                     ((128, 4, 2, 1, False), (128, 4, 2, 2, False), (128, 4, 2, 1, True), (128, 4, 2, 2, True),
-                      (128, 4, 2, 4, True), (128, 8, 2, 1, True), (128, 4, 3, 1, True), (256, 4, 2, 1, True),
-                      (256, 8, 2, 2, True), (64, 4, 3, 2, True))]
-        default_variants += [("prefill", T(1024, bm, bn, w, st), None, True) for bm, bn, w, st in
-                     ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
-                      (128, 32, 4, 3), (64, 128, 4, 2))]
-        default_variants += [("mla128", T(1024, bm, bn, w, st), None, True) for bm, bn, w, st in
-                     ((32, 32, 8, 1), (64, 32, 8, 1), (64, 16, 4, 1), (64, 32, 4, 2), (128, 16, 8, 1),
-                      (32, 64, 8, 2), (64, 64, 8, 1))]
-        for kind, tile, splits, f16 in (variants if a.tiles else variants + default_variants):
+        else:
+            variants = [("decode", T(1024, 16, 128, 4, 2), 1, True)]
+            variants += [("fp8", T(1024, 16, bn, w, st), sp, f16) for bn, w, st, sp, f16 in
+                         ((128, 4, 2, 1, False), (128, 4, 2, 2, False), (128, 4, 2, 1, True), (128, 4, 2, 2, True),
+                          (128, 4, 2, 4, True), (128, 8, 2, 1, True), (128, 4, 3, 1, True), (256, 4, 2, 1, True),
+                          (256, 8, 2, 2, True), (64, 4, 3, 2, True))]
+            variants += [("prefill", T(1024, bm, bn, w, st), None, True) for bm, bn, w, st in
+                         ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
+                          (128, 32, 4, 3), (64, 128, 4, 2))]
+            variants += [("mla128", T(1024, bm, bn, w, st), None, True) for bm, bn, w, st in
+                         ((32, 32, 8, 1), (64, 32, 8, 1), (64, 16, 4, 1), (64, 32, 4, 2), (128, 16, 8, 1),
+                          (32, 64, 8, 2), (64, 64, 8, 1))]
+        for kind, tile, splits, f16 in variants:
             cfg = ac.AttentionConfig(decode=(tile,), prefill=(tile,),
                                      split_programs_per_sm=base.split_programs_per_sm,
                                      split_min_keys=base.split_min_keys, source="sweep")
@@ -380,11 +380,8 @@ def main():
             kw, ref = cases[kind], refs[kind]
             nm = (f"{kind} bm{tile.block_m} bn{tile.block_n} w{tile.num_warps} s{tile.num_stages}"
                   f" splits={splits or 'auto'}" + ("" if kind != "fp8" else f" fp16={f16}"))
-            if kind == "prefill":
+            if kind in ("prefill", "mla128"):  # compute-bound: TFLOP/s
                 fl = prefill_flops(kw)
-                extra = (lambda r, fl=fl: {"TFLOP/s": round(fl / (r["us"] * 1e-6) / 1e12, 1)} if "us" in r else {})
-            elif kind == "mla128":
-                fl = 4 * 128 * (576 + 512) / 2 * kw["seqused_k"].sum().item()
                 extra = (lambda r, fl=fl: {"TFLOP/s": round(fl / (r["us"] * 1e-6) / 1e12, 1)} if "us" in r else {})
             else:
                 extra = (lambda r, kw=kw: {"GB/s": round(kv_bytes(kw) / (r["us"] * 1e-6) / 1e9, 1)}

@@ -394,9 +394,10 @@ def run_attention_case(case: AttnCase, backend: str, device="cpu", seed: int = 0
 
 
 # -- strided index views -----------------------------------------------------------------------
-def run_strided_index_case(backend: str, device="cpu") -> None:
+def run_strided_index_case(backend: str, device="cpu", exact_fp8: bool = True) -> None:
     """slot_mapping, per-head scales, block_table, cu_seqlens and seqused_k given as strided views
-    (the API accepts them): the backend must match the reference."""
+    (the API accepts them): the backend must match the reference (fp8 codes bit for bit unless
+    ``exact_fp8`` is False: one rounding step allowed, the Triton interpreter's known gap)."""
     kc, vc = make_kv_cache("HND", 6, 16, 2, 64, dtype=torch.float8_e4m3fn, device=device)
     rk, rv = kc.clone(), vc.clone()
     key = torch.randn(10, 2, 64, dtype=torch.bfloat16, device=device)
@@ -407,8 +408,8 @@ def run_strided_index_case(backend: str, device="cpu") -> None:
         kvd.reshape_and_cache_flash(key, key * 2, rk, rv, slots, "fp8", ks, vs)
     with force_backend(backend):
         kvd.reshape_and_cache_flash(key, key * 2, kc, vc, slots, "fp8", ks, vs)
-    assert_cache_equal(kc, rk, True, "key_cache (strided slots, per-head scale)")
-    assert_cache_equal(vc, rv, True, "value_cache (strided slots, per-head scale)")
+    assert_cache_equal(kc, rk, not exact_fp8, "key_cache (strided slots, per-head scale)")
+    assert_cache_equal(vc, rv, not exact_fp8, "value_cache (strided slots, per-head scale)")
 
     k, v = make_kv_cache("NHD", 12, 16, 2, 64, device=device)
     lens = [30, 7, 51]

@@ -520,6 +520,14 @@ def plan_for(q: torch.Tensor, out: torch.Tensor, desc, args, decode: bool) -> Pl
 _COMPILED: dict = {}
 
 
+def _keep_compiled(cache: dict, key, compiled) -> None:
+    """Remember a compiled kernel for direct launches (when this triton returns one that has them)."""
+    if key is not None and hasattr(compiled, "packed_metadata") and hasattr(compiled, "function"):
+        if len(cache) > 4096:
+            cache.clear()
+        cache[key] = compiled
+
+
 def _launch_direct(kernel, grid, device: int, ptr_values, scale, softcap, v_factor, window_left, window_right,
                    total_q, split_keys, s_bt, specialized, constexprs, split) -> None:
     """Launch an already compiled ``_attention_kernel`` with raw arguments, skipping Triton's
@@ -570,7 +578,7 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
     if batch == 0 or total_q == 0 or args.max_seqlen_q == 0:
         return
     for t in (args.cu_seqlens_q, args.cu_seqlens_k, args.seqused_k, args.block_table):
-        if t is not None and t.shape[-1] > 1 and t.stride(-1) != 1:
+        if unit_stride(t) is not t:
             # strided index views (allowed by the API): the kernels read them as contiguous rows
             args = args._replace(cu_seqlens_q=unit_stride(args.cu_seqlens_q),
                                  cu_seqlens_k=unit_stride(args.cu_seqlens_k),
@@ -640,10 +648,7 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
                 SPLIT=split, INTERPRET=_interpreting(), num_warps=plan.tile.num_warps,
                 num_stages=plan.tile.num_stages, **c,
             )
-            if direct is not None and hasattr(compiled, "packed_metadata") and hasattr(compiled, "function"):
-                if len(_COMPILED) > 4096:
-                    _COMPILED.clear()
-                _COMPILED[direct] = compiled
+            _keep_compiled(_COMPILED, direct, compiled)
             launched = True
         except _PTXAS_ERRORS:
             # ptxas (12.9, triton 3.6) segfaults on some multi-stage pipelines; the kernel is
@@ -684,7 +689,4 @@ def _merge(ws_o, ws_ml, out, cu_q, total_q: int, batch: int, hq: int, num_splits
         BATCH=batch, NUM_HEADS=hq, NUM_SPLITS=num_splits, SPLITS_P2=constexprs[3],
         DV=dv, DV_VALID=dv_valid, num_warps=4 if dv <= 256 else 8,
     )
-    if key is not None and hasattr(compiled, "packed_metadata") and hasattr(compiled, "function"):
-        if len(_MERGE_COMPILED) > 4096:
-            _MERGE_COMPILED.clear()
-        _MERGE_COMPILED[key] = compiled
+    _keep_compiled(_MERGE_COMPILED, key, compiled)

@@ -324,7 +324,7 @@ def unit_stride(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """``t`` itself when its last dimension is contiguous, else a contiguous copy: the kernels
     read index vectors, block-table rows and per-head scales as contiguous arrays (the public API
     accepts strided views of them)."""
-    if t is None or t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1:
+    if t is None or t.is_contiguous() or t.shape[-1] <= 1 or t.stride(-1) == 1:
         return t
     return t.contiguous()
 

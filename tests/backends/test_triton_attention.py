@@ -189,4 +189,4 @@ def test_ptxas_crash_retries_with_fewer_stages(monkeypatch):
 def test_strided_index_vectors_and_scales():
     """Strided slot_mapping / per-head scales / block_table / cu_seqlens_q / seqused_k views: the
     kernels read these as contiguous rows, so the backend hands them a contiguous copy."""
-    run_strided_index_case("triton", DEVICE)
+    run_strided_index_case("triton", DEVICE, exact_fp8=False)
