@@ -171,14 +171,20 @@ class KVCacheDescriptor:
         if not isinstance(key_cache, torch.Tensor):
             raise TypeError(f"key_cache: expected a tensor, got {type(key_cache).__name__}")
         vc = value_cache
+        # "auto" ignores scales (engines such as vLLM always pass their layer's scale tensors):
+        # leave them out of the key so those calls hit the same descriptor
+        if kv_cache_dtype.__class__ is str and kv_cache_dtype == "auto":
+            ks = vs = None
+        else:
+            ks, vs = k_scale, v_scale
         ck = (
             key_cache.shape, key_cache.stride(), key_cache.dtype, key_cache.device,
             None if vc is None else (vc.shape, vc.stride(), vc.dtype, vc.device)
             if isinstance(vc, torch.Tensor) else type(vc),
-            kv_cache_dtype, id(k_scale), id(v_scale),
+            kv_cache_dtype, id(ks), id(vs),
         )
         d = cls._cache.get(ck)
-        if d is not None and d.k_scale is k_scale and d.v_scale is v_scale:
+        if d is not None and d.k_scale is ks and d.v_scale is vs:
             return d
         d = cls._build(key_cache, value_cache, kv_cache_dtype, k_scale, v_scale)
         if len(cls._cache) >= cls._CACHE_LIMIT:

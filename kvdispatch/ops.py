@@ -229,18 +229,21 @@ _ATTN_SEEN: dict = {}
 
 def _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
                softmax_scale, causal, window_left, window_right, softcap, block_table,
-               q_descale, k_descale, v_descale) -> None:
+               q_descale, k_descale, v_descale, alibi_slopes=None, s_aux=None, softmax_lse=None,
+               num_splits=0) -> None:
     try:
         sig = (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
                v.shape, v.stride(), v.dtype, v.device, out.shape, out.stride(), out.dtype, out.device,
                cu_seqlens_q.shape, cu_seqlens_q.dtype, cu_seqlens_q.device, _meta(cu_seqlens_k),
-               _meta(seqused_k), _meta(block_table), _meta(q_descale), _meta(k_descale), _meta(v_descale))
+               _meta(seqused_k), _meta(block_table), _meta(q_descale), _meta(k_descale), _meta(v_descale),
+               _meta(alibi_slopes), _meta(s_aux), _meta(softmax_lse))
         hit = _ATTN_SEEN.get(sig)
     except (AttributeError, TypeError):  # not tensors: the full checks below name the argument
         sig = hit = None
     if hit is None:
         desc, d = _check_attention_tensors(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table,
                                            q_descale, k_descale, v_descale)
+        _check_extras(q, desc, cu_seqlens_q.shape[0] - 1, alibi_slopes, s_aux, softmax_lse)
         if sig is not None:
             if len(_ATTN_SEEN) >= 4096:
                 _ATTN_SEEN.clear()
@@ -258,15 +261,46 @@ def _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlen
         softmax_scale = 1.0 / math.sqrt(d)
     if causal:
         window_right = 0
+    if num_splits.__class__ is not int or num_splits < 0:
+        if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+            _fail("num_splits", "an int >= 0 (0 = automatic, 1 = no split, n = at most n)", repr(num_splits))
     args = AttentionArgs(cu_seqlens_q, max_seqlen_q, cu_seqlens_k, seqused_k, max_seqlen_k, block_table,
                          float(softmax_scale), bool(causal), int(window_left), int(window_right),
-                         float(softcap), q_descale, k_descale, v_descale)
+                         float(softcap), q_descale, k_descale, v_descale, alibi_slopes, s_aux, softmax_lse,
+                         int(num_splits))
     backend = registry.select("flash_attn_varlen_func", desc.platform, desc)
     if backend.name != "reference" and debug_checks():
         check_attention_values(args, desc)
     paged = block_table is not None
     backend.flash_attn_varlen_func(q, k if paged else k.unsqueeze(0), v if paged else v.unsqueeze(0),
                                    out, desc, args)
+
+
+def _check_extras(q, desc, batch: int, alibi_slopes, s_aux, softmax_lse) -> None:
+    """Metadata checks of the engine-facing extras (ALiBi slopes, sinks, the LSE output)."""
+    total_q, hq = q.shape[0], q.shape[1]
+    dev = desc.device
+    if alibi_slopes is not None:
+        _tensor(alibi_slopes, "alibi_slopes")
+        if alibi_slopes.dtype != torch.float32:
+            raise TypeError(f"alibi_slopes: expected dtype torch.float32, got {alibi_slopes.dtype}")
+        if tuple(alibi_slopes.shape) not in ((hq,), (batch, hq)):
+            _fail("alibi_slopes", f"shape [{hq}] or [{batch}, {hq}] (num_q_heads, or batch x num_q_heads)",
+                  f"shape {tuple(alibi_slopes.shape)}")
+        _same_device(alibi_slopes, "alibi_slopes", dev)
+    if s_aux is not None:
+        _tensor(s_aux, "s_aux")
+        if s_aux.dtype not in _FLOAT_IN:
+            raise TypeError(f"s_aux: expected float32 (or float16/bfloat16), got {s_aux.dtype}")
+        if tuple(s_aux.shape) != (hq,):
+            _fail("s_aux", f"shape [{hq}] (one sink logit per query head)", f"shape {tuple(s_aux.shape)}")
+        _same_device(s_aux, "s_aux", dev)
+    if softmax_lse is not None:
+        _tensor(softmax_lse, "softmax_lse")
+        if softmax_lse.dtype != torch.float32 or tuple(softmax_lse.shape) != (hq, total_q):
+            _fail("softmax_lse", f"float32 [{hq}, {total_q}] (num_q_heads, total_q)",
+                  f"{softmax_lse.dtype} {tuple(softmax_lse.shape)}")
+        _same_device(softmax_lse, "softmax_lse", dev)
 
 
 def _check_attention_tensors(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table,
@@ -335,6 +369,24 @@ def _check_attention_tensors(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k
     return desc, d
 
 
+# Engine hints flash-attn / vLLM callers pass that change nothing here (scheduler plans of FA3,
+# the FA version): accepted and ignored. Every other unknown keyword is a TypeError.
+_IGNORED_HINTS = frozenset(("scheduler_metadata", "fa_version"))
+# keywords accepted only at their no-op value (context parallelism, FA3's extra value input)
+_DEFAULT_ONLY = {"cp_world_size": 1, "cp_rank": 0, "cp_tot_seqused_k": None, "q_v": None}
+
+
+def _check_hints(hints: dict) -> None:
+    for name, val in hints.items():
+        if name in _IGNORED_HINTS:
+            continue
+        if name in _DEFAULT_ONLY:
+            if val is not _DEFAULT_ONLY[name] and val != _DEFAULT_ONLY[name]:
+                raise ValueError(f"{name}: only the default {_DEFAULT_ONLY[name]!r} is supported, got {val!r}")
+            continue
+        raise TypeError(f"flash_attn_varlen_func() got an unexpected keyword argument {name!r}")
+
+
 def flash_attn_varlen_func(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -346,15 +398,25 @@ def flash_attn_varlen_func(
     seqused_k: Optional[torch.Tensor] = None,
     softmax_scale: Optional[float] = None,
     causal: bool = False,
-    window_size: Sequence[int] = (-1, -1),
+    window_size: Optional[Sequence[int]] = (-1, -1),
     softcap: float = 0.0,
     block_table: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
     q_descale: Optional[torch.Tensor] = None,
     k_descale: Optional[torch.Tensor] = None,
     v_descale: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Variable-length attention, paged or not (flash-attn / vLLM signature). Returns ``out``.
+    alibi_slopes: Optional[torch.Tensor] = None,
+    s_aux: Optional[torch.Tensor] = None,
+    return_softmax_lse: bool = False,
+    num_splits: int = 0,
+    *,
+    dropout_p: float = 0.0,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    **engine_hints,
+):
+    """Variable-length attention, paged or not (flash-attn / vLLM signature). Returns ``out``, or
+    ``(out, softmax_lse)`` with ``return_softmax_lse=True``.
 
     Args:
         q: ``(total_q, num_q_heads, head_size)``; ``cu_seqlens_q`` int32 ``(batch + 1,)``.
@@ -368,15 +430,31 @@ def flash_attn_varlen_func(
                 q0    1 1 1 1 0
                 q1    1 1 1 1 1
 
-        window_size: ``(left, right)``: query i (aligned as above, at key position p = i + Lk - Lq)
-            sees keys in ``[p - left, p + right]``; -1 = unbounded.
+        window_size: ``(left, right)`` (or None = unbounded): query i (aligned as above, at key
+            position p = i + Lk - Lq) sees keys in ``[p - left, p + right]``; -1 = unbounded.
         softcap: > 0 applies ``softcap * tanh(s / softcap)`` to the scaled scores.
         softmax_scale: default ``1 / sqrt(head_size)``.
         out: optional ``(total_q, num_q_heads, head_size_v)``, written in place.
-        q_descale, k_descale, v_descale: float32, one element or ``(batch, num_kv_heads)``; multiply the
-            stored fp8 values.
+        q_descale, k_descale, v_descale: float32, one element or ``(batch, num_kv_heads)`` (stride-0
+            ``expand``-ed views included); multiply the stored fp8 values.
+        alibi_slopes: float32 ``(num_q_heads,)`` or ``(batch, num_q_heads)``: adds
+            ``-slope * |p - j|`` to the (soft-capped) score of key j.
+        s_aux: ``(num_q_heads,)`` attention-sink logits: each joins its head's softmax denominator
+            (``exp(s_aux)``) and contributes no value.
+        return_softmax_lse: also return float32 ``(num_q_heads, total_q)``: the natural log of each
+            row's softmax denominator (sink included), -inf for a row that sees nothing.
+        num_splits: split-KV: 0 = automatic, 1 = never split, n = at most n splits.
+        dropout_p: only 0.0 (inference); deterministic: accepted (every backend is deterministic);
+        return_attn_probs: only False.
+        scheduler_metadata, fa_version: accepted and ignored (FA3 scheduling hints).
     Rows that see no key (empty sequence, window excluding all) are 0.
     """
+    if engine_hints:
+        _check_hints(engine_hints)
+    if dropout_p:
+        _fail("dropout_p", "0.0 (kvdispatch's attention is for inference)", dropout_p)
+    if return_attn_probs:
+        _fail("return_attn_probs", "False (the probabilities are never materialized)", return_attn_probs)
     if out is None:
         _tensor(q, "q")
         _tensor(v, "v")
@@ -384,17 +462,28 @@ def flash_attn_varlen_func(
             _fail("q" if q.dim() != 3 else "v", "3-D q and 3-D/4-D v", f"shapes {tuple(q.shape)}, {tuple(v.shape)}")
         out_dtype = torch.bfloat16 if q.dtype in FP8_DTYPES else q.dtype
         out = q.new_empty((q.shape[0], q.shape[1], v.shape[-1]), dtype=out_dtype)
-    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
-        _fail("window_size", "a (left, right) pair", repr(window_size))
-    wl, wr = window_size
+    if window_size is None:
+        wl = wr = -1
+    else:
+        if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+            _fail("window_size", "a (left, right) pair or None", repr(window_size))
+        wl, wr = window_size
+        if wl is None or wr is None:
+            _fail("window_size", "two ints (-1 = unbounded)", repr(window_size))
+    lse = None
+    if return_softmax_lse:
+        _tensor(q, "q")
+        lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
     if _compiling():
         torch.ops.kvdispatch.flash_attn_varlen_func(
             q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
-            softmax_scale, causal, wl, wr, softcap, block_table, q_descale, k_descale, v_descale)
-        return out
-    _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
-               softmax_scale, causal, wl, wr, softcap, block_table, q_descale, k_descale, v_descale)
-    return out
+            softmax_scale, causal, wl, wr, softcap, block_table, q_descale, k_descale, v_descale,
+            alibi_slopes, s_aux, lse, num_splits)
+    else:
+        _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
+                   softmax_scale, causal, wl, wr, softcap, block_table, q_descale, k_descale, v_descale,
+                   alibi_slopes, s_aux, lse, num_splits)
+    return (out, lse) if return_softmax_lse else out
 
 
 # -- torch.library registration --------------------------------------------------------------------
@@ -422,20 +511,23 @@ def _(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale) -> None:
     return None
 
 
-@torch.library.custom_op("kvdispatch::flash_attn_varlen_func", mutates_args=("out",))
+@torch.library.custom_op("kvdispatch::flash_attn_varlen_func", mutates_args=("out", "softmax_lse"))
 def _flash_attn_varlen_func_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, max_seqlen_q: int,
     cu_seqlens_q: torch.Tensor, max_seqlen_k: int, cu_seqlens_k: Optional[torch.Tensor],
     seqused_k: Optional[torch.Tensor], softmax_scale: Optional[float], causal: bool, window_left: int,
     window_right: int, softcap: float, block_table: Optional[torch.Tensor],
     q_descale: Optional[torch.Tensor], k_descale: Optional[torch.Tensor], v_descale: Optional[torch.Tensor],
+    alibi_slopes: Optional[torch.Tensor] = None, s_aux: Optional[torch.Tensor] = None,
+    softmax_lse: Optional[torch.Tensor] = None, num_splits: int = 0,
 ) -> None:
     _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
                softmax_scale, causal, window_left, window_right, softcap, block_table,
-               q_descale, k_descale, v_descale)
+               q_descale, k_descale, v_descale, alibi_slopes, s_aux, softmax_lse, num_splits)
 
 
 @_flash_attn_varlen_func_op.register_fake
 def _(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k, softmax_scale,
-      causal, window_left, window_right, softcap, block_table, q_descale, k_descale, v_descale) -> None:
+      causal, window_left, window_right, softcap, block_table, q_descale, k_descale, v_descale,
+      alibi_slopes=None, s_aux=None, softmax_lse=None, num_splits=0) -> None:
     return None

@@ -139,12 +139,27 @@ class ReferenceBackend(Backend):
             qf = q[q0:q1].float().view(lq, hkv, group, -1)
             if args.q_descale is not None:
                 qf = qf * _descale(args.q_descale, b, hkv).unsqueeze(-1)
-            s = torch.einsum("qhgd,khd->hgqk", qf, kf) * args.softmax_scale
+            s = torch.einsum("qhgd,khd->hgqk", qf, kf) * args.softmax_scale  # [hkv, group, lq, lk]
             if args.softcap > 0:
                 s = args.softcap * torch.tanh(s / args.softcap)
-            s = s.masked_fill(~_visible(lq, lk, args.window_left, args.window_right, q.device), float("-inf"))
-            p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row that sees no key is all -inf -> 0
+            if args.alibi_slopes is not None:
+                slopes = args.alibi_slopes if args.alibi_slopes.dim() == 1 else args.alibi_slopes[b]
+                s = s - slopes.float().reshape(hkv, group, 1, 1) * _distance(lq, lk, q.device)
+            seen = _visible(lq, lk, args.window_left, args.window_right, q.device)
+            s = s.masked_fill(~seen, float("-inf"))
+            if args.s_aux is not None:
+                # the sink is one more logit in each row's denominator, with no value
+                sink = args.s_aux.float().reshape(hkv, group, 1, 1).expand(hkv, group, lq, 1)
+                s = torch.cat([s, sink], dim=-1)
+            lse = torch.logsumexp(s, dim=-1)  # [hkv, group, lq]; -inf for a row with nothing to see
+            # softmax by hand so a row that sees nothing (all -inf) gives 0 weights while a NaN in
+            # the inputs stays NaN (torch.softmax would give NaN for both)
+            p = torch.exp(s - torch.where(torch.isinf(lse) & (lse < 0), 0.0, lse)[..., None])
+            if args.s_aux is not None:
+                p = p[..., :lk]
             o = torch.einsum("hgqk,khd->qhgd", p, vf)
+            if args.softmax_lse is not None:
+                args.softmax_lse[:, q0:q1] = lse.reshape(hq, lq)
             out[q0:q1] = o.reshape(lq, hq, -1).to(out.dtype)
 
 
@@ -155,6 +170,13 @@ def _descale(t: Optional[torch.Tensor], b: int, heads: int) -> Optional[torch.Te
     if t.numel() == 1:
         return t.reshape(1, 1, 1)
     return t[b].reshape(1, heads, 1)
+
+
+def _distance(lq: int, lk: int, device) -> torch.Tensor:
+    """[lq, lk] float32: |p - j| for query i at key position p = i + lk - lq and key j (ALiBi)."""
+    i = torch.arange(lq, device=device)[:, None]
+    j = torch.arange(lk, device=device)[None, :]
+    return (i + (lk - lq) - j).abs().float()
 
 
 def _visible(lq: int, lk: int, left: int, right: int, device) -> torch.Tensor:

@@ -48,6 +48,17 @@ class AttentionArgs(NamedTuple):
     q_descale: Optional[torch.Tensor]
     k_descale: Optional[torch.Tensor]
     v_descale: Optional[torch.Tensor]
+    # ALiBi slopes, float32 ``[num_q_heads]`` or ``[batch, num_q_heads]`` (any strides): the score
+    # of query position p (bottom-right aligned) and key j gets ``-slope * |p - j|`` after softcap.
+    alibi_slopes: Optional[torch.Tensor] = None
+    # attention sinks, ``[num_q_heads]`` (float32, or the model's 16-bit dtype): one logit per
+    # query head in the softmax denominator (natural-log units, like the scaled scores), no value.
+    s_aux: Optional[torch.Tensor] = None
+    # float32 ``[num_q_heads, total_q]`` (any strides) to receive the natural-log LSE of each row's
+    # softmax denominator (sink included; -inf for a row that sees no key and has no sink), or None.
+    softmax_lse: Optional[torch.Tensor] = None
+    # split-KV: 0 = the backend chooses, 1 = never split, n = at most n splits
+    num_splits: int = 0
 
     @property
     def batch(self) -> int:
