@@ -1,15 +1,36 @@
-"""Value-range checks: they read tensor values (a device sync), so only the reference runs them
-always; other backends run them when ``KVDISPATCH_DEBUG=1``. They raise before anything is written."""
+"""Value checks: they read tensor values (a device sync). The policy lives here, in
+:func:`checks_values`, for every backend: the public call runs them before a backend whose
+``always_check_values`` is set (the reference; a test lane that would write outside its buffers)
+and before every backend when ``KVDISPATCH_DEBUG=1``. They raise before anything is written."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
 from .descriptor import KVCacheDescriptor
+from .platform import getenv
 from .registry import AttentionArgs
 
 
-def check_slot_values(slot_mapping: torch.Tensor, desc: KVCacheDescriptor) -> None:
+def debug() -> bool:
+    """``KVDISPATCH_DEBUG=1``: every backend gets the value checks (and the duplicate-slot check)."""
+    return getenv(b"KVDISPATCH_DEBUG") not in (None, "", "0")
+
+
+def checks_values(backend) -> bool:
+    """Does the public call run the value checks before ``backend``? The one policy."""
+    return backend.always_check_values or debug()
+
+
+def check_slot_values(slot_mapping: torch.Tensor, desc: KVCacheDescriptor,
+                      duplicates: Optional[bool] = None) -> None:
+    """Slots in range; with ``duplicates`` (default: under ``KVDISPATCH_DEBUG=1``), no slot named
+    twice (engines never repeat a slot in one call, so a repeat is a caller bug; without the check
+    every backend still stores K and V of a slot from one token)."""
+    if duplicates is None:
+        duplicates = debug()
     if slot_mapping.numel():
         hi = int(slot_mapping.max())
         total = desc.num_blocks * desc.block_size
@@ -18,19 +39,34 @@ def check_slot_values(slot_mapping: torch.Tensor, desc: KVCacheDescriptor) -> No
                 f"slot_mapping: slot {hi} is out of range: the cache has {desc.num_blocks} blocks x "
                 f"{desc.block_size} = {total} slots (negative slots mark padding)"
             )
+        if duplicates:
+            valid = slot_mapping[slot_mapping >= 0]
+            uniq = torch.unique(valid)
+            if uniq.numel() != valid.numel():
+                raise ValueError(f"slot_mapping: {valid.numel() - uniq.numel()} slot(s) named more than once "
+                                 "(each slot takes one token per call)")
 
 
-def check_attention_values(args: AttentionArgs, desc: KVCacheDescriptor) -> None:
+def check_attention_values(args: AttentionArgs, desc: KVCacheDescriptor, total_q: Optional[int] = None) -> None:
     """Value checks (reference always; other backends with KVDISPATCH_DEBUG=1). Syncs."""
     cu = args.cu_seqlens_q.long()
     if cu.numel() and (int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any())):
         raise ValueError("cu_seqlens_q: expected non-decreasing offsets starting at 0")
+    if cu.numel() and total_q is not None and int(cu[-1]) > total_q:
+        raise ValueError(f"cu_seqlens_q: last offset {int(cu[-1])} exceeds q's {total_q} tokens")
+    if cu.numel() > 1 and int((cu[1:] - cu[:-1]).max()) > args.max_seqlen_q:
+        raise ValueError(f"max_seqlen_q: {args.max_seqlen_q} is below the longest query "
+                         f"({int((cu[1:] - cu[:-1]).max())} tokens)")
     if args.block_table is None:
         ck = args.cu_seqlens_k.long()
         if ck.numel() and (int(ck[0]) != 0 or bool((ck[1:] < ck[:-1]).any())):
             raise ValueError("cu_seqlens_k: expected non-decreasing offsets starting at 0")
         if int(ck[-1]) > desc.block_size:  # non-paged: the "cache" is one block of total_k tokens
             raise ValueError(f"cu_seqlens_k: last offset {int(ck[-1])} exceeds k's {desc.block_size} tokens")
+        lens = ck[1:] - ck[:-1]
+        if args.seqused_k is not None and lens.numel():
+            lens = torch.minimum(lens, args.seqused_k.long())
+        _check_max_k(args, lens)
         return
     used = args.seqused_k.long()
     capacity = args.block_table.shape[1] * desc.block_size
@@ -39,6 +75,7 @@ def check_attention_values(args: AttentionArgs, desc: KVCacheDescriptor) -> None
             f"seqused_k: expected lengths in [0, {capacity}] (block_table's {args.block_table.shape[1]} "
             f"blocks x block_size {desc.block_size}), got range [{int(used.min())}, {int(used.max())}]"
         )
+    _check_max_k(args, used)
     nblk = (used + desc.block_size - 1) // desc.block_size
     cols = torch.arange(args.block_table.shape[1], device=used.device)
     live = cols[None, :] < nblk[:, None]
@@ -48,3 +85,9 @@ def check_attention_values(args: AttentionArgs, desc: KVCacheDescriptor) -> None
             f"block_table: block ids must be in [0, {desc.num_blocks}) for the blocks a sequence uses, "
             f"got range [{int(ids.min())}, {int(ids.max())}]"
         )
+
+
+def _check_max_k(args: AttentionArgs, lens: torch.Tensor) -> None:
+    if lens.numel() and int(lens.max()) > args.max_seqlen_k:
+        raise ValueError(f"max_seqlen_k: {args.max_seqlen_k} is below the longest kv sequence "
+                         f"({int(lens.max())} keys)")

@@ -19,6 +19,7 @@ kernel that addresses through them cannot write to the wrong place on a permuted
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -76,6 +77,12 @@ def _max_offset(t: torch.Tensor) -> int:
 def _strides_4d(t: torch.Tensor) -> CacheStrides:
     sb, st, sh, sd = t.stride()
     return CacheStrides(block=sb, token=st, head=sh, chunk=t.shape[3], x=t.shape[3])
+
+
+def _check_sizes(name: str, block_size: int, heads: int, head_size: int) -> None:
+    for what, n in (("block_size", block_size), ("num_kv_heads", heads), ("head_size", head_size)):
+        if n < 1:
+            raise ValueError(f"{name}: {what} must be >= 1, got {n}")
 
 
 def _check_last_dim(t: torch.Tensor, name: str) -> None:
@@ -141,12 +148,18 @@ class KVCacheDescriptor:
     ``"tensor"``, ``"head"``), ``packed`` (K and V are packed-contiguous NHD: the fast path),
     ``int32_offsets`` (every element offset fits in int32), ``key`` (hashable, no tensors).
     Per-instance: ``k_scale``, ``v_scale`` (float32 tensors or None), ``device``.
+
+    The descriptor refers to its scale tensors WEAKLY: descriptors are cached for the life of the
+    process (at most ``_CACHE_LIMIT`` of them), and a cache must not keep tensors the caller has
+    dropped alive. Keep the scales alive while you use a descriptor (engines hold them as layer
+    buffers); once a scale is freed, ``k_scale`` / ``v_scale`` read None and the next call with a new
+    scale tensor builds a new descriptor.
     """
 
     __slots__ = (
         "layout", "num_blocks", "block_size", "num_kv_heads", "head_size_k", "head_size_v",
         "storage_dtype", "cache_dtype", "kv_cache_dtype", "fp8", "k", "v", "scale_kind",
-        "packed", "int32_offsets", "key", "device", "platform", "k_scale", "v_scale",
+        "packed", "int32_offsets", "key", "device", "platform", "_k_scale", "_v_scale",
     )
 
     # -- construction ---------------------------------------------------------------------------
@@ -170,6 +183,8 @@ class KVCacheDescriptor:
         """
         if not isinstance(key_cache, torch.Tensor):
             raise TypeError(f"key_cache: expected a tensor, got {type(key_cache).__name__}")
+        if kv_cache_dtype.__class__ is not str:
+            normalize_kv_cache_dtype(kv_cache_dtype)  # raises, naming the argument
         vc = value_cache
         # "auto" ignores scales (engines such as vLLM always pass their layer's scale tensors):
         # leave them out of the key so those calls hit the same descriptor
@@ -211,6 +226,7 @@ class KVCacheDescriptor:
             nb, bs, dk = kc.shape
             d.layout = "mla"
             d.num_blocks, d.block_size, d.num_kv_heads = nb, bs, 1
+            _check_sizes("kv_cache", bs, 1, dk)
             d.head_size_k, d.head_size_v = dk, 0
             d.k = CacheStrides(block=kc.stride(0), token=kc.stride(1), head=0, chunk=dk, x=dk)
             d.v = None
@@ -269,6 +285,8 @@ class KVCacheDescriptor:
                     f"{(nb, bs, h)}, got {(vnb, vbs, vh)}"
                 )
             d.num_blocks, d.block_size, d.num_kv_heads, d.head_size_v = nb, bs, h, dv
+            _check_sizes("key_cache", bs, h, d.head_size_k)
+            _check_sizes("value_cache", bs, h, dv)
             max_off = max(_max_offset(kc), _max_offset(vc))
 
         storage = kc.dtype
@@ -303,10 +321,11 @@ class KVCacheDescriptor:
                 scale_kind = "head" if "head" in (ks, vs) else "tensor"
             else:
                 scale_kind = ks
-            d.k_scale, d.v_scale = k_scale, v_scale
+            d._k_scale = weakref.ref(k_scale)
+            d._v_scale = None if v_scale is None else weakref.ref(v_scale)
         else:
             scale_kind = "none"
-            d.k_scale = d.v_scale = None
+            d._k_scale = d._v_scale = None
         d.scale_kind = scale_kind
         d.packed = bool(packed)
         d.int32_offsets = max_off <= INT32_MAX
@@ -319,6 +338,16 @@ class KVCacheDescriptor:
         return d
 
     # -- derived helpers ------------------------------------------------------------------------
+    @property
+    def k_scale(self) -> Optional[torch.Tensor]:
+        r = self._k_scale
+        return None if r is None else r()
+
+    @property
+    def v_scale(self) -> Optional[torch.Tensor]:
+        r = self._v_scale
+        return None if r is None else r()
+
     @property
     def is_mla(self) -> bool:
         return self.v is None

@@ -5,7 +5,8 @@ Written to be obviously correct rather than fast: caches are addressed through o
 indexing of the views the caller passed (so PyTorch applies the real strides), fp8 goes through
 ``Tensor.to``, attention is a float32 softmax per sequence. Writes are vectorized over tokens;
 attention loops over sequences (never over tokens). Value ranges (slots, block ids, lengths) are
-always checked here, before anything is written.
+always checked before it runs (``always_check_values``: the public call runs kvdispatch.checks).
+NaN follows flash-attn: a NaN in a row's inputs gives NaN in that row; a row that sees no key is 0.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from typing import Optional
 
 import torch
 
-from .checks import check_attention_values, check_slot_values
 from .descriptor import KVCacheDescriptor
 from .hookspecs import hookimpl
 from .registry import OPS, AttentionArgs, Backend
@@ -57,11 +57,20 @@ def _cache_view(cache: torch.Tensor, desc: KVCacheDescriptor) -> torch.Tensor:
 
 
 def _valid_slots(slot_mapping: torch.Tensor, desc: KVCacheDescriptor):
-    """(token indices that are not padding, their block ids, their offsets in the block)."""
-    check_slot_values(slot_mapping, desc)
+    """(token indices that are not padding, their block ids, their offsets in the block).
+
+    A slot named twice (engines never do; ``KVDISPATCH_DEBUG=1`` rejects it) keeps its LAST token,
+    K and V alike: indexed stores with repeated indices pick an unspecified writer, so the repeats
+    are dropped here rather than left to the store."""
     slots = slot_mapping.long()
     tokens = torch.nonzero(slots >= 0).flatten()
     s = slots[tokens]
+    if s.numel() > 1:
+        uniq, inverse = torch.unique(s, return_inverse=True)
+        if uniq.numel() != s.numel():
+            last = torch.full((uniq.numel(),), -1, dtype=torch.long, device=s.device)
+            last.scatter_reduce_(0, inverse, torch.arange(s.numel(), device=s.device), reduce="amax")
+            tokens, s = tokens[last], s[last]
     return tokens, s // desc.block_size, s % desc.block_size
 
 
@@ -71,11 +80,19 @@ class ReferenceBackend(Backend):
     platforms = ("*",)
     ops = OPS
     description = "pure PyTorch on any device; the ground truth of every test"
+    always_check_values = True  # the public call checks slots, block ids and lengths first
 
     def versions(self) -> dict:
         return {"torch": torch.__version__}
 
-    # -- writes ---------------------------------------------------------------------------------
+    def available(self, platform) -> Optional[str]:
+        if platform.name == "meta":
+            return ("meta tensors hold no values to compute with (under torch.compile / FakeTensorMode the "
+                    "custom ops' fake kernels run instead)")
+        return None
+
+    # -- writes (inference ops: no autograd history reaches a cache or an output) ---------------
+    @torch.no_grad()
     def reshape_and_cache_flash(self, key, value, key_cache, value_cache, slot_mapping, desc) -> None:
         tokens, blk, off = _valid_slots(slot_mapping, desc)
         k = key[tokens]
@@ -96,6 +113,7 @@ class ReferenceBackend(Backend):
             kc[blk, off] = k
             vc[blk, off] = v
 
+    @torch.no_grad()
     def concat_and_cache_mla(self, kv_c, k_pe, kv_cache, slot_mapping, desc) -> None:
         tokens, blk, off = _valid_slots(slot_mapping, desc)
         cache = _cache_view(kv_cache, desc)
@@ -103,12 +121,10 @@ class ReferenceBackend(Backend):
         cache[blk, off] = _to_cache(rows, cache, desc, desc.k_scale)
 
     # -- attention ------------------------------------------------------------------------------
+    @torch.no_grad()
     def flash_attn_varlen_func(self, q, k, v, out, desc, args: AttentionArgs) -> None:
-        check_attention_values(args, desc)
         batch = args.batch
         cu_q = args.cu_seqlens_q.tolist()
-        if cu_q and cu_q[-1] > q.shape[0]:
-            raise ValueError(f"cu_seqlens_q: last offset {cu_q[-1]} exceeds q's {q.shape[0]} tokens")
         if args.paged:
             lens_k = args.seqused_k.tolist()
             starts_k = [0] * batch

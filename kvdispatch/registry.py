@@ -88,6 +88,9 @@ class Backend:
     platforms: tuple = ()
     ops: tuple = ()
     description: str = ""
+    # the public call runs the value checks (kvdispatch.checks) before every call of this backend,
+    # not only under KVDISPATCH_DEBUG=1: the reference, and lanes that would write outside buffers
+    always_check_values: bool = False
 
     def available(self, platform: Platform) -> Optional[str]:
         """None when this backend can run on ``platform`` now, else the reason it cannot."""

@@ -258,6 +258,11 @@ class AttnCase:
     descale: str = "tensor"  # "tensor" or "batch_head"
     q_fp8: bool = False
     out_dtype: Optional[torch.dtype] = None
+    alibi: str = "none"  # "none", "head" ([Hq]) or "batch_head" ([batch, Hq])
+    sinks: bool = False  # s_aux: one sink logit per query head
+    lse: bool = False  # return_softmax_lse: the LSE is compared too
+    num_splits: int = 0  # 0 automatic, 1 none, n at most n
+    descale_expand: bool = False  # descales as stride-0 expand()ed [batch, Hkv] views of one element
 
     @property
     def id(self) -> str:
@@ -278,6 +283,16 @@ class AttnCase:
             p.append(f"fp8{self.fp8}-{self.descale}")
         if self.q_fp8:
             p.append("qfp8")
+        if self.alibi != "none":
+            p.append(f"alibi-{self.alibi}")
+        if self.sinks:
+            p.append("sinks")
+        if self.lse:
+            p.append("lse")
+        if self.num_splits:
+            p.append(f"splits{self.num_splits}")
+        if self.descale_expand:
+            p.append("expanded")
         return "-".join(p)
 
 
@@ -311,6 +326,16 @@ def attention_cases(big: bool = False) -> list:
         replace(b, fp8="e5m2", descale="batch_head"),
         replace(b, fp8="e4m3", descale="batch_head", layout="HND", **prefill),
         replace(b, fp8="e4m3fnuz"),
+        # engine-facing extras (vLLM / flash-attn callers): ALiBi, sinks, LSE, split counts, expanded descales
+        replace(b, alibi="head", **chunked),
+        replace(b, alibi="batch_head", causal=False, **prefill),
+        replace(b, sinks=True, lse=True, **chunked),
+        replace(b, sinks=True, window=(4, 0), q_lens=(1, 0, 2), k_lens=(9, 3, 2)),
+        replace(b, lse=True, q_lens=(2, 0, 1), k_lens=(0, 4, 40)),  # an empty kv sequence: lse -inf
+        replace(b, lse=True, paged=False, **prefill),
+        replace(b, sinks=True, lse=True, alibi="head", num_splits=3, k_lens=(70, 5, 33)),
+        replace(b, num_splits=1, k_lens=(70, 5, 133)),
+        replace(b, fp8="e4m3", descale_expand=True, lse=True),
     ]
     if big:
         cases = [replace(c, q_lens=tuple(q * 13 if q > 1 else q for q in c.q_lens),
@@ -357,6 +382,23 @@ def make_attention_inputs(case: AttnCase, device="cpu", seed: int = 0):
         kw["v_descale"] = (torch.rand(shape, generator=gen) * 0.2 + 0.05).to(device)
         if case.q_fp8:
             kw["q_descale"] = (torch.rand(shape, generator=gen) * 0.5 + 0.5).to(device)
+        if case.descale_expand:  # vLLM: layer._k_scale.expand((batch, num_kv_heads))
+            for name in ("q_descale", "k_descale", "v_descale"):
+                if name in kw:
+                    kw[name] = kw[name].reshape(-1)[:1].expand(b, case.num_kv_heads)
+    hq = case.num_q_heads
+    if case.alibi != "none":
+        # slopes as ALiBi's geometric sequence, spread over heads (and perturbed per sequence)
+        base = torch.tensor([2.0 ** (-8.0 * (h + 1) / hq) for h in range(hq)])
+        if case.alibi == "batch_head":
+            base = base[None, :] * (1.0 + torch.rand(b, hq, generator=gen))
+        kw["alibi_slopes"] = base.float().to(device)
+    if case.sinks:
+        kw["s_aux"] = (torch.randn(hq, generator=gen) * 2.0).float().to(device)
+    if case.lse:
+        kw["return_softmax_lse"] = True
+    if case.num_splits:
+        kw["num_splits"] = case.num_splits
     out_dtype = case.out_dtype or (torch.bfloat16 if case.q_fp8 else case.dtype)
     kw["out"] = torch.full((total_q, case.num_q_heads, dv), float("nan"), dtype=out_dtype, device=device)
     return kw
@@ -380,6 +422,9 @@ def run_attention_case(case: AttnCase, backend: str, device="cpu", seed: int = 0
         ref = kvd.flash_attn_varlen_func(**ref_kw)
     with force_backend(backend):
         got = kvd.flash_attn_varlen_func(**kw)
+    if case.lse:
+        (got, lse), (ref, ref_lse) = got, ref
+        _compare_lse(case, lse, ref_lse, kw["cu_seqlens_q"])
     assert got is kw["out"], "flash_attn_varlen_func must return the out tensor it wrote"
     got, ref = got.float().cpu(), ref.cpu()
     assert not torch.isnan(ref).any(), f"{case.id}: reference produced NaN"
@@ -391,6 +436,19 @@ def run_attention_case(case: AttnCase, backend: str, device="cpu", seed: int = 0
     err = (got - ref).norm() / ref.norm().clamp_min(1e-6)
     assert err < tol, f"{case.id}: relative error {float(err):.2e} >= {tol:.0e}"
     return float(err)
+
+
+def _compare_lse(case: AttnCase, lse: torch.Tensor, ref: torch.Tensor, cu_q: torch.Tensor) -> None:
+    """LSE [Hq, total_q] float32: the same -inf rows (nothing seen, no sink), else close."""
+    assert lse.dtype == torch.float32 and lse.shape == ref.shape, f"{case.id}: lse {lse.dtype}{tuple(lse.shape)}"
+    rows = int(cu_q[-1])
+    lse, ref = lse[:, :rows].cpu(), ref[:, :rows].cpu()
+    assert not torch.isnan(lse).any(), f"{case.id}: lse has NaN (unwritten rows?)"
+    empty = torch.isinf(ref)
+    assert torch.equal(torch.isinf(lse), empty), f"{case.id}: lse -inf rows differ from the reference's"
+    if (~empty).any():
+        err = float((lse - ref)[~empty].abs().max())
+        assert err < (5e-2 if case.fp8 or case.dtype == torch.bfloat16 else 1e-2), f"{case.id}: lse error {err:.2e}"
 
 
 # -- strided index views -----------------------------------------------------------------------

@@ -128,15 +128,24 @@ def dispatch_overhead(device: torch.device, impls: list, quick: bool = False) ->
                     if case.op == "write":
                         a = (w.key, w.value, w.key_cache, w.value_cache, w.slot_mapping)
                         public: Callable = lambda a=a: kvd.reshape_and_cache_flash(*a)
+                        # vLLM's call: the layer's scale tensors are always passed, also with "auto"
+                        ks = torch.ones(1, device=device)
+                        engine: Callable = lambda a=a, ks=ks: kvd.reshape_and_cache_flash(*a, "auto", ks, ks)
                         bare: Callable = lambda a=a, d=desc: backend.reshape_and_cache_flash(*a, d)
                     else:
                         o = w.new_out()
                         kw = w.public_attention_kwargs(o)
                         public = lambda kw=kw: kvd.flash_attn_varlen_func(**kw)
+                        # vLLM's FlashAttentionImpl call: every keyword spelled out, FA3 hints included
+                        ekw = dict(kw, causal=True, window_size=None, softcap=0.0, alibi_slopes=None,
+                                   scheduler_metadata=None, fa_version=3, num_splits=0, s_aux=None,
+                                   q_descale=None, k_descale=None, v_descale=None)
+                        engine = lambda ekw=ekw: kvd.flash_attn_varlen_func(**ekw)
                         args = _attention_args(kvd, w)
                         bare = lambda o=o, d=desc, args=args: backend.flash_attn_varlen_func(
                             w.q, w.key_cache, w.value_cache, o, d, args)
                     for what, fn in (("public API, host us/call", public),
+                                     ("public API, vLLM's call pattern, host us/call", engine),
                                      ("backend method (no checks, no dispatch), host us/call", bare)):
                         out.append(dict(impl=impl.label, op=case.op, size=case.size, what=what,
                                         us=host_us_per_call(fn, device, calls)))
