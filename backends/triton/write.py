@@ -72,7 +72,7 @@ def _interpreting() -> bool:
 # -- kernels ----------------------------------------------------------------------------------------
 @triton.jit
 def _fp8_encode(y, BIAS: tl.constexpr, MAN: tl.constexpr, FNUZ: tl.constexpr):
-    """fp32 ``y`` (finite, already clamped to the type's range) -> fp8 bit patterns, uint8.
+    """fp32 ``y`` (already clamped to the type's range; NaN kept) -> fp8 bit patterns, uint8.
 
     Round to nearest, ties to even, subnormals included; exact for e4m3fn, e5m2 and e4m3fnuz.
     The retained mantissa is ``mant >> s``: ``s = 23 - MAN`` for normal results, larger below the
@@ -88,8 +88,14 @@ def _fp8_encode(y, BIAS: tl.constexpr, MAN: tl.constexpr, FNUZ: tl.constexpr):
     s = tl.minimum((23 - MAN) + below_normal, 31)
     k = (mant + ((1 << (s - 1)) - 1) + ((mant >> s) & 1)) >> s
     code = ((tl.maximum(e + (BIAS - 127), 1) - 1) << MAN) + k
+    # NaN stays NaN, as torch converts it: 0x7F with the sign (e4m3fn, e5m2), fnuz's one NaN 0x80
+    nan = a > 0x7F800000
     if FNUZ:
         sign = tl.where(code == 0, 0, sign)  # fnuz has no negative zero (0x80 is its NaN)
+        code = tl.where(nan, 0, code)
+        sign = tl.where(nan, 1, sign)
+    else:
+        code = tl.where(nan, 0x7F, code)
     return (code | (sign << 7)).to(tl.uint8)
 
 
@@ -125,7 +131,8 @@ def _write_side(
         else:
             s = tl.load(scale)
         y = x.to(tl.float32) * (1.0 / s)
-        y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
+        # saturate (e4m3fn has no infinity) but keep NaN: plain min/max would turn it into -max
+        y = tl.clamp(y, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
         if QUANT == 1:
             x = y.to(dst.dtype.element_ty)
         else:

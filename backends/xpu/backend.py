@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-from kvdispatch.checks import check_attention_values, check_slot_values
 from kvdispatch.platform import getenv
 from kvdispatch.registry import OPS, Backend
 
@@ -28,14 +27,10 @@ class _SyclKernels(Backend):
     """Ops in terms of ``kernels.py`` launches; subclasses say where a launch runs."""
 
     ops = OPS
-    always_check_values = False
     esimd = False  # may this backend launch ESIMD variants (Intel GPUs only)
 
     def _run(self, launch: kernels.Launch) -> None:
         raise NotImplementedError
-
-    def _checks(self) -> bool:
-        return self.always_check_values or getenv(b"KVDISPATCH_DEBUG") not in (None, "", "0")
 
     def supports(self, op, desc, platform) -> Optional[str]:
         if desc is None:
@@ -51,8 +46,6 @@ class _SyclKernels(Backend):
         return None
 
     def reshape_and_cache_flash(self, key, value, key_cache, value_cache, slot_mapping, desc) -> None:
-        if self._checks():
-            check_slot_values(slot_mapping, desc)
         why = kernels.element_support(key.dtype, desc)
         if why:
             raise TypeError(f"key: {why} ({self.name})")
@@ -60,16 +53,12 @@ class _SyclKernels(Backend):
                                              esimd=self.esimd))
 
     def concat_and_cache_mla(self, kv_c, k_pe, kv_cache, slot_mapping, desc) -> None:
-        if self._checks():
-            check_slot_values(slot_mapping, desc)
         why = kernels.element_support(kv_c.dtype, desc)
         if why:
             raise TypeError(f"kv_c: {why} ({self.name})")
         self._run(kernels.mla_write_launch(kv_c, k_pe, kv_cache, slot_mapping, desc))
 
     def flash_attn_varlen_func(self, q, k, v, out, desc, args) -> None:
-        if self._checks():
-            check_attention_values(args, desc)
         why = kernels.attention_support(q.dtype, out.dtype, desc)
         if why:
             raise TypeError(f"{why} ({self.name})")
@@ -82,7 +71,8 @@ class SyclCpuBackend(_SyclKernels):
     platforms = ()  # a test lane: chosen only through KVDISPATCH_BACKEND=sycl-cpu
     description = ("the XPU backend's SYCL kernels compiled at run time by DPC++ and run on the "
                    "OpenCL CPU device (the CI lane of the XPU kernels)")
-    # Out-of-range slots would write outside the staged buffers of this process: always check.
+    # Out-of-range slots would write outside the staged buffers of this process: the public call
+    # always runs the value checks first (kvdispatch.checks.checks_values).
     always_check_values = True
 
     def available(self, platform) -> Optional[str]:

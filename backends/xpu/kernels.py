@@ -287,9 +287,14 @@ def _descale_steps(t: Optional[torch.Tensor]):
     return t.stride(0), t.stride(1)
 
 
+# s_aux element types the attention kernel reads (its sink_dtype argument)
+SINK_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
 def attention_launch(q, k, v, out, desc: KVCacheDescriptor, args: AttentionArgs) -> Launch:
     """One group per (row of q, kv head, GT of its query heads); rows past ``cu_seqlens_q[-1]``
-    return at once."""
+    return at once. ``args.num_splits`` needs nothing: the kernel never splits a row's keys, which
+    satisfies every value (0 automatic, 1 none, n at most n)."""
     dk, dv = q.shape[2], out.shape[2]
     hq, hkv = q.shape[1], desc.num_kv_heads
     gt = heads_per_group(hq // hkv)
@@ -297,6 +302,15 @@ def attention_launch(q, k, v, out, desc: KVCacheDescriptor, args: AttentionArgs)
     bt = args.block_table
     if bt is not None and bt.stride(1) != 1:
         bt = bt.contiguous()
+    # ALiBi slopes [Hq] or [batch, Hq], sinks [Hq] (float32 / half / bf16, read as stored) and
+    # the LSE [Hq, total_q] are addressed through their strides: never copied
+    alibi, sink, lse = args.alibi_slopes, args.s_aux, args.softmax_lse
+    if alibi is None:
+        al_steps = (0, 0)
+    elif alibi.dim() == 1:
+        al_steps = (0, alibi.stride(0))
+    else:
+        al_steps = (alibi.stride(0), alibi.stride(1))
     a = [
         ("ptr", q, False), ("ptr", k, False), ("ptr", v, False), ("ptr", out, True),
         ("ptr", _dense(args.cu_seqlens_q), False), ("ptr", _dense(args.cu_seqlens_k), False),
@@ -313,6 +327,13 @@ def attention_launch(q, k, v, out, desc: KVCacheDescriptor, args: AttentionArgs)
         ("i32", args.window_left, False), ("i32", args.window_right, False),
         *[("i64", s, False) for t in (args.q_descale, args.k_descale, args.v_descale)
           for s in _descale_steps(t)],
+        # engine extras: null pointers switch them off (no extra instantiations)
+        ("ptr", alibi, False), ("ptr", sink, False), ("ptr", lse, True),
+        ("i64", al_steps[0], False), ("i64", al_steps[1], False),
+        ("i64", sink.stride(0) if sink is not None else 0, False),
+        ("i32", SINK_DTYPES[sink.dtype] if sink is not None else 0, False),
+        ("i64", lse.stride(0) if lse is not None else 0, False),
+        ("i64", lse.stride(1) if lse is not None else 0, False),
     ]
     tiles = -(-(hq // hkv) // gt)
     return Launch(spec, a, q.shape[0] * hkv * tiles, ATTENTION_WG)

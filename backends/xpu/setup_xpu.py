@@ -74,7 +74,10 @@ def main() -> None:
             "kvdispatch.backends.xpu._C",
             ["backends/xpu/csrc/xpu_ops.sycl"],
             include_dirs=[str(HERE / "csrc"), str(gen)],
-            extra_compile_args={"cxx": ["-O3", "-std=c++17"], "sycl": ["-O3"]},
+            # icpx defaults to -fp-model=fast, which assumes no infinities or NaNs; attention
+            # relies on them (-inf running max, -inf LSE of a row that sees nothing, NaN
+            # propagation), so they are honoured again while the other fast-math rules stay
+            extra_compile_args={"cxx": ["-O3", "-std=c++17"], "sycl": ["-O3", "-fno-finite-math-only"]},
         )],
         cmdclass={"build_ext": BuildExtension},
         script_args=sys.argv[1:] or ["build_ext", "--inplace"],

@@ -75,12 +75,104 @@ EXTRA_ATTENTION = [
     replace(_A, num_q_heads=6, num_kv_heads=2, q_lens=(5, 1), k_lens=(20, 90), dtype=torch.float16),
     # float32 output from a bf16 cache
     replace(_A, out_dtype=torch.float32, q_lens=(2, 5), k_lens=(9, 5)),
+    # engine extras: sinks on rows that see no key (lse = s_aux, out = 0), next to a row of no
+    # sink and no key in the same launch shape (lse -inf) below
+    replace(_A, sinks=True, lse=True, q_lens=(2, 0, 1), k_lens=(0, 4, 40)),
+    replace(_A, sinks=True, lse=True, window=(2, 0), q_lens=(3, 1), k_lens=(1, 5)),  # lk < lq: early rows see nothing
+    # per-head slopes / sinks / LSE rows under GT = 8 with two work-groups per kv head (8 + 4
+    # heads), a GT = 4 group with a masked head, and GT = 1; several tiles
+    replace(_A, num_q_heads=12, num_kv_heads=1, alibi="batch_head", sinks=True, lse=True,
+            q_lens=(2, 1), k_lens=(70, 8)),
+    replace(_A, num_q_heads=6, num_kv_heads=2, alibi="head", sinks=True, lse=True, q_lens=(5, 1),
+            k_lens=(20, 150), dtype=torch.float16, window=(100, 0)),
+    replace(_A, num_q_heads=3, num_kv_heads=3, alibi="batch_head", sinks=True, lse=True, q_lens=(4, 1),
+            k_lens=(9, 80), dtype=torch.float32),  # MHA: GT = 1
+    # ALiBi with softcap, non-paged, non-causal; fp8 q with expanded per-(seq, head) descales
+    replace(_A, paged=False, causal=False, alibi="head", softcap=4.0, q_lens=(5, 2), k_lens=(90, 2), lse=True),
+    replace(_A, fp8="e4m3", q_fp8=True, descale="batch_head", descale_expand=True, lse=True),
+    replace(_A, layout="mla-slices", num_q_heads=16, num_kv_heads=1, head_size=576, head_size_v=512,
+            k_lens=(70, 9), q_lens=(1, 1), sinks=True, lse=True, fp8="e4m3", descale_expand=True),
 ]
 
 
 @pytest.mark.parametrize("case", EXTRA_ATTENTION, ids=lambda c: c.id)
 def test_extra_attention(case):
     run_attention_case(case, BACKEND, seed=3)
+
+
+def _attention_op(kw, **over):
+    """The public custom op (takes a caller's ``softmax_lse``) with make_attention_inputs' kwargs."""
+    kw = {**kw, **over}
+    wl, wr = kw["window_size"]
+    torch.ops.kvdispatch.flash_attn_varlen_func(
+        kw["q"], kw["k"], kw["v"], kw["out"], kw["max_seqlen_q"], kw["cu_seqlens_q"], kw["max_seqlen_k"],
+        kw.get("cu_seqlens_k"), kw.get("seqused_k"), kw["softmax_scale"], kw["causal"], wl, wr, kw["softcap"],
+        kw.get("block_table"), kw.get("q_descale"), kw.get("k_descale"), kw.get("v_descale"),
+        kw.get("alibi_slopes"), kw.get("s_aux"), kw.get("softmax_lse"), kw.get("num_splits", 0))
+
+
+@pytest.mark.parametrize("sink_dtype", [torch.bfloat16, torch.float16])
+def test_extras_strided_and_16bit_sinks(sink_dtype):
+    """s_aux in the model's 16-bit dtype (read as stored, no host conversion) and as a strided
+    view; ALiBi slopes [batch, Hq] as a transposed view; the LSE written into a caller's strided
+    (transposed, padded) buffer whose other elements stay untouched; rows past cu_seqlens_q[-1]
+    keep their LSE."""
+    from matrix import make_attention_inputs
+    case = replace(_A, num_q_heads=8, num_kv_heads=2, q_lens=(3, 0, 2), k_lens=(40, 7, 0), alibi="batch_head",
+                   sinks=True, window=(30, 0))
+    kw = make_attention_inputs(case, seed=11)
+    kw.pop("return_softmax_lse", None)
+    hq, total_q = case.num_q_heads, kw["q"].shape[0]
+    b = len(case.q_lens)
+    kw["alibi_slopes"] = kw["alibi_slopes"].t().contiguous().t()  # [b, hq], strides (1, b)
+    assert kw["alibi_slopes"].stride() == (1, b)
+    sinks = torch.zeros(hq, 3, dtype=sink_dtype)
+    sinks[:, 1] = kw["s_aux"].to(sink_dtype)
+    kw["s_aux"] = sinks[:, 1]  # stride 3
+    kw["cu_seqlens_q"] = kw["cu_seqlens_q"].clone()
+    kw["cu_seqlens_q"][-1] -= 1  # the last q row belongs to nobody: out and lse untouched there
+    lse_buf = torch.full((total_q + 3, hq + 1), 7.0)
+    lse = lse_buf[1:total_q + 1, :hq].t()  # [hq, total_q], strides (1, hq + 1)
+    ref_lse = torch.full((hq, total_q), 7.0)
+    ref_out = torch.full(kw["out"].shape, float("nan"))
+    with force_backend("reference"):
+        _attention_op(kw, out=ref_out, softmax_lse=ref_lse, s_aux=kw["s_aux"].float())
+    before = lse_buf.clone()
+    with force_backend(BACKEND):
+        _attention_op(kw, softmax_lse=lse)
+    rows = int(kw["cu_seqlens_q"][-1])
+    got = kw["out"].float()
+    assert torch.isnan(got[rows:]).all(), "a row past cu_seqlens_q[-1] was written"
+    err = (got[:rows] - ref_out[:rows]).norm() / ref_out[:rows].norm()
+    assert err < 2e-2, f"relative error {float(err):.2e}"
+    # the sequence with no key: out 0, lse = the sink
+    assert torch.equal(got[3:rows], torch.zeros_like(got[3:rows]))
+    assert torch.allclose(lse[:, 3:rows], kw["s_aux"].float()[:, None].expand(hq, rows - 3))
+    assert torch.allclose(lse[:, :rows], ref_lse[:, :rows], atol=5e-2, rtol=0)
+    assert torch.equal(lse[:, rows:], torch.full((hq, total_q - rows), 7.0))
+    mask = torch.ones_like(lse_buf, dtype=torch.bool)
+    mask[1:total_q + 1, :hq] = False
+    assert torch.equal(lse_buf[mask], before[mask]), "the LSE kernel wrote outside its view"
+
+
+def test_sinks_without_keys_and_minus_inf_sink():
+    """A row with no key and a sink of -inf behaves like no sink at all: out 0, lse -inf (no NaN
+    from -inf - -inf); a finite sink on the same rows gives lse = sink."""
+    from matrix import make_attention_inputs
+    case = replace(_A, q_lens=(2, 1), k_lens=(0, 9), sinks=True)
+    kw = make_attention_inputs(case, seed=2)
+    kw.pop("return_softmax_lse", None)
+    hq, total_q = case.num_q_heads, kw["q"].shape[0]
+    s_aux = kw["s_aux"].clone()
+    s_aux[0] = float("-inf")
+    lse = torch.full((hq, total_q), 7.0)
+    with force_backend(BACKEND):
+        _attention_op(kw, s_aux=s_aux, softmax_lse=lse)
+    out = kw["out"].float()
+    assert torch.equal(out[:2], torch.zeros_like(out[:2]))
+    assert torch.isinf(lse[0, :2]).all() and (lse[0, :2] < 0).all()
+    assert torch.equal(lse[1:, :2], s_aux[1:, None].expand(hq - 1, 2))
+    assert torch.isfinite(lse[:, 2]).all() and not torch.isnan(out).any()
 
 
 def test_fp8_encoder_matches_torch_exhaustively():

@@ -12,6 +12,17 @@
 // p = i + Lk - Lq and sees keys j with p - left <= j <= p + right (-1: unbounded; causal is
 // right = 0). A query that sees no key writes zeros (the reference's convention).
 //
+// Engine extras, all run-time arguments (a null pointer turns each off; no extra instantiations):
+//   alibi_slopes  float32 [num_q_heads] (seq step 0) or [batch, num_q_heads], any strides: the
+//                 score of key j gets -slope * |p - j| after softcap, before masking (flash-attn)
+//   s_aux         [num_q_heads] attention-sink logits (float32, half or bf16: sink_dtype 0/1/2),
+//                 one more term exp(s_aux) in the row's softmax denominator with no value; folded
+//                 in once after the key loop (online softmax: the sink is one more "tile")
+//   softmax_lse   float32 [num_q_heads, total_q], any strides: log of each row's denominator
+//                 (sink included), -inf for a row that sees no key and has no sink
+// The kernel never splits the key range (one work-group walks all of a row's keys), so every
+// num_splits the caller asks for (0 auto, 1 none, n at most n) is honoured as "no split".
+//
 // Template parameters:
 //   QE, KVE, OutE  element policies (kvx_types.hpp) of q, the cache (Plain or Fp8) and out
 //   DK, DV         head sizes of K and V (compile-time, so q / accumulator live in local memory
@@ -31,15 +42,27 @@
       int64_t v_s_head, int64_t v_s_chunk, int64_t v_x, int64_t bt_s_seq, int64_t block_size,      \
       int32_t batch, int32_t num_q_heads, int32_t group, int32_t paged, float softmax_scale,       \
       float softcap, int32_t window_left, int32_t window_right, int64_t q_ds_seq, int64_t q_ds_head,  \
-      int64_t k_ds_seq, int64_t k_ds_head, int64_t v_ds_seq, int64_t v_ds_head
+      int64_t k_ds_seq, int64_t k_ds_head, int64_t v_ds_seq, int64_t v_ds_head,                    \
+      const float *alibi_slopes, const void *s_aux, float *softmax_lse, int64_t al_s_seq,          \
+      int64_t al_s_head, int64_t sink_s_head, int32_t sink_dtype, int64_t lse_s_head,              \
+      int64_t lse_s_token
 #define KVX_ATTENTION_ARGS                                                                         \
   q, k_cache, v_cache, out, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, q_descale,         \
       k_descale, v_descale, q_s_token, q_s_head, o_s_token, o_s_head, k_s_block, k_s_token,         \
       k_s_head, k_s_chunk, k_x, v_s_block, v_s_token, v_s_head, v_s_chunk, v_x, bt_s_seq,           \
       block_size, batch, num_q_heads, group, paged, softmax_scale, softcap, window_left,            \
-      window_right, q_ds_seq, q_ds_head, k_ds_seq, k_ds_head, v_ds_seq, v_ds_head
+      window_right, q_ds_seq, q_ds_head, k_ds_seq, k_ds_head, v_ds_seq, v_ds_head, alibi_slopes,    \
+      s_aux, softmax_lse, al_s_seq, al_s_head, sink_s_head, sink_dtype, lse_s_head, lse_s_token
 
 namespace kvx {
+
+// One sink logit of s_aux as float: sink_dtype 0 float32, 1 half, 2 bfloat16 (the model's dtype
+// is read as it is: no conversion kernel per call on the host).
+inline float load_sink(const void *s_aux, int32_t sink_dtype, int64_t i) {
+  if (sink_dtype == 1) return float(static_cast<const sycl::half *>(s_aux)[i]);
+  if (sink_dtype == 2) return float(static_cast<const sycl::ext::oneapi::bfloat16 *>(s_aux)[i]);
+  return static_cast<const float *>(s_aux)[i];
+}
 
 template <class QE, class KVE, class OutE, int DK, int DV, int GT, int WG, class Idx>
 inline void paged_attention(sycl::nd_item<1> it, KVX_ATTENTION_PARAMS(typename QE::storage,
@@ -102,11 +125,12 @@ inline void paged_attention(sycl::nd_item<1> it, KVX_ATTENTION_PARAMS(typename Q
   for (int e = lid; e < GT * DV; e += WG) acc[e / DV][e % DV] = 0.0f;
   sycl::group_barrier(wg);
 
-  float m[GT], l[GT];
+  float m[GT], l[GT], slope[GT];
 #pragma unroll
   for (int g = 0; g < GT; g++) {
     m[g] = -kInf;
     l[g] = 0.0f;
+    slope[g] = alibi_slopes && g < gn ? alibi_slopes[b * al_s_seq + (h0 + g) * al_s_head] : 0.0f;
   }
   for (int64_t j0 = lo; j0 < hi; j0 += WG) {
     const int64_t j = j0 + lid;
@@ -133,6 +157,11 @@ inline void paged_attention(sycl::nd_item<1> it, KVX_ATTENTION_PARAMS(typename Q
       for (int g = 0; g < GT; g++) {
         s[g] = dot[g] * score_scale;
         if (softcap > 0.0f) s[g] = softcap * sycl::tanh(s[g] / softcap);
+      }
+      if (alibi_slopes) {  // uniform across the work-group
+        const float dist = float(p >= j ? p - j : j - p);
+#pragma unroll
+        for (int g = 0; g < GT; g++) s[g] -= slope[g] * dist;
       }
       v_row[lid] = blk * Idx(v_s_block) + tok * Idx(v_s_token) + Idx(kvh) * Idx(v_s_head);
     }
@@ -168,10 +197,28 @@ inline void paged_attention(sycl::nd_item<1> it, KVX_ATTENTION_PARAMS(typename Q
     }
     sycl::group_barrier(wg);  // prob / v_row are rewritten by the next tile
   }
+  // the sink joins each head's denominator as one more logit with no value; then the row's LSE
+  float norm[GT];
+#pragma unroll
+  for (int g = 0; g < GT; g++) {
+    float mm = m[g], ll = l[g], rescale = 1.0f;
+    if (s_aux && g < gn) {
+      const float sk = load_sink(s_aux, sink_dtype, (h0 + g) * sink_s_head);
+      const float mx = sycl::fmax(mm, sk);
+      if (mx > -kInf) {                 // else no key was seen and the sink is -inf: nothing
+        rescale = sycl::exp(mm - mx);   // 0 when no key was seen (lse = s_aux, out = 0)
+        ll = ll * rescale + sycl::exp(sk - mx);
+        mm = mx;
+      }
+    }
+    // l = 0: the row saw nothing (zeros, lse -inf); a NaN l stays NaN in out and lse
+    norm[g] = ll <= 0.0f ? 0.0f : vd * rescale / ll;
+    if (softmax_lse && lid == 0 && g < gn)
+      softmax_lse[(h0 + g) * lse_s_head + t * lse_s_token] = ll <= 0.0f ? -kInf : mm + sycl::log(ll);
+  }
   for (int e = lid; e < gn * DV; e += WG) {
     const int g = e / DV, d = e % DV;
-    const float norm = l[g] > 0.0f ? vd / l[g] : 0.0f;
-    out[t * o_s_token + (h0 + g) * o_s_head + d] = OutE::from_float(acc[g][d] * norm);
+    out[t * o_s_token + (h0 + g) * o_s_head + d] = OutE::from_float(acc[g][d] * norm[g]);
   }
 }
 
