@@ -418,6 +418,12 @@ _IGNORED_HINTS = frozenset(("scheduler_metadata", "fa_version"))
 _DEFAULT_ONLY = {"cp_world_size": 1, "cp_rank": 0, "cp_tot_seqused_k": None, "q_v": None}
 
 
+def _new_lse(q: torch.Tensor) -> torch.Tensor:
+    """The LSE output ``[num_q_heads, total_q]`` (uninitialized, as flash-attn's; the tests swap in
+    a NaN-filled one so that an unwritten row shows)."""
+    return torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+
+
 def _check_hints(hints: dict) -> None:
     for name, val in hints.items():
         if name in _IGNORED_HINTS:
@@ -515,7 +521,7 @@ def flash_attn_varlen_func(
     lse = None
     if return_softmax_lse:
         _tensor(q, "q")
-        lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+        lse = _new_lse(q)
     if _compiling():
         torch.ops.kvdispatch.flash_attn_varlen_func(
             q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
@@ -560,9 +566,11 @@ def _flash_attn_varlen_func_op(
     seqused_k: Optional[torch.Tensor], softmax_scale: Optional[float], causal: bool, window_left: int,
     window_right: int, softcap: float, block_table: Optional[torch.Tensor],
     q_descale: Optional[torch.Tensor], k_descale: Optional[torch.Tensor], v_descale: Optional[torch.Tensor],
-    alibi_slopes: Optional[torch.Tensor] = None, s_aux: Optional[torch.Tensor] = None,
-    softmax_lse: Optional[torch.Tensor] = None, num_splits: int = 0,
+    alibi_slopes: Optional[torch.Tensor], s_aux: Optional[torch.Tensor], softmax_lse: Optional[torch.Tensor],
+    num_splits: int,
 ) -> None:
+    # no defaults: torch 2.11 drops a mutated optional argument passed at its default value and
+    # then fails its in-place bookkeeping (opcheck, torch.compile); callers pass all of them
     _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
                softmax_scale, causal, window_left, window_right, softcap, block_table,
                q_descale, k_descale, v_descale, alibi_slopes, s_aux, softmax_lse, num_splits)
@@ -571,5 +579,5 @@ def _flash_attn_varlen_func_op(
 @_flash_attn_varlen_func_op.register_fake
 def _(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k, softmax_scale,
       causal, window_left, window_right, softcap, block_table, q_descale, k_descale, v_descale,
-      alibi_slopes=None, s_aux=None, softmax_lse=None, num_splits=0) -> None:
+      alibi_slopes, s_aux, softmax_lse, num_splits) -> None:
     return None

@@ -32,10 +32,12 @@ def _attn_op_args(case):
     kw = make_attention_inputs(case)
     return (kw["q"], kw["k"], kw["v"], kw["out"], kw["max_seqlen_q"], kw["cu_seqlens_q"], kw["max_seqlen_k"],
             kw.get("cu_seqlens_k"), kw.get("seqused_k"), None, case.causal, -1, -1, 0.0, kw.get("block_table"),
-            None, None, None)
+            None, None, None, kw.get("alibi_slopes"), kw.get("s_aux"),
+            torch.full((kw["q"].shape[1], kw["q"].shape[0]), float("nan")) if case.lse else None, case.num_splits)
 
 
-@pytest.mark.parametrize("case", [AttnCase(), AttnCase(paged=False, q_lens=(3, 4), k_lens=(3, 4))],
+@pytest.mark.parametrize("case", [AttnCase(), AttnCase(paged=False, q_lens=(3, 4), k_lens=(3, 4)),
+                                  AttnCase(q_lens=(1, 4), k_lens=(9, 21), alibi="head", sinks=True, lse=True)],
                          ids=lambda c: c.id)
 def test_opcheck_attention(case):
     torch.library.opcheck(torch.ops.kvdispatch.flash_attn_varlen_func.default, _attn_op_args(case))

@@ -27,6 +27,12 @@ exponent-bias difference is folded into the descales).
 Split-KV (flash-decoding): when batch x kv heads x tiles leaves the GPU underfilled and keys are
 long, each program takes one of ``num_splits`` key ranges and writes an unnormalized partial
 output with its running max and sum to a float32 workspace; a second kernel merges them.
+``AttentionArgs.num_splits`` overrides the choice (1: never split, for batch invariance).
+
+Engine extras, each a constexpr switch (calls without them compile to the plain kernel): ALiBi
+(``-slope * |p - j|`` added after the softcap, in base 2), attention sinks (``s_aux``: one logit
+per query head in the denominator, added once: in the epilogue, or in the merge kernel when
+split) and the natural-log LSE of every row (written by the epilogue or the merge kernel).
 """
 
 from __future__ import annotations
@@ -91,7 +97,7 @@ def _to_compute(x, MODE: tl.constexpr, COMPUTE: tl.constexpr):
 
 @triton.jit
 def _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, p_row,
-          window_left, window_right, qk_scale, softcap,
+          window_left, window_right, qk_scale, softcap, slope2,
           K_SB: tl.constexpr, K_ST: tl.constexpr, K_SH: tl.constexpr,
           V_SB: tl.constexpr, V_ST: tl.constexpr, V_SH: tl.constexpr,
           PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -100,8 +106,11 @@ def _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, 
           PAGED: tl.constexpr, INT64: tl.constexpr, KV_MODE: tl.constexpr,
           COMPUTE: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
           SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-          MASKED: tl.constexpr):
-    """One key tile ``[start, start + BLOCK_N)``: scores, (masks), online-softmax update."""
+          HAS_ALIBI: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile ``[start, start + BLOCK_N)``: scores, (ALiBi), (masks), online-softmax update.
+
+    ``slope2`` (HAS_ALIBI): each row's ALiBi slope in base-2 units (slope * log2(e)); unused otherwise.
+    """
     offs_n = start + tl.arange(0, BLOCK_N)
     key_ok = offs_n < lk
     if PAGED:
@@ -166,6 +175,11 @@ def _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, 
     else:
         # the scale (> 0) is applied after the row max, fused with the subtraction (one FMA)
         s_scale = qk_scale
+    if HAS_ALIBI:
+        # -slope * |p - j| on the scaled (and capped) score, in base 2: the scale is applied first
+        dist = tl.abs(p_row[:, None] - offs_n[None, :]).to(tl.float32)
+        s = s * s_scale - slope2[:, None] * dist
+        s_scale = 1.0
     if MASKED:
         ok = key_ok[None, :]
         if HAS_RIGHT:
@@ -207,13 +221,14 @@ def _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, 
 
 # Values that change from step to step are not specialized on, so one compiled kernel serves every
 # step of a plan and can be launched directly (see ``_launch_direct``).
-@triton.jit(do_not_specialize=["total_q", "split_keys", "s_bt"])
+@triton.jit(do_not_specialize=["total_q", "split_keys", "s_bt", "al_sb", "al_sh", "s_lh", "s_lt"])
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_ml_ptr,
     cu_q_ptr, cu_k_ptr, seqused_ptr, bt_ptr,
-    qd_ptr, kd_ptr, vd_ptr,
+    qd_ptr, kd_ptr, vd_ptr, alibi_ptr, sink_ptr, lse_ptr,
     scale, softcap, v_factor, window_left, window_right, total_q, split_keys,
     s_qt, s_qh, s_ot, s_oh, s_bt, qd_sb, qd_sh, kd_sb, kd_sh, vd_sb, vd_sh,
+    al_sb, al_sh, s_lh, s_lt,
     K_SB: tl.constexpr, K_ST: tl.constexpr, K_SH: tl.constexpr,
     V_SB: tl.constexpr, V_ST: tl.constexpr, V_SH: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr,
@@ -225,12 +240,16 @@ def _attention_kernel(
     DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     HAS_QD: tl.constexpr, HAS_KD: tl.constexpr, HAS_VD: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_LSE: tl.constexpr,
     SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """q ``(total_q, Hq, Dk)``, caches via the constexpr strides, out ``(total_q, Hq, Dv)``.
 
     With SPLIT, writes ``ws_o`` ``(splits, total_q, Hq, DV_VALID)`` (unnormalized) and ``ws_ml``
-    ``(splits, total_q, Hq, 2)`` (running max in base 2, sum) instead of ``out``.
+    ``(splits, total_q, Hq, 2)`` (running max in base 2, sum) instead of ``out``; the sink and
+    the LSE are then the merge kernel's. HAS_ALIBI: slopes at ``alibi_ptr + b * al_sb + head * al_sh``
+    (fp32). HAS_SINKS: one logit per query head at ``sink_ptr`` (contiguous; fp32/fp16/bf16).
+    HAS_LSE: the natural-log LSE of each row to ``lse_ptr + head * s_lh + token * s_lt``.
     """
     # the longest (causal: most keys) q tiles of a sequence start first; shorter ones fill the tail
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -310,6 +329,12 @@ def _attention_kernel(
     if not SOFTCAP:
         qk_scale *= 1.4426950408889634
 
+    if HAS_ALIBI:
+        slope2 = tl.load(alibi_ptr + b * al_sb + head * al_sh, mask=row_ok, other=0.0).to(tl.float32) \
+            * 1.4426950408889634
+    else:
+        slope2 = qk_scale  # unused
+
     bt_row = bt_ptr + b.to(tl.int64) * s_bt
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -320,50 +345,50 @@ def _attention_kernel(
         start = lo
         while start < full_lo:
             acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk,
-                                  p_row, window_left, window_right, qk_scale, softcap,
+                                  p_row, window_left, window_right, qk_scale, softcap, slope2,
                                   K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, BLOCK_N, DA, DB, DB_VALID,
                                   DV, DV_VALID, PAGED, INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP,
-                                  HAS_LEFT, HAS_RIGHT, True)
+                                  HAS_LEFT, HAS_RIGHT, HAS_ALIBI, True)
             start += BLOCK_N
     else:
         for start in range(lo, full_lo, BLOCK_N):
             acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk,
-                                  p_row, window_left, window_right, qk_scale, softcap,
+                                  p_row, window_left, window_right, qk_scale, softcap, slope2,
                                   K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, BLOCK_N, DA, DB, DB_VALID,
                                   DV, DV_VALID, PAGED, INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP,
-                                  HAS_LEFT, HAS_RIGHT, True)
+                                  HAS_LEFT, HAS_RIGHT, HAS_ALIBI, True)
     if INTERPRET:
         start = full_lo
         while start < full_hi:
             acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk,
-                                  p_row, window_left, window_right, qk_scale, softcap,
+                                  p_row, window_left, window_right, qk_scale, softcap, slope2,
                                   K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, BLOCK_N, DA, DB, DB_VALID,
                                   DV, DV_VALID, PAGED, INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP,
-                                  HAS_LEFT, HAS_RIGHT, False)
+                                  HAS_LEFT, HAS_RIGHT, HAS_ALIBI, False)
             start += BLOCK_N
     else:
         for start in range(full_lo, full_hi, BLOCK_N):
             acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk,
-                                  p_row, window_left, window_right, qk_scale, softcap,
+                                  p_row, window_left, window_right, qk_scale, softcap, slope2,
                                   K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, BLOCK_N, DA, DB, DB_VALID,
                                   DV, DV_VALID, PAGED, INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP,
-                                  HAS_LEFT, HAS_RIGHT, False)
+                                  HAS_LEFT, HAS_RIGHT, HAS_ALIBI, False)
     if INTERPRET:
         start = full_hi
         while start < hi:
             acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk,
-                                  p_row, window_left, window_right, qk_scale, softcap,
+                                  p_row, window_left, window_right, qk_scale, softcap, slope2,
                                   K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, BLOCK_N, DA, DB, DB_VALID,
                                   DV, DV_VALID, PAGED, INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP,
-                                  HAS_LEFT, HAS_RIGHT, True)
+                                  HAS_LEFT, HAS_RIGHT, HAS_ALIBI, True)
             start += BLOCK_N
     else:
         for start in range(full_hi, hi, BLOCK_N):
             acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk,
-                                  p_row, window_left, window_right, qk_scale, softcap,
+                                  p_row, window_left, window_right, qk_scale, softcap, slope2,
                                   K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, BLOCK_N, DA, DB, DB_VALID,
                                   DV, DV_VALID, PAGED, INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP,
-                                  HAS_LEFT, HAS_RIGHT, True)
+                                  HAS_LEFT, HAS_RIGHT, HAS_ALIBI, True)
 
     out_scale = v_factor
     if HAS_VD:
@@ -377,18 +402,39 @@ def _attention_kernel(
         tl.store(ws_ml_ptr + ws_row * 2, m_i, mask=row_ok)
         tl.store(ws_ml_ptr + ws_row * 2 + 1, l_i, mask=row_ok)
     else:
-        # rows that saw no key have acc == 0 and l == 0: they come out 0
-        o = acc * (out_scale / tl.where(l_i > 0.0, l_i, 1.0))[:, None]
+        o_scale = out_scale
+        if HAS_SINKS:
+            # the sink joins the denominator with no value: rescale (l, m) to max(m, sink) so a
+            # row that saw no key (m = -inf) gets l = 1 at m = sink (out 0, lse = sink)
+            sink2 = tl.load(sink_ptr + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+            m_s = tl.maximum(m_i, sink2)
+            m_s_use = tl.where(m_s == float("-inf"), 0.0, m_s)
+            alpha = tl.math.exp2(m_i - m_s_use)
+            l_i = l_i * alpha + tl.math.exp2(sink2 - m_s_use)
+            o_scale = out_scale * alpha
+            m_i = m_s
+        # rows that saw no key (and have no sink) have acc == 0 and l == 0: they come out 0
+        o = acc * (o_scale / tl.where(l_i > 0.0, l_i, 1.0))[:, None]
         o_rows = (q_start + q_tok).to(tl.int64) * s_ot + head * s_oh
         tl.store(out_ptr + o_rows[:, None] + offs_dv[None, :], o.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & dv_ok)
+        if HAS_LSE:
+            # natural log: (m + log2(l)) / log2(e); -inf for a row with an empty denominator
+            lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0))) * 0.6931471805599453,
+                           float("-inf"))
+            tl.store(lse_ptr + head.to(tl.int64) * s_lh + (q_start + q_tok).to(tl.int64) * s_lt, lse,
+                     mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["total_q"])
-def _merge_splits_kernel(ws_o_ptr, ws_ml_ptr, out_ptr, cu_q_ptr, total_q, s_ot, s_oh,
+@triton.jit(do_not_specialize=["total_q", "s_lh", "s_lt"])
+def _merge_splits_kernel(ws_o_ptr, ws_ml_ptr, out_ptr, cu_q_ptr, sink_ptr, lse_ptr, total_q, s_ot, s_oh,
+                         s_lh, s_lt,
                          BATCH: tl.constexpr, NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                         SPLITS_P2: tl.constexpr, DV: tl.constexpr, DV_VALID: tl.constexpr):
-    """out[t, h] = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s over the splits' partials."""
+                         SPLITS_P2: tl.constexpr, DV: tl.constexpr, DV_VALID: tl.constexpr,
+                         HAS_SINKS: tl.constexpr, HAS_LSE: tl.constexpr):
+    """out[t, h] = sum_s 2^(m_s - M) o_s / (sum_s 2^(m_s - M) l_s [+ 2^(sink - M)]) over the splits'
+    partials (M the largest m_s [and the sink]); the sink is added here, once, not per split.
+    HAS_LSE: lse[h, t] = (M + log2(denominator)) in natural-log units (-inf when it is 0)."""
     t = tl.program_id(0)
     h = tl.program_id(1)
     if t >= tl.load(cu_q_ptr + BATCH):
@@ -399,10 +445,15 @@ def _merge_splits_kernel(ws_o_ptr, ws_ml_ptr, out_ptr, cu_q_ptr, total_q, s_ot, 
     m = tl.load(ws_ml_ptr + ws_row * 2, mask=s_ok, other=float("-inf"))
     l = tl.load(ws_ml_ptr + ws_row * 2 + 1, mask=s_ok, other=0.0)
     m_max = tl.max(m, 0)
+    if HAS_SINKS:
+        sink2 = tl.load(sink_ptr + h).to(tl.float32) * 1.4426950408889634
+        m_max = tl.maximum(m_max, sink2)
     m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.math.exp2(m - m_use)
     w = tl.where(s_ok, w, 0.0)
     denom = tl.sum(w * l, 0)
+    if HAS_SINKS:
+        denom += tl.math.exp2(sink2 - m_use)
     offs_dv = tl.arange(0, DV)
     dv_ok = offs_dv < DV_VALID
     o = tl.load(ws_o_ptr + ws_row[:, None] * DV_VALID + offs_dv[None, :],
@@ -410,6 +461,10 @@ def _merge_splits_kernel(ws_o_ptr, ws_ml_ptr, out_ptr, cu_q_ptr, total_q, s_ot, 
     o = tl.sum(o * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
     tl.store(out_ptr + t.to(tl.int64) * s_ot + h * s_oh + offs_dv, o.to(out_ptr.dtype.element_ty),
              mask=dv_ok)
+    if HAS_LSE:
+        lse = tl.where(denom > 0.0, (m_use + tl.math.log2(tl.where(denom > 0.0, denom, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        tl.store(lse_ptr + h.to(tl.int64) * s_lh + t.to(tl.int64) * s_lt, lse)
 
 
 # -- launch -----------------------------------------------------------------------------------------
@@ -460,9 +515,12 @@ FP8_KV_IN_FP16 = True
 def plan_for(q: torch.Tensor, out: torch.Tensor, desc, args, decode: bool) -> Plan:
     """The kernel's constexprs and launch config for this call shape (cached)."""
     interp = _interpreting()
+    # every input of the constexprs and the tile below (the descriptor's key holds the cache's
+    # dtypes, strides, head sizes, page size, int32 flag and device type)
     key = (desc.key, q.dtype, out.dtype, q.shape[1], decode, args.paged, args.seqused_k is not None,
            args.softcap > 0, args.window_left >= 0, args.window_right >= 0, args.q_descale is not None,
-           args.k_descale is not None, args.v_descale is not None, interp, desc.platform,
+           args.k_descale is not None, args.v_descale is not None, args.alibi_slopes is not None,
+           args.s_aux is not None, args.softmax_lse is not None, interp, desc.platform,
            FP8_KV_IN_FP16)  # hash cached
     plan = _PLANS.get(key)
     if plan is not None:
@@ -508,6 +566,8 @@ def plan_for(q: torch.Tensor, out: torch.Tensor, desc, args, decode: bool) -> Pl
         HAS_QD=args.q_descale is not None, HAS_KD=args.k_descale is not None,
         HAS_VD=args.v_descale is not None, SOFTCAP=args.softcap > 0,
         HAS_LEFT=args.window_left >= 0, HAS_RIGHT=args.window_right >= 0,
+        HAS_ALIBI=args.alibi_slopes is not None, HAS_SINKS=args.s_aux is not None,
+        HAS_LSE=args.softmax_lse is not None,
     )
     kv_factor = _BITS_FACTOR.get(kv_mode, 1.0)
     plan = Plan(key, tile, constexprs, kv_factor, kv_factor, _BITS_FACTOR.get(q_mode, 1.0) / q_pre, cfg)
@@ -528,17 +588,46 @@ def _keep_compiled(cache: dict, key, compiled) -> None:
         cache[key] = compiled
 
 
-def _launch_direct(kernel, grid, device: int, ptr_values, scale, softcap, v_factor, window_left, window_right,
-                   total_q, split_keys, s_bt, specialized, constexprs, split) -> None:
+_INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
+
+
+def _alignment(ptr_values) -> object:
+    """Triton specializes every pointer on 16-byte alignment: 0 when all are aligned, else each
+    pointer's low bits."""
+    align = 0
+    for p in ptr_values:
+        align |= p
+    return 0 if align & 15 == 0 else tuple(p & 15 for p in ptr_values)
+
+
+def _fit_int32(values) -> bool:
+    """Integers in ``do_not_specialize`` still get an i32 or i64 signature by their value."""
+    for v in values:
+        if v < _INT32_MIN or v > _INT32_MAX:
+            return False
+    return True
+
+
+def attention_launch_key(plan_key: tuple, tile, device: int, ptrs, ptr_values, specialized: tuple,
+                         unspecialized: tuple, split: bool) -> tuple:
+    """The key of a compiled ``_attention_kernel`` kept for direct launches: everything Triton
+    compiled it for. ``plan_key`` and ``tile`` fix every constexpr, num_warps and num_stages;
+    ``device``: a compiled kernel's function is loaded for one device; the dtype of every pointer
+    argument (the plan key has q/out/cache, not s_aux or the dummies); ``specialized``: the ints
+    Triton specializes on (== 1, % 16), by value; ``unspecialized``: the ``do_not_specialize``
+    ints, only whether they fit int32; ``split`` (SPLIT); each pointer's 16-byte alignment."""
+    return (plan_key, tile, device, tuple(t.dtype for t in ptrs), specialized, _fit_int32(unspecialized), split,
+            _alignment(ptr_values))
+
+
+def _launch_direct(kernel, grid, device: int, ptr_values, runtime_args, constexprs, split) -> None:
     """Launch an already compiled ``_attention_kernel`` with raw arguments, skipping Triton's
     per-call binding (about 60 us of host time for this many arguments). The cache key that
-    found ``kernel`` holds every value it was specialized on; the argument order is the kernel's
-    signature (constexpr slots are passed and ignored by the launcher)."""
-    s_qt, s_qh, s_ot, s_oh, qd_sb, qd_sh, kd_sb, kd_sh, vd_sb, vd_sh = specialized[:10]
+    found ``kernel`` (``attention_launch_key``) holds every value it was specialized on; the
+    argument order is the kernel's signature (constexpr slots are passed and ignored by the
+    launcher)."""
     kernel.run(grid[0], grid[1], grid[2], torch._C._cuda_getCurrentRawStream(device), kernel.function,
-               kernel.packed_metadata, None, None, None, *ptr_values,
-               scale, softcap, v_factor, window_left, window_right, total_q, split_keys,
-               s_qt, s_qh, s_ot, s_oh, s_bt, qd_sb, qd_sh, kd_sb, kd_sh, vd_sb, vd_sh,
+               kernel.packed_metadata, None, None, None, *ptr_values, *runtime_args,
                *constexprs.values(), split, False)
 
 
@@ -565,24 +654,39 @@ def choose_splits(batch: int, num_kv_heads: int, q_tiles: int, max_seqlen_k: int
     return max(1, min(by_fill, by_length, 256))
 
 
+def split_count(num_splits: int, max_seqlen_k: int, block_n: int, automatic) -> tuple:
+    """(splits, keys per split) for ``num_splits`` (0: ``automatic()``, the heuristic; n >= 1:
+    n, capped at one key tile per split). Each split holds a whole number of ``block_n`` tiles
+    (the kernel's unmasked tiles must not cross into the next split), so the count is rounded
+    to what equal tile-aligned splits give: never more than asked, possibly fewer (70 keys in
+    16-key tiles: 4 asked -> 3 splits of 32 keys)."""
+    n_keys = max(max_seqlen_k, 1)
+    n = automatic() if num_splits == 0 else min(num_splits, -(-n_keys // block_n))
+    split_keys = -(-n_keys // max(n, 1))
+    split_keys = -(-split_keys // block_n) * block_n
+    return max(1, -(-n_keys // split_keys)), split_keys
+
+
 def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, desc,
-                           args, num_splits: Optional[int] = None) -> None:
+                           args) -> None:
     """Attention of ``q`` ``(total_q, Hq, Dk)`` over the caches ``k``/``v`` (4-D, any strides; the
     non-paged case as one block ``(1, total_k, Hkv, D)``) into ``out`` ``(total_q, Hq, Dv)``.
 
-    ``args`` is a :class:`kvdispatch.registry.AttentionArgs`, already validated. ``num_splits``
-    overrides the split-KV choice (benchmarks and tests).
+    ``args`` is a :class:`kvdispatch.registry.AttentionArgs`, already validated: its
+    ``num_splits`` (0 automatic, 1 never, n: n splits at most) sets the split-KV count, its
+    ``alibi_slopes`` / ``s_aux`` / ``softmax_lse`` switch on the kernel's ALiBi, sinks and LSE.
     """
     batch = args.batch
     total_q, hq, _ = q.shape
     if batch == 0 or total_q == 0 or args.max_seqlen_q == 0:
         return
-    for t in (args.cu_seqlens_q, args.cu_seqlens_k, args.seqused_k, args.block_table):
+    for t in (args.cu_seqlens_q, args.cu_seqlens_k, args.seqused_k, args.block_table, args.s_aux):
         if unit_stride(t) is not t:
             # strided index views (allowed by the API): the kernels read them as contiguous rows
             args = args._replace(cu_seqlens_q=unit_stride(args.cu_seqlens_q),
                                  cu_seqlens_k=unit_stride(args.cu_seqlens_k),
-                                 seqused_k=unit_stride(args.seqused_k), block_table=unit_stride(args.block_table))
+                                 seqused_k=unit_stride(args.seqused_k), block_table=unit_stride(args.block_table),
+                                 s_aux=unit_stride(args.s_aux))
             break
     hkv = desc.num_kv_heads
     group = hq // hkv
@@ -592,12 +696,10 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
     plan = plan_for(q, out, desc, args, decode)
     c = plan.constexprs
     q_tiles = -(-args.max_seqlen_q * group // c["BLOCK_M"])
-    if num_splits is None:
-        num_splits = choose_splits(batch, hkv, q_tiles, args.max_seqlen_k, c["BLOCK_N"], plan.config,
-                                   desc.platform.multiprocessors or 1, plan.tile.programs_per_sm)
-    split_keys = -(-max(args.max_seqlen_k, 1) // num_splits)
-    split_keys = -(-split_keys // c["BLOCK_N"]) * c["BLOCK_N"]
-    num_splits = max(1, -(-max(args.max_seqlen_k, 1) // split_keys))
+    num_splits, split_keys = split_count(
+        args.num_splits, args.max_seqlen_k, c["BLOCK_N"],
+        lambda: choose_splits(batch, hkv, q_tiles, args.max_seqlen_k, c["BLOCK_N"], plan.config,
+                              desc.platform.multiprocessors or 1, plan.tile.programs_per_sm))
     split = num_splits > 1
 
     # fp8 bit decoding leaves a power-of-two factor on K (scores) and V (output): fold it here
@@ -610,6 +712,7 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
         ws_o = ws_ml = out
     dummy = args.cu_seqlens_q
     qd, kd, vd = args.q_descale, args.k_descale, args.v_descale
+    alibi, sink, lse = args.alibi_slopes, args.s_aux, args.softmax_lse
     kk = k.view(torch.uint8) if c["KV_MODE"] >= FP8_E4M3_BITS else k
     vv = v.view(torch.uint8) if c["KV_MODE"] >= FP8_E4M3_BITS else v
     qq = q.view(torch.uint8) if c["Q_MODE"] >= FP8_E4M3_BITS else q
@@ -617,34 +720,42 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
     ptrs = (qq, kk, vv, out, ws_o, ws_ml, args.cu_seqlens_q,
             args.cu_seqlens_k if args.cu_seqlens_k is not None else dummy,
             args.seqused_k if args.seqused_k is not None else dummy, bt,
-            qd if qd is not None else dummy, kd if kd is not None else dummy, vd if vd is not None else dummy)
-    # Everything Triton specializes this launch on, but the values in do_not_specialize.
-    specialized = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), *_descale_strides(qd),
-                   *_descale_strides(kd), *_descale_strides(vd), args.window_left, args.window_right)
+            qd if qd is not None else dummy, kd if kd is not None else dummy, vd if vd is not None else dummy,
+            alibi if alibi is not None else dummy, sink if sink is not None else dummy,
+            lse if lse is not None else dummy)
+    if alibi is None:
+        al_sb = al_sh = 0
+    elif alibi.dim() == 1:
+        al_sb, al_sh = 0, alibi.stride(0)
+    else:
+        al_sb, al_sh = alibi.stride(0), alibi.stride(1)
+    s_lh, s_lt = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
+    s_bt = bt.stride(0) if args.paged else 0
+    s_qt, s_qh, s_ot, s_oh = q.stride(0), q.stride(1), out.stride(0), out.stride(1)
+    descale_strides = (*_descale_strides(qd), *_descale_strides(kd), *_descale_strides(vd))
+    # the runtime (non-constexpr, non-pointer) arguments, in the kernel's order
+    runtime_args = (scale, float(args.softcap), v_factor, args.window_left, args.window_right, total_q,
+                    split_keys, s_qt, s_qh, s_ot, s_oh, s_bt, *descale_strides, al_sb, al_sh, s_lh, s_lt)
     grid = (q_tiles, batch * hkv, num_splits)
     direct = None  # the key under which a compiled kernel is kept for direct launches
     launched = False
     if q.is_cuda and desc.platform.is_nvidia and not _interpreting():
         ptr_values = tuple(t.data_ptr() for t in ptrs)
-        align = 0
-        for p in ptr_values:
-            align |= p
-        direct = (plan.key, plan.tile, specialized, split,
-                  0 if align & 15 == 0 else tuple(p & 15 for p in ptr_values))
+        # Everything Triton specializes this launch on: the ints outside do_not_specialize by value
+        # (window_left/right, q/out/descale strides), the others (total_q, split_keys, s_bt, the
+        # ALiBi and LSE strides) by whether they fit int32.
+        direct = attention_launch_key(plan.key, plan.tile, q.get_device(), ptrs, ptr_values,
+                                      (args.window_left, args.window_right, s_qt, s_qh, s_ot, s_oh,
+                                       *descale_strides),
+                                      (total_q, split_keys, s_bt, al_sb, al_sh, s_lh, s_lt), split)
         kernel = _COMPILED.get(direct)
         if kernel is not None and _no_launch_hooks():
-            _launch_direct(kernel, grid, q.get_device(), ptr_values, scale, float(args.softcap), v_factor,
-                           args.window_left, args.window_right, total_q, split_keys,
-                           bt.stride(0) if args.paged else 0, specialized, c, split)
+            _launch_direct(kernel, grid, q.get_device(), ptr_values, runtime_args, c, split)
             launched = True
     while not launched:
         try:
             compiled = _attention_kernel[grid](
-                *ptrs,
-                scale, float(args.softcap), v_factor, args.window_left, args.window_right, total_q,
-                split_keys, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-                bt.stride(0) if args.paged else 0,
-                *_descale_strides(qd), *_descale_strides(kd), *_descale_strides(vd),
+                *ptrs, *runtime_args,
                 SPLIT=split, INTERPRET=_interpreting(), num_warps=plan.tile.num_warps,
                 num_stages=plan.tile.num_stages, **c,
             )
@@ -660,33 +771,46 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
             if direct is not None:
                 direct = (plan.key, plan.tile) + direct[2:]
     if split:
-        _merge(ws_o, ws_ml, out, args.cu_seqlens_q, total_q, batch, hq, num_splits, c["DV"], c["DV_VALID"],
-               direct is not None)
+        _merge(ws_o, ws_ml, out, args.cu_seqlens_q, sink, lse, total_q, batch, hq, num_splits, c["DV"],
+               c["DV_VALID"], direct is not None)
 
 
 _MERGE_COMPILED: dict = {}
 
 
-def _merge(ws_o, ws_ml, out, cu_q, total_q: int, batch: int, hq: int, num_splits: int, dv: int,
+def merge_launch_key(device: int, ptrs, ptr_values, constexprs: tuple, specialized: tuple,
+                     unspecialized: tuple) -> tuple:
+    """The key of a compiled ``_merge_splits_kernel`` kept for direct launches: the device, the
+    dtype of every pointer (out's above all: an fp32-compiled merge stores fp32 bits into a bf16
+    out), every constexpr (they also fix num_warps), the ints Triton specializes on (out's
+    strides) by value, whether the ``do_not_specialize`` ints fit int32, the pointers' alignment."""
+    return (device, tuple(t.dtype for t in ptrs), constexprs, specialized, _fit_int32(unspecialized),
+            _alignment(ptr_values))
+
+
+def _merge(ws_o, ws_ml, out, cu_q, sink, lse, total_q: int, batch: int, hq: int, num_splits: int, dv: int,
            dv_valid: int, direct_ok: bool) -> None:
-    """The split-KV reduction; like the attention kernel, a compiled merge kernel is launched
-    directly on later calls (Triton's generic launcher costs about 60 us of host time)."""
-    constexprs = (batch, hq, num_splits, _pow2_ceil(num_splits), dv, dv_valid)
+    """The split-KV reduction (with the sink and the LSE); like the attention kernel, a compiled
+    merge kernel is launched directly on later calls (Triton's generic launcher costs about 60 us
+    of host time)."""
+    # in the kernel's order: the direct launch passes them positionally
+    constexprs = dict(BATCH=batch, NUM_HEADS=hq, NUM_SPLITS=num_splits, SPLITS_P2=_pow2_ceil(num_splits),
+                      DV=dv, DV_VALID=dv_valid, HAS_SINKS=sink is not None, HAS_LSE=lse is not None)
     s_ot, s_oh = out.stride(0), out.stride(1)
-    ptrs = (ws_o.data_ptr(), ws_ml.data_ptr(), out.data_ptr(), cu_q.data_ptr())
+    s_lh, s_lt = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
+    tensors = (ws_o, ws_ml, out, cu_q, sink if sink is not None else cu_q, lse if lse is not None else cu_q)
     key = None
     if direct_ok:
-        align = ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3]
-        key = (out.get_device(), constexprs, s_ot, s_oh,
-               0 if align & 15 == 0 else tuple(p & 15 for p in ptrs))
+        ptrs = tuple(t.data_ptr() for t in tensors)
+        device = out.get_device()
+        key = merge_launch_key(device, tensors, ptrs, tuple(constexprs.values()), (s_ot, s_oh),
+                               (total_q, s_lh, s_lt))
         kernel = _MERGE_COMPILED.get(key)
         if kernel is not None and _no_launch_hooks():
-            kernel.run(total_q, hq, 1, torch._C._cuda_getCurrentRawStream(key[0]), kernel.function,
-                       kernel.packed_metadata, None, None, None, *ptrs, total_q, s_ot, s_oh, *constexprs)
+            kernel.run(total_q, hq, 1, torch._C._cuda_getCurrentRawStream(device), kernel.function,
+                       kernel.packed_metadata, None, None, None, *ptrs, total_q, s_ot, s_oh, s_lh, s_lt,
+                       *constexprs.values())
             return
     compiled = _merge_splits_kernel[(total_q, hq)](
-        ws_o, ws_ml, out, cu_q, total_q, s_ot, s_oh,
-        BATCH=batch, NUM_HEADS=hq, NUM_SPLITS=num_splits, SPLITS_P2=constexprs[3],
-        DV=dv, DV_VALID=dv_valid, num_warps=4 if dv <= 256 else 8,
-    )
+        *tensors, total_q, s_ot, s_oh, s_lh, s_lt, num_warps=4 if dv <= 256 else 8, **constexprs)
     _keep_compiled(_MERGE_COMPILED, key, compiled)

@@ -2,8 +2,9 @@
 (on a GPU machine the same tests run the compiled kernels on CUDA tensors).
 
 The shared matrix (tests/matrix.py) covers layouts x dtypes x options; the cases here add what is
-specific to this kernel: split-KV forced on (the interpreter's tiny machine never splits by
-itself), head sizes that are a power of two plus a remainder (80, 112, 192, MLA 576/512), page
+specific to this kernel: split-KV forced on through ``num_splits`` (the interpreter's tiny machine
+never splits by itself), also with sinks, LSE and ALiBi (the sink is the merge's, once), the
+direct-launch keys (everything a compiled kernel specializes on: out dtype, device, ...), head sizes that are a power of two plus a remainder (80, 112, 192, MLA 576/512), page
 sizes that do not hold whole key tiles (the per-key block-table path), fp8 q, an output dtype
 that differs from q, long GQA groups spanning several row tiles, and in-place out with strides.
 """
@@ -18,7 +19,7 @@ import torch
 import kvdispatch as kvd
 from kvdispatch.backends.triton import attention
 
-from matrix import (AttnCase, attention_cases, force_backend, make_attention_inputs, run_attention_case,
+from matrix import (TOLERANCE, AttnCase, attention_cases, force_backend, make_attention_inputs, run_attention_case,
                     run_strided_index_case)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -83,9 +84,254 @@ SPLIT_CASES = [
 
 @pytest.mark.parametrize("splits", [2, 3])
 @pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: c.id)
-def test_split_kv(case, splits, monkeypatch):
-    monkeypatch.setattr(attention, "choose_splits", lambda *a, **k: splits)
-    run_attention_case(case, "triton", device=DEVICE)
+def test_split_kv(case, splits):
+    run_attention_case(replace(case, num_splits=splits), "triton", device=DEVICE)
+
+
+def test_split_kv_automatic_choice(monkeypatch):
+    """num_splits=0 takes choose_splits' count (the interpreter's machine never splits by itself)."""
+    calls = []
+
+    def choose(*a, **k):
+        calls.append(a)
+        return 3
+    monkeypatch.setattr(attention, "choose_splits", choose)
+    run_attention_case(replace(_B, sinks=True, lse=True, k_lens=(70, 5, 47)), "triton", device=DEVICE)
+    assert len(calls) == 1
+    run_attention_case(replace(_B, sinks=True, lse=True, k_lens=(70, 5, 47), num_splits=1), "triton", device=DEVICE)
+    assert len(calls) == 1  # an explicit count does not ask the heuristic
+
+
+# split-KV with the engine extras: the sink joins the denominator once (in the merge), the LSE
+# comes from the merge, ALiBi is per key
+EXTRAS_SPLIT_CASES = [
+    replace(_B, sinks=True, lse=True, alibi="head", k_lens=(70, 5, 47)),
+    replace(_B, sinks=True, lse=True, alibi="batch_head", **_CHUNKED),
+    replace(_B, dtype=torch.float32, sinks=True, lse=True, alibi="batch_head", k_lens=(70, 5, 47)),
+    replace(_B, sinks=True, lse=True, window=(20, 0), softcap=3.0, k_lens=(70, 33, 64)),
+    replace(_B, sinks=True, lse=True, alibi="head", q_lens=(0, 1, 2), k_lens=(40, 0, 0)),  # no keys: lse = sink
+    replace(_B, lse=True, alibi="head", q_lens=(1, 1), k_lens=(40, 0)),  # no keys, no sink: lse -inf
+    replace(_B, fp8="e4m3", descale="batch_head", sinks=True, lse=True, alibi="head", k_lens=(50, 64, 1)),
+    replace(_B, paged=False, causal=False, sinks=True, lse=True, alibi="head", **_CHUNKED),
+    replace(_B, num_q_heads=32, num_kv_heads=1, sinks=True, lse=True, alibi="batch_head", k_lens=(19, 40, 2)),
+]
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 4])
+@pytest.mark.parametrize("case", EXTRAS_SPLIT_CASES, ids=lambda c: c.id)
+def test_split_kv_with_sinks_lse_alibi(case, splits):
+    run_attention_case(replace(case, num_splits=splits), "triton", device=DEVICE)
+    # again with the LSE in a NaN-poisoned tensor of the test's own (the public call allocates
+    # it with torch.empty, whose memory may hold an earlier call's LSE), contiguous and strided
+    run_poisoned_lse(case, DEVICE, num_splits=splits, strided=splits % 2 == 0)
+
+
+def test_split_count():
+    """0: the heuristic; n >= 1: n splits at most, no more than one per key tile, each a whole
+    number of tiles, none empty."""
+    assert attention.split_count(0, 1000, 16, lambda: 5) == (5, 208)
+    assert attention.split_count(1, 1000, 16, lambda: 1 / 0) == (1, 1008)
+    assert attention.split_count(100, 70, 16, lambda: 1 / 0) == (5, 16)
+    assert attention.split_count(4, 70, 16, lambda: 1 / 0) == (3, 32)
+    assert attention.split_count(3, 0, 16, lambda: 1 / 0) == (1, 16)
+    for n in range(1, 40):
+        for max_k in (1, 15, 16, 17, 70, 133, 1000, 4096):
+            splits, keys = attention.split_count(n, max_k, 16, lambda: 1 / 0)
+            assert 1 <= splits <= min(n, -(-max_k // 16)) and keys % 16 == 0
+            assert (splits - 1) * keys < max_k <= splits * keys
+
+
+def _lse_call(kw, lse, num_splits=0, **extra):
+    """The custom op directly, so the test hands in its own (NaN-poisoned, strided) softmax_lse."""
+    kw = {**kw, **extra}
+    wl, wr = kw["window_size"]
+    torch.ops.kvdispatch.flash_attn_varlen_func(
+        kw["q"], kw["k"], kw["v"], kw["out"], kw["max_seqlen_q"], kw["cu_seqlens_q"], kw["max_seqlen_k"],
+        kw.get("cu_seqlens_k"), kw.get("seqused_k"), kw["softmax_scale"], kw["causal"], wl, wr, kw["softcap"],
+        kw.get("block_table"), kw.get("q_descale"), kw.get("k_descale"), kw.get("v_descale"),
+        kw.get("alibi_slopes"), kw.get("s_aux"), lse, num_splits)
+
+
+def run_poisoned_lse(case, device, num_splits=0, strided=False, seed=0):
+    """``case`` through the custom op with out and softmax_lse NaN-poisoned (``strided``: lse the
+    transpose of a [total_q, Hq + 1] buffer), against the reference: out and LSE compared."""
+    kw = make_attention_inputs(case, device, seed)
+    kw.pop("return_softmax_lse", None)
+    kw.pop("num_splits", None)
+    total_q, hq = kw["q"].shape[0], kw["q"].shape[1]
+    nan = float("nan")
+    ref_out = torch.full(kw["out"].shape, nan, dtype=torch.float32, device=device)
+    ref_lse = torch.full((hq, total_q), nan, dtype=torch.float32, device=device)
+    with force_backend("reference"):
+        _lse_call({**kw, "out": ref_out}, ref_lse)
+    if strided:
+        buf = torch.full((total_q, hq + 1), nan, dtype=torch.float32, device=device)
+        lse = buf.t()[:hq]
+    else:
+        lse = torch.full((hq, total_q), nan, dtype=torch.float32, device=device)
+    with force_backend("triton"):
+        _lse_call(kw, lse, num_splits)
+    rows = int(kw["cu_seqlens_q"][-1])
+    got, ref = kw["out"][:rows].float().cpu(), ref_out[:rows].cpu()
+    assert not torch.isnan(got).any(), f"{case.id}: out unwritten or NaN"
+    tol = max(TOLERANCE.get(kw["out"].dtype, 2e-2), 2e-2 if case.fp8 else 0.0)
+    err = float((got - ref).norm() / ref.norm().clamp_min(1e-6))
+    assert err < tol, f"{case.id}: out relative error {err:.2e}"
+    got, ref = lse[:, :rows].cpu(), ref_lse[:, :rows].cpu()
+    assert not torch.isnan(got).any(), f"{case.id}: lse unwritten or NaN"
+    assert torch.equal(torch.isinf(got), torch.isinf(ref)), f"{case.id}: lse -inf rows differ"
+    fin = ~torch.isinf(ref)
+    if fin.any():
+        lse_err = float((got - ref)[fin].abs().max())
+        assert lse_err < (5e-2 if case.fp8 or case.dtype == torch.bfloat16 else 1e-2), \
+            f"{case.id}: lse error {lse_err:.2e}"
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("sink_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_strided_lse_alibi_and_16bit_sinks(sink_dtype, splits):
+    """softmax_lse and alibi_slopes as strided views (written / read through their strides),
+    s_aux strided and in the model's 16-bit dtype; rows of lse past the last sequence untouched."""
+    case = replace(_B, sinks=True, alibi="batch_head", **_CHUNKED)
+    kw = make_attention_inputs(case, DEVICE)
+    kw.pop("return_softmax_lse", None)
+    hq, total_q = case.num_q_heads, kw["q"].shape[0]
+    kw["s_aux"] = torch.stack([kw["s_aux"], -kw["s_aux"]], 1).reshape(-1).to(sink_dtype)[::2]  # stride 2
+    assert kw["s_aux"].stride(0) == 2
+    slopes = kw["alibi_slopes"]
+    kw["alibi_slopes"] = torch.cat([slopes, slopes * 7], 1)[:, :hq]  # row stride 2 * hq
+    ref_out = torch.full(kw["out"].shape, float("nan"), dtype=torch.float32, device=DEVICE)
+    ref_lse = torch.full((hq, total_q), float("nan"), dtype=torch.float32, device=DEVICE)
+    with force_backend("reference"):
+        _lse_call({**kw, "out": ref_out}, ref_lse, s_aux=kw["s_aux"].float())
+    # lse [Hq, total_q + 2] as the transpose of a [total_q + 2, Hq + 1] buffer: strides (1, Hq + 1)
+    buf = torch.full((total_q + 2, hq + 1), float("nan"), dtype=torch.float32, device=DEVICE)
+    lse = buf.t()[:hq]
+    kw["q"] = torch.cat([kw["q"], kw["q"][:2]])  # two padding rows past the last sequence
+    kw["out"] = torch.full((total_q + 2,) + tuple(kw["out"].shape[1:]), float("nan"), dtype=kw["out"].dtype,
+                           device=DEVICE)
+    with force_backend("triton"):
+        _lse_call(kw, lse, num_splits=splits)
+    assert torch.isnan(buf[:, hq]).all() and torch.isnan(lse[:, total_q:]).all()
+    got = lse[:, :total_q].cpu()
+    assert not torch.isnan(got).any()
+    assert torch.equal(torch.isinf(got), torch.isinf(ref_lse.cpu()))
+    fin = ~torch.isinf(got)
+    assert float((got - ref_lse.cpu())[fin].abs().max()) < 5e-2
+    o = kw["out"][:total_q].float().cpu()
+    assert not torch.isnan(o).any()
+    assert float((o - ref_out.cpu()).norm() / ref_out.norm()) < 2e-2
+
+
+def test_split_kv_out_dtype_switch():
+    """Decode with split-KV in fp32, then bf16, then fp16 with the same shapes in one process:
+    each call must use kernels compiled for its own dtypes (the merge kernel's direct-launch key
+    once lacked out's dtype; see test_launch_keys for the key itself)."""
+    for dtype, out_dtype in ((torch.float32, None), (torch.bfloat16, None), (torch.float16, None),
+                             (torch.bfloat16, torch.float32), (torch.bfloat16, None)):
+        for lse in (False, True):
+            case = replace(_B, dtype=dtype, out_dtype=out_dtype, q_lens=(1, 1), k_lens=(70, 61), num_splits=3,
+                           lse=lse, sinks=lse)
+            run_attention_case(case, "triton", device=DEVICE)
+
+
+def _merge_key(out_dtype=torch.float32, device=0, sink_dtype=None, lse=False, splits=3, offset=0,
+               total_q=7, s_ot=64):
+    ws_o = torch.empty(splits, 7, 4, 64)
+    ws_ml = torch.empty(splits, 7, 4, 2)
+    out = torch.empty(7, 4, 64, dtype=out_dtype)
+    cu = torch.zeros(3, dtype=torch.int32)
+    sink = torch.empty(4, dtype=sink_dtype) if sink_dtype is not None else cu
+    lse_t = torch.empty(4, 7) if lse else cu
+    tensors = (ws_o, ws_ml, out, cu, sink, lse_t)
+    ptrs = (4096, 8192, 12288 + offset, 16384, 20480, 24576)
+    constexprs = (2, 4, splits, 4, 64, 64, sink_dtype is not None, lse)
+    return attention.merge_launch_key(device, tensors, ptrs, constexprs, (s_ot, 64), (total_q, 7, 1))
+
+
+def test_launch_keys():
+    """Direct-launch keys hold everything a compiled kernel was specialized on."""
+    base = _merge_key()
+    assert base == _merge_key() and hash(base) == hash(_merge_key())
+    for other in (_merge_key(out_dtype=torch.bfloat16), _merge_key(out_dtype=torch.float16),
+                  _merge_key(device=1), _merge_key(sink_dtype=torch.float32),
+                  _merge_key(lse=True), _merge_key(splits=4), _merge_key(offset=2),
+                  _merge_key(total_q=1 << 31), _merge_key(s_ot=1)):
+        assert other != base
+    assert _merge_key(sink_dtype=torch.float32) != _merge_key(sink_dtype=torch.bfloat16)
+    assert _merge_key(total_q=9) == base  # do_not_specialize values: only their int width counts
+
+    def attn_key(dtypes=(torch.bfloat16,) * 3, device=0, specialized=(-1, 0, 256, 64), unspec=(7, 128, 32),
+                 split=False, offset=0, plan_key=("plan",)):
+        ts = tuple(torch.empty(1, dtype=d) for d in dtypes)
+        return attention.attention_launch_key(plan_key, "tile", device, ts, (256, 512 + offset, 1024),
+                                              specialized, unspec, split)
+    base = attn_key()
+    assert base == attn_key() and attn_key(unspec=(9, 256, 64)) == base
+    for other in (attn_key(dtypes=(torch.bfloat16, torch.float32, torch.bfloat16)), attn_key(device=1),
+                  attn_key(specialized=(-1, 0, 256, 1)), attn_key(unspec=(1 << 31, 128, 32)),
+                  attn_key(split=True), attn_key(offset=8), attn_key(plan_key=("other",))):
+        assert other != base
+
+
+def _kernel_params(kernel):
+    import inspect
+    params = list(inspect.signature(kernel.fn).parameters.values())
+    runtime = [p.name for p in params if "constexpr" not in str(p.annotation)]
+    const = [p.name for p in params if "constexpr" in str(p.annotation)]
+    return runtime, const
+
+
+def test_direct_launch_argument_order(monkeypatch):
+    """The direct launches pass every argument positionally (pointers, runtime values, then the
+    constexprs in dict order): the generic launch the tests exercise must match the signatures."""
+    seen = {}
+
+    class Spy:
+        def __init__(self, name, real):
+            self.name, self.real = name, real
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen[self.name] = (args, dict(kw))
+                return self.real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(attention, "_attention_kernel", Spy("attn", attention._attention_kernel))
+    monkeypatch.setattr(attention, "_merge_splits_kernel", Spy("merge", attention._merge_splits_kernel))
+    run_attention_case(replace(_B, sinks=True, lse=True, alibi="head", num_splits=2, k_lens=(40, 9, 33)),
+                       "triton", device=DEVICE)
+    for name, kernel in (("attn", attention._attention_kernel.real), ("merge", attention._merge_splits_kernel.real)):
+        runtime, const = _kernel_params(kernel)
+        args, kw = seen[name]
+        assert len(args) == len(runtime), (name, len(args), runtime)
+        kw.pop("num_warps"), kw.pop("num_stages", None)
+        if name == "attn":
+            # the plan's constexprs in signature order, then SPLIT and INTERPRET (passed last)
+            order = [k for k in kw if k not in ("SPLIT", "INTERPRET")] + ["SPLIT", "INTERPRET"]
+        else:
+            order = list(kw)
+        assert order == const, (name, order, const)
+
+
+def test_plan_key_covers_extras():
+    """ALiBi, sinks and LSE are constexprs: a plan made without them is never reused with them."""
+    case = replace(_B, alibi="head", sinks=True, lse=True)
+    kw = make_attention_inputs(case, DEVICE)
+    desc = kvd.KVCacheDescriptor.from_tensors(kw["k"], kw["v"])
+    from kvdispatch.registry import AttentionArgs
+    hq, total_q = kw["q"].shape[1], kw["q"].shape[0]
+    args = AttentionArgs(kw["cu_seqlens_q"], kw["max_seqlen_q"], None, kw["seqused_k"], kw["max_seqlen_k"],
+                         kw["block_table"], 0.125, True, -1, 0, 0.0, None, None, None)
+    lse = torch.empty(hq, total_q)
+    plans = {}
+    for extra in ({}, {"alibi_slopes": kw["alibi_slopes"]}, {"s_aux": kw["s_aux"]}, {"softmax_lse": lse}):
+        plan = attention.plan_for(kw["q"], kw["out"], desc, args._replace(**extra), True)
+        plans[tuple(extra)] = plan
+        c = plan.constexprs
+        assert (c["HAS_ALIBI"], c["HAS_SINKS"], c["HAS_LSE"]) == (
+            "alibi_slopes" in extra, "s_aux" in extra, "softmax_lse" in extra)
+    assert len({p.key for p in plans.values()}) == 4
 
 
 def test_choose_splits_fills_the_gpu_only_when_needed():
@@ -113,13 +359,8 @@ def test_out_rows_outside_sequences_untouched():
         kw["q"] = torch.cat([q, q[:2]])  # two padding rows past the last sequence
         kw["out"] = torch.full((q.shape[0] + 2,) + tuple(kw["out"].shape[1:]), 7.0,
                                dtype=kw["out"].dtype, device=DEVICE)
-        orig = attention.choose_splits
-        attention.choose_splits = lambda *a, **k: splits
-        try:
-            with force_backend("triton"):
-                kvd.flash_attn_varlen_func(**kw)
-        finally:
-            attention.choose_splits = orig
+        with force_backend("triton"):
+            kvd.flash_attn_varlen_func(**kw, num_splits=splits)
         assert torch.all(kw["out"][-2:] == 7.0)
         assert not torch.isnan(kw["out"][:-2].float()).any()
 

@@ -3,7 +3,9 @@
 Every case runs the compiled kernel and the reference (float32) on the same CUDA tensors: the
 shared matrix scaled up, batch 1 and 256, lengths that are not multiples of the page, kv shorter
 than a page, q_len 0 sequences, window and softcap with causal, fp8 caches, MLA 576/512 slices,
-split-KV chosen by the heuristic, a cache past 2^31 elements (int64 offsets), opcheck,
+split-KV chosen by the heuristic and forced through ``num_splits`` (with sinks, LSE and ALiBi; the
+out-dtype switch that once reused an fp32 merge kernel for bf16), batch invariance with
+``num_splits=1``, a cache past 2^31 elements (int64 offsets), opcheck,
 ``torch.compile(fullgraph=True)`` and CUDA-graph replay with new lengths and block tables.
 """
 
@@ -17,7 +19,7 @@ import torch
 import kvdispatch as kvd
 from kvdispatch.backends.triton import attention
 
-from matrix import AttnCase, attention_cases, force_backend, make_attention_inputs, run_attention_case
+from matrix import TOLERANCE, AttnCase, attention_cases, force_backend, make_attention_inputs, run_attention_case
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -65,9 +67,124 @@ def test_real_sizes(case):
 
 
 @pytest.mark.parametrize("splits", [1, 4, 37])
-def test_split_counts_agree(splits, monkeypatch):
-    monkeypatch.setattr(attention, "choose_splits", lambda *a, **k: splits)
-    run_attention_case(replace(_D, q_lens=(1, 1, 3), k_lens=(9000, 1, 4000)), "triton", device=DEV)
+def test_split_counts_agree(splits):
+    run_attention_case(replace(_D, q_lens=(1, 1, 3), k_lens=(9000, 1, 4000), num_splits=splits), "triton",
+                       device=DEV)
+
+
+def test_split_kv_out_dtype_switch():
+    """The reported merge-key bug: decode B=2, seqused_k [1000, 900] in fp32, then bf16 (then fp16,
+    bf16 q into an fp32 out) with the same shapes in one process. The merge kernel's direct-launch
+    key lacked out's dtype, so the bf16 call reused the fp32-compiled merge (max error 7e37). Each
+    configuration runs twice: the second call takes the direct launch."""
+    for splits in (4, 0, 7):
+        for _ in range(2):
+            for dtype, out_dtype in ((torch.float32, None), (torch.bfloat16, None), (torch.float16, None),
+                                     (torch.bfloat16, torch.float32)):
+                case = replace(_D, q_lens=(1, 1), k_lens=(1000, 900), dtype=dtype, out_dtype=out_dtype,
+                               num_splits=splits)
+                tol = 2e-2 if out_dtype == torch.float32 else None
+                run_attention_case(case, "triton", device=DEV, rel_tol=tol)
+    # the direct launches were taken (and kept apart by out dtype: the key's pointer dtypes)
+    out_dtypes = {key[1][2] for key in attention._MERGE_COMPILED}
+    assert {torch.float32, torch.bfloat16, torch.float16} <= out_dtypes, out_dtypes
+
+
+def _lse_call(kw, lse, num_splits=0):
+    """The custom op directly, so the test hands in its own (NaN-poisoned, strided) softmax_lse."""
+    wl, wr = kw["window_size"]
+    torch.ops.kvdispatch.flash_attn_varlen_func(
+        kw["q"], kw["k"], kw["v"], kw["out"], kw["max_seqlen_q"], kw["cu_seqlens_q"], kw["max_seqlen_k"],
+        kw.get("cu_seqlens_k"), kw.get("seqused_k"), kw["softmax_scale"], kw["causal"], wl, wr, kw["softcap"],
+        kw.get("block_table"), kw.get("q_descale"), kw.get("k_descale"), kw.get("v_descale"),
+        kw.get("alibi_slopes"), kw.get("s_aux"), lse, num_splits)
+
+
+def _run_poisoned_lse(case, num_splits=0, strided=False, seed=0):
+    """``case`` with out and softmax_lse NaN-poisoned (``strided``: lse the transpose of a
+    [total_q, Hq + 1] buffer; the public call's torch.empty lse may hold an earlier call's values
+    from the caching allocator), against the reference: out and LSE compared."""
+    kw = make_attention_inputs(case, DEV, seed)
+    kw.pop("return_softmax_lse", None)
+    kw.pop("num_splits", None)
+    total_q, hq = kw["q"].shape[0], kw["q"].shape[1]
+    nan = float("nan")
+    ref_out = torch.full(kw["out"].shape, nan, dtype=torch.float32, device=DEV)
+    ref_lse = torch.full((hq, total_q), nan, dtype=torch.float32, device=DEV)
+    with force_backend("reference"):
+        _lse_call({**kw, "out": ref_out}, ref_lse)
+    if strided:
+        lse = torch.full((total_q, hq + 1), nan, dtype=torch.float32, device=DEV).t()[:hq]
+    else:
+        lse = torch.full((hq, total_q), nan, dtype=torch.float32, device=DEV)
+    with force_backend("triton"):
+        _lse_call(kw, lse, num_splits)
+    rows = int(kw["cu_seqlens_q"][-1])
+    got, ref = kw["out"][:rows].float(), ref_out[:rows]
+    assert not torch.isnan(got).any(), f"{case.id}: out unwritten or NaN"
+    tol = max(TOLERANCE.get(kw["out"].dtype, 2e-2), 2e-2 if case.fp8 else 0.0)
+    err = float((got - ref).norm() / ref.norm().clamp_min(1e-6))
+    assert err < tol, f"{case.id}: out relative error {err:.2e}"
+    got, ref = lse[:, :rows], ref_lse[:, :rows]
+    assert not torch.isnan(got).any(), f"{case.id}: lse unwritten or NaN"
+    assert torch.equal(torch.isinf(got), torch.isinf(ref)), f"{case.id}: lse -inf rows differ"
+    fin = ~torch.isinf(ref)
+    if fin.any():
+        lse_err = float((got - ref)[fin].abs().max())
+        assert lse_err < (5e-2 if case.fp8 or case.dtype == torch.bfloat16 else 1e-2), \
+            f"{case.id}: lse error {lse_err:.2e}"
+
+
+# sinks, LSE and ALiBi at real sizes; with splits 0 (the heuristic splits the long decode cases),
+# 1 (never), 4 and 16 (forced)
+EXTRAS_BIG = [
+    replace(_D, q_lens=(1, 1), k_lens=(20011, 9000), sinks=True, lse=True, alibi="head"),
+    replace(_D, q_lens=(1, 1), k_lens=(1000, 900), dtype=torch.float32, sinks=True, lse=True,
+            alibi="batch_head"),
+    replace(_D, q_lens=(1, 1, 1), k_lens=(12000, 333, 7001), fp8="e4m3", descale="batch_head", sinks=True,
+            lse=True, alibi="batch_head"),
+    replace(_D, q_lens=(1, 1, 1, 1), k_lens=(0, 3, 15, 5000), sinks=True, lse=True),  # an empty sequence
+    replace(_D, q_lens=(1, 1, 1), k_lens=(0, 7000, 5), lse=True, alibi="head"),  # empty, no sink: -inf
+    replace(_D, q_lens=(0, 300, 1, 77), k_lens=(50, 1000, 2000, 77), window=(128, 0), softcap=30.0,
+            sinks=True, lse=True, alibi="head"),
+    replace(_D, q_lens=(513, 64), k_lens=(513, 1500), paged=False, sinks=True, lse=True, alibi="batch_head"),
+    replace(_D, layout="mla-slices", num_q_heads=16, num_kv_heads=1, head_size=576, head_size_v=512,
+            q_lens=(1, 1), k_lens=(9000, 4000), sinks=True, lse=True),
+]
+
+
+@pytest.mark.parametrize("splits", [0, 1, 4, 16])
+@pytest.mark.parametrize("case", EXTRAS_BIG, ids=lambda c: c.id[:120])
+def test_sinks_lse_alibi_split_kv(case, splits):
+    run_attention_case(replace(case, num_splits=splits), "triton", device=DEV)
+    _run_poisoned_lse(case, num_splits=splits, strided=splits % 2 == 0)
+
+
+def test_extras_direct_launch_new_strides_and_lengths():
+    """Repeated calls take the direct launches (attention and merge): the ALiBi / LSE strides and
+    total_q are runtime arguments there, so a new LSE layout or batch length must still be right."""
+    for splits in (1, 4):
+        for rnd, (strided, k_lens) in enumerate(((False, (3000, 17)), (True, (3000, 17)), (False, (2999, 1)),
+                                                 (True, (100, 3000)))):
+            case = replace(_D, q_lens=(1, 1), k_lens=k_lens, sinks=True, alibi="batch_head")
+            _run_poisoned_lse(case, num_splits=splits, strided=strided, seed=rnd)
+
+
+def test_num_splits_1_is_batch_invariant():
+    """vLLM's batch-invariant mode passes num_splits=1: a sequence's output is bitwise the same
+    alone as in a batch (the heuristic would split the lone long sequence and not the batch)."""
+    case = replace(_D, q_lens=(1,) * 8, k_lens=(20011, 17, 300, 5000, 9000, 1, 64, 2048), sinks=True,
+                   alibi="head")
+    kw = make_attention_inputs(case, DEV)
+    with force_backend("triton"):
+        full = kvd.flash_attn_varlen_func(**kw, num_splits=1).clone()
+        for b in (0, 1, 4):
+            alone = dict(kw, q=kw["q"][b:b + 1], cu_seqlens_q=kw["cu_seqlens_q"][:2],
+                         seqused_k=kw["seqused_k"][b:b + 1].clone(), block_table=kw["block_table"][b:b + 1],
+                         max_seqlen_k=case.k_lens[b],
+                         out=torch.full_like(kw["out"][:1], float("nan")))
+            got = kvd.flash_attn_varlen_func(**alone, num_splits=1)
+            assert torch.equal(got[0], full[b]), b
 
 
 def test_int64_offsets_cache_over_2_31_elements():
@@ -98,11 +215,15 @@ def _op_args(case):
     return (kw["q"], kw["k"], kw["v"], kw["out"], kw["max_seqlen_q"], kw["cu_seqlens_q"], kw["max_seqlen_k"],
             kw.get("cu_seqlens_k"), kw.get("seqused_k"), kw["softmax_scale"], kw["causal"], kw["window_size"][0],
             kw["window_size"][1], kw["softcap"], kw.get("block_table"), kw.get("q_descale"), kw.get("k_descale"),
-            kw.get("v_descale"))
+            kw.get("v_descale"), kw.get("alibi_slopes"), kw.get("s_aux"),
+            torch.full((kw["q"].shape[1], kw["q"].shape[0]), float("nan"), device=DEV) if case.lse else None,
+            case.num_splits)
 
 
 @pytest.mark.parametrize("case", [replace(_D, q_lens=(1, 7), k_lens=(300, 20)),
-                                  replace(_D, q_lens=(1, 1), k_lens=(300, 20), fp8="e4m3", layout="HND")],
+                                  replace(_D, q_lens=(1, 1), k_lens=(300, 20), fp8="e4m3", layout="HND"),
+                                  replace(_D, q_lens=(1, 7), k_lens=(3000, 20), alibi="head", sinks=True, lse=True,
+                                          num_splits=4)],
                          ids=lambda c: c.id[:80])
 def test_opcheck_cuda(case):
     args = _op_args(case)
