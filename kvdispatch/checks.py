@@ -28,7 +28,7 @@ def check_slot_values(slot_mapping: torch.Tensor, desc: KVCacheDescriptor,
                       duplicates: Optional[bool] = None) -> None:
     """Slots in range; with ``duplicates`` (default: under ``KVDISPATCH_DEBUG=1``), no slot named
     twice (engines never repeat a slot in one call, so a repeat is a caller bug; without the check
-    every backend still stores K and V of a slot from one token)."""
+    the reference keeps the last token, GPU kernels guarantee no winner)."""
     if duplicates is None:
         duplicates = debug()
     if slot_mapping.numel():
