@@ -4,7 +4,9 @@ Work split: program ``(tile, b * num_kv_heads + kvh, split)`` owns ``BLOCK_M`` *
 ``b`` and kv head ``kvh``; row ``r`` is query token ``r // GROUP`` and query head
 ``kvh * GROUP + r % GROUP``. Packing the GQA group into rows means a decode step (q_len 1) fills
 its tile with the heads that read the same keys, so K/V are loaded once per kv head, and prefill
-reuses every K/V tile for all heads of the group as well.
+reuses every K/V tile for all heads of the group as well. The grid's tile count comes from the
+``max_seqlen_q`` hint; a program walks its sequence's REAL tiles with the grid's size as stride
+(one tile or none when the hint holds), so a hint below the longest query never leaves rows unwritten.
 
 Keys are walked ``BLOCK_N`` at a time (online softmax in base 2). Key ``j`` of a paged sequence
 lives at ``block_table[b, j // PAGE] * S_BLOCK + (j % PAGE) * S_TOKEN + kvh * S_HEAD + d``
@@ -21,12 +23,14 @@ Head sizes are handled as a power-of-two part plus a remainder (80 = 64 + 16, 19
 MLA 576 = 512 + 64), so no padded lanes are loaded for K. FP8 caches (and fp8 q) are decoded to
 the compute type, fp16 unless q is float32 (a bf16 q enters fp16 scaled by 1/16; see ``plan_for``),
 by the hardware conversion where Triton has one for the platform, else
-by moving the bits into an fp16 pattern (exact for e4m3fn, e5m2, e4m3fnuz; the power-of-two
-exponent-bias difference is folded into the descales).
+by moving the bits into an fp16 pattern (exact for e4m3fn, e5m2, e4m3fnuz, NaN codes NaN and
+e5m2's inf inf; the power-of-two exponent-bias difference is folded into the descales).
 
 Split-KV (flash-decoding): when batch x kv heads x tiles leaves the GPU underfilled and keys are
 long, each program takes one of ``num_splits`` key ranges and writes an unnormalized partial
-output with its running max and sum to a float32 workspace; a second kernel merges them.
+output with its running max and sum to a float32 workspace; a second kernel merges them. The
+ranges come from the ``max_seqlen_k`` hint, the last one running to the sequence's real end: a hint
+below the longest kv length unbalances the splits but drops no key.
 ``AttentionArgs.num_splits`` overrides the choice (1: never split, for batch invariance).
 
 Engine extras, each a constexpr switch (calls without them compile to the plain kernel): ALiBi
@@ -89,9 +93,19 @@ def _to_compute(x, MODE: tl.constexpr, COMPUTE: tl.constexpr):
     else:
         u = x.to(tl.uint16)
         if MODE == 3:
-            h = u << 8  # e5m2 is the high byte of an fp16
+            # e5m2 is the high byte of an fp16: its inf (S.11111.00) and NaN codes move over as is
+            h = u << 8
         else:
             h = ((u & 0x80) << 8) | ((u & 0x7F) << 7)
+            # the NaN codes have no fp16 twin under the shift: e4m3fn's S.1111.111 would land on
+            # 1.875 (times the folded factor), e4m3fnuz's 0x80 (its only NaN) on -0. Both get
+            # fp16's exponent bits set over a nonzero mantissa, branch-free (no select per element):
+            if MODE == 2:
+                # the low 7 bits all ones carry into bit 7: 0x3F80 | 0x4000 = 0x7F80 (sign kept)
+                h |= (((u & 0x7F) + 1) & 0x80) << 7
+            else:
+                # u ^ 0x80 is 0 only for 0x80: minus 1 wraps to 0xFFFF there, below 0x100 elsewhere
+                h |= ((u ^ 0x80) - 1) & 0x7E00
         return h.to(tl.float16, bitcast=True).to(COMPUTE)
 
 
@@ -219,59 +233,29 @@ def _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, 
     return acc, l_i, m_new
 
 
-# Values that change from step to step are not specialized on, so one compiled kernel serves every
-# step of a plan and can be launched directly (see ``_launch_direct``).
-@triton.jit(do_not_specialize=["total_q", "split_keys", "s_bt", "al_sb", "al_sh", "s_lh", "s_lt"])
-def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_ml_ptr,
-    cu_q_ptr, cu_k_ptr, seqused_ptr, bt_ptr,
-    qd_ptr, kd_ptr, vd_ptr, alibi_ptr, sink_ptr, lse_ptr,
-    scale, softcap, v_factor, window_left, window_right, total_q, split_keys,
-    s_qt, s_qh, s_ot, s_oh, s_bt, qd_sb, qd_sh, kd_sb, kd_sh, vd_sb, vd_sh,
-    al_sb, al_sh, s_lh, s_lt,
+@triton.jit
+def _q_tile(
+    q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_ml_ptr, alibi_ptr, sink_ptr, lse_ptr,
+    tile, b, kvh, split, q_start, lq, k_start, lk, split_hi, bt_row, qk_scale, out_scale,
+    softcap, window_left, window_right, total_q, split_keys,
+    s_qt, s_qh, s_ot, s_oh, al_sb, al_sh, s_lh, s_lt,
     K_SB: tl.constexpr, K_ST: tl.constexpr, K_SH: tl.constexpr,
     V_SB: tl.constexpr, V_ST: tl.constexpr, V_SH: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DA: tl.constexpr, DB: tl.constexpr, DB_VALID: tl.constexpr,
     DV: tl.constexpr, DV_VALID: tl.constexpr,
-    PAGED: tl.constexpr, HAS_SEQUSED: tl.constexpr, INT64: tl.constexpr,
+    PAGED: tl.constexpr, INT64: tl.constexpr,
     KV_MODE: tl.constexpr, Q_MODE: tl.constexpr, COMPUTE: tl.constexpr, Q_PRE: tl.constexpr,
     DOT_F32: tl.constexpr, IEEE: tl.constexpr,
-    HAS_QD: tl.constexpr, HAS_KD: tl.constexpr, HAS_VD: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_LSE: tl.constexpr,
     SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """q ``(total_q, Hq, Dk)``, caches via the constexpr strides, out ``(total_q, Hq, Dv)``.
-
-    With SPLIT, writes ``ws_o`` ``(splits, total_q, Hq, DV_VALID)`` (unnormalized) and ``ws_ml``
-    ``(splits, total_q, Hq, 2)`` (running max in base 2, sum) instead of ``out``; the sink and
-    the LSE are then the merge kernel's. HAS_ALIBI: slopes at ``alibi_ptr + b * al_sb + head * al_sh``
-    (fp32). HAS_SINKS: one logit per query head at ``sink_ptr`` (contiguous; fp32/fp16/bf16).
-    HAS_LSE: the natural-log LSE of each row to ``lse_ptr + head * s_lh + token * s_lt``.
-    """
-    # the longest (causal: most keys) q tiles of a sequence start first; shorter ones fill the tail
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    split = tl.program_id(2)
-    b = bh // NUM_KV_HEADS
-    kvh = bh % NUM_KV_HEADS
-
-    q_start = tl.load(cu_q_ptr + b)
-    lq = tl.load(cu_q_ptr + b + 1) - q_start
+    """Rows ``[tile * BLOCK_M, tile * BLOCK_M + BLOCK_M)`` of sequence ``b`` (``lq`` query tokens,
+    ``tile * BLOCK_M < lq * GROUP``), kv head ``kvh``, over its keys (with SPLIT: this split's,
+    ``[split * split_keys, split_hi)``): the q tile, the three key loops, the epilogue."""
     row0 = tile * BLOCK_M
-    if row0 >= lq * GROUP:
-        return
-    if PAGED:
-        lk = tl.load(seqused_ptr + b)
-        k_start = 0
-    else:
-        k_start = tl.load(cu_k_ptr + b)
-        lk = tl.load(cu_k_ptr + b + 1) - k_start
-        if HAS_SEQUSED:
-            lk = tl.minimum(lk, tl.load(seqused_ptr + b))
-
     rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < lq * GROUP
     q_tok = rows // GROUP
@@ -289,7 +273,7 @@ def _attention_kernel(
         lo = tl.maximum(p_min - window_left, 0) // BLOCK_N * BLOCK_N
     if SPLIT:
         lo = tl.maximum(lo, split * split_keys)
-        hi = tl.minimum(hi, (split + 1) * split_keys)
+        hi = tl.minimum(hi, split_hi)
     hi = tl.maximum(hi, lo)
     # [full_lo, full_hi): tiles every row sees whole (no mask needed)
     full_lo = lo
@@ -301,7 +285,7 @@ def _attention_kernel(
         vis_end = tl.minimum(vis_end, p_min + window_right + 1)
     full_hi = vis_end // BLOCK_N * BLOCK_N
     if SPLIT:
-        full_hi = tl.minimum(full_hi, (split + 1) * split_keys)
+        full_hi = tl.minimum(full_hi, split_hi)
     full_hi = tl.maximum(full_hi, full_lo)
 
     # q tile, in two column parts (power of two + remainder)
@@ -321,21 +305,12 @@ def _attention_kernel(
     else:
         qb = qa
 
-    qk_scale = scale
-    if HAS_QD:
-        qk_scale *= tl.load(qd_ptr + b * qd_sb + kvh * qd_sh)
-    if HAS_KD:
-        qk_scale *= tl.load(kd_ptr + b * kd_sb + kvh * kd_sh)
-    if not SOFTCAP:
-        qk_scale *= 1.4426950408889634
-
     if HAS_ALIBI:
         slope2 = tl.load(alibi_ptr + b * al_sb + head * al_sh, mask=row_ok, other=0.0).to(tl.float32) \
             * 1.4426950408889634
     else:
         slope2 = qk_scale  # unused
 
-    bt_row = bt_ptr + b.to(tl.int64) * s_bt
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV], tl.float32)
@@ -390,9 +365,6 @@ def _attention_kernel(
                                   DV, DV_VALID, PAGED, INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP,
                                   HAS_LEFT, HAS_RIGHT, HAS_ALIBI, True)
 
-    out_scale = v_factor
-    if HAS_VD:
-        out_scale *= tl.load(vd_ptr + b * vd_sb + kvh * vd_sh)
     offs_dv = tl.arange(0, DV)
     dv_ok = offs_dv[None, :] < DV_VALID
     if SPLIT:
@@ -424,6 +396,111 @@ def _attention_kernel(
                            float("-inf"))
             tl.store(lse_ptr + head.to(tl.int64) * s_lh + (q_start + q_tok).to(tl.int64) * s_lt, lse,
                      mask=row_ok)
+
+
+
+
+# Values that change from step to step are not specialized on, so one compiled kernel serves every
+# step of a plan and can be launched directly (see ``_launch_direct``).
+@triton.jit(do_not_specialize=["total_q", "split_keys", "s_bt", "al_sb", "al_sh", "s_lh", "s_lt"])
+def _attention_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_ml_ptr,
+    cu_q_ptr, cu_k_ptr, seqused_ptr, bt_ptr,
+    qd_ptr, kd_ptr, vd_ptr, alibi_ptr, sink_ptr, lse_ptr,
+    scale, softcap, v_factor, window_left, window_right, total_q, split_keys,
+    s_qt, s_qh, s_ot, s_oh, s_bt, qd_sb, qd_sh, kd_sb, kd_sh, vd_sb, vd_sh,
+    al_sb, al_sh, s_lh, s_lt,
+    K_SB: tl.constexpr, K_ST: tl.constexpr, K_SH: tl.constexpr,
+    V_SB: tl.constexpr, V_ST: tl.constexpr, V_SH: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DA: tl.constexpr, DB: tl.constexpr, DB_VALID: tl.constexpr,
+    DV: tl.constexpr, DV_VALID: tl.constexpr,
+    PAGED: tl.constexpr, HAS_SEQUSED: tl.constexpr, INT64: tl.constexpr,
+    KV_MODE: tl.constexpr, Q_MODE: tl.constexpr, COMPUTE: tl.constexpr, Q_PRE: tl.constexpr,
+    DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    HAS_QD: tl.constexpr, HAS_KD: tl.constexpr, HAS_VD: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_LSE: tl.constexpr,
+    SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """q ``(total_q, Hq, Dk)``, caches via the constexpr strides, out ``(total_q, Hq, Dv)``.
+
+    With SPLIT, writes ``ws_o`` ``(splits, total_q, Hq, DV_VALID)`` (unnormalized) and ``ws_ml``
+    ``(splits, total_q, Hq, 2)`` (running max in base 2, sum) instead of ``out``; the sink and
+    the LSE are then the merge kernel's. HAS_ALIBI: slopes at ``alibi_ptr + b * al_sb + head * al_sh``
+    (fp32). HAS_SINKS: one logit per query head at ``sink_ptr`` (contiguous; fp32/fp16/bf16).
+    HAS_LSE: the natural-log LSE of each row to ``lse_ptr + head * s_lh + token * s_lt``.
+    """
+    # Program p of axis 0 takes the sequence's q tiles t = P - 1 - p, t + P, t + 2P, ... below its
+    # real tile count (from cu_seqlens_q), P the grid's size along axis 0. P comes from the
+    # max_seqlen_q hint: when the hint holds (P >= every sequence's tile count) each program has
+    # one tile or none, the longest (causal: most keys) tiles first and the shorter ones filling
+    # the tail; a hint below the real length only costs parallelism, never an unwritten row.
+    programs = tl.num_programs(0)
+    first = programs - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = bh // NUM_KV_HEADS
+    kvh = bh % NUM_KV_HEADS
+
+    q_start = tl.load(cu_q_ptr + b)
+    lq = tl.load(cu_q_ptr + b + 1) - q_start
+    n_tiles = tl.cdiv(lq * GROUP, BLOCK_M)
+    if first >= n_tiles:
+        return
+    if PAGED:
+        lk = tl.load(seqused_ptr + b)
+        k_start = 0
+    else:
+        k_start = tl.load(cu_k_ptr + b)
+        lk = tl.load(cu_k_ptr + b + 1) - k_start
+        if HAS_SEQUSED:
+            lk = tl.minimum(lk, tl.load(seqused_ptr + b))
+    if SPLIT:
+        # split s takes keys [s * split_keys, (s + 1) * split_keys), the last one every key from
+        # its start on: split_keys comes from the max_seqlen_k hint, which may be below the
+        # real length (then the last split takes more keys; none is dropped)
+        split_hi = (split + 1) * split_keys
+        if split == tl.num_programs(2) - 1:
+            split_hi = tl.maximum(split_hi, lk)
+    else:
+        split_hi = lk
+
+    qk_scale = scale
+    if HAS_QD:
+        qk_scale *= tl.load(qd_ptr + b * qd_sb + kvh * qd_sh)
+    if HAS_KD:
+        qk_scale *= tl.load(kd_ptr + b * kd_sb + kvh * kd_sh)
+    if not SOFTCAP:
+        qk_scale *= 1.4426950408889634
+    out_scale = v_factor
+    if HAS_VD:
+        out_scale *= tl.load(vd_ptr + b * vd_sb + kvh * vd_sh)
+    bt_row = bt_ptr + b.to(tl.int64) * s_bt
+
+    if INTERPRET:
+        tile = first
+        while tile < n_tiles:
+            _q_tile(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_ml_ptr, alibi_ptr, sink_ptr, lse_ptr,
+                    tile, b, kvh, split, q_start, lq, k_start, lk, split_hi, bt_row, qk_scale, out_scale,
+                    softcap, window_left, window_right, total_q, split_keys,
+                    s_qt, s_qh, s_ot, s_oh, al_sb, al_sh, s_lh, s_lt,
+                    K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, NUM_KV_HEADS, GROUP, PAGE, BLOCK_M, BLOCK_N,
+                    DA, DB, DB_VALID, DV, DV_VALID, PAGED, INT64, KV_MODE, Q_MODE, COMPUTE, Q_PRE,
+                    DOT_F32, IEEE, SOFTCAP, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, HAS_SINKS, HAS_LSE,
+                    SPLIT, INTERPRET)
+            tile += programs
+    else:
+        for tile in range(first, n_tiles, programs):
+            _q_tile(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_ml_ptr, alibi_ptr, sink_ptr, lse_ptr,
+                    tile, b, kvh, split, q_start, lq, k_start, lk, split_hi, bt_row, qk_scale, out_scale,
+                    softcap, window_left, window_right, total_q, split_keys,
+                    s_qt, s_qh, s_ot, s_oh, al_sb, al_sh, s_lh, s_lt,
+                    K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, NUM_KV_HEADS, GROUP, PAGE, BLOCK_M, BLOCK_N,
+                    DA, DB, DB_VALID, DV, DV_VALID, PAGED, INT64, KV_MODE, Q_MODE, COMPUTE, Q_PRE,
+                    DOT_F32, IEEE, SOFTCAP, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, HAS_SINKS, HAS_LSE,
+                    SPLIT, INTERPRET)
 
 
 @triton.jit(do_not_specialize=["total_q", "s_lh", "s_lt"])
@@ -678,7 +755,7 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
     """
     batch = args.batch
     total_q, hq, _ = q.shape
-    if batch == 0 or total_q == 0 or args.max_seqlen_q == 0:
+    if batch == 0 or total_q == 0:
         return
     for t in (args.cu_seqlens_q, args.cu_seqlens_k, args.seqused_k, args.block_table, args.s_aux):
         if unit_stride(t) is not t:
@@ -695,7 +772,9 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
     decode = args.max_seqlen_q * group <= decode_tile.block_m
     plan = plan_for(q, out, desc, args, decode)
     c = plan.constexprs
-    q_tiles = -(-args.max_seqlen_q * group // c["BLOCK_M"])
+    # the hint only sets how many programs share a sequence's q tiles (at least one: a hint of 0
+    # below the real length must not skip the call); the kernel walks the real tile count
+    q_tiles = max(1, -(-args.max_seqlen_q * group // c["BLOCK_M"]))
     num_splits, split_keys = split_count(
         args.num_splits, args.max_seqlen_k, c["BLOCK_N"],
         lambda: choose_splits(batch, hkv, q_tiles, args.max_seqlen_k, c["BLOCK_N"], plan.config,

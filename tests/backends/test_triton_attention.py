@@ -431,3 +431,182 @@ def test_strided_index_vectors_and_scales():
     """Strided slot_mapping / per-head scales / block_table / cu_seqlens_q / seqused_k views: the
     kernels read these as contiguous rows, so the backend hands them a contiguous copy."""
     run_strided_index_case("triton", DEVICE, exact_fp8=False)
+
+
+# -- no silent wrong result: fp8 NaN codes, max_seqlen hints below the real lengths ----------------
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from kvdispatch.backends.triton.attention import _to_compute  # noqa: E402
+
+FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2, "e4m3fnuz": torch.float8_e4m3fnuz}
+# a NaN code of each kind, for a key and for a value (e4m3fn: S.1111.111; fnuz: 0x80 alone; e5m2: S.11111.xx)
+NAN_CODES = {"e4m3": (0xFF, 0x7F), "e5m2": (0xFF, 0x7E), "e4m3fnuz": (0x80, 0x80)}
+
+
+@triton.jit
+def _decode_codes_kernel(x_ptr, y_ptr, MODE: tl.constexpr):
+    offs = tl.arange(0, 256)
+    tl.store(y_ptr + offs, _to_compute(tl.load(x_ptr + offs), MODE, tl.float32))
+
+
+@pytest.mark.parametrize("fp8", list(FP8_DTYPES))
+def test_fp8_bit_decode_every_code(fp8):
+    """The bit-moving fp8 decode (the interpreter's, below sm89's, e4m3fnuz's on NVIDIA) gives
+    torch's value for all 256 codes: NaN codes NaN, e5m2's inf inf, finite values exact (the
+    power-of-two factor folded into the descales applied here)."""
+    dtype = FP8_DTYPES[fp8]
+    mode = attention._BITS_MODE[dtype]
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).to(DEVICE)
+    y = torch.empty(256, dtype=torch.float32, device=DEVICE)
+    _decode_codes_kernel[(1,)](codes, y, MODE=mode)
+    got = (y * attention._BITS_FACTOR[mode]).cpu()
+    want = codes.cpu().view(dtype).float()
+    bad = torch.nonzero(torch.isnan(got) != torch.isnan(want)).flatten().tolist()
+    assert not bad, f"{fp8}: codes {[hex(c) for c in bad]} decode to NaN on one side only"
+    fin = ~torch.isnan(want)
+    bad = torch.nonzero(fin & (got != want)).flatten().tolist()
+    assert not bad, f"{fp8}: codes {[hex(c) for c in bad]} decode to {got[bad].tolist()}, not {want[bad].tolist()}"
+    if fp8 == "e5m2":
+        assert got[0x7C] == float("inf") and got[0xFC] == float("-inf")
+
+
+def _poke(kw, which: str, b: int, j: int, kvh: int, d, code: int) -> None:
+    """Store the byte ``code`` at key ``j`` of sequence ``b``, kv head ``kvh``, dims ``d`` of the
+    paged K (``which="key"``) or V cache."""
+    cache = kw["k"] if which == "key" else kw["v"]
+    bs = cache.shape[1]
+    blk = int(kw["block_table"][b, j // bs])
+    cache.view(torch.uint8)[blk, j % bs, kvh, d] = code
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("fp8", list(FP8_DTYPES))
+def test_fp8_nan_code_gives_nan_rows(fp8, splits):
+    """flash-attn semantics: a NaN in a row's inputs gives NaN in that row. One NaN code in a key
+    of a chunked-prefill sequence (kv head 1): NaN in the rows of that head's group that see the
+    key (causal: the later query tokens), whole rows; one in a value of a decode sequence (kv
+    head 0, dim 3): NaN in dim 3 of that group's rows. The NaN mask equals the reference's (which
+    decodes through torch); everything else is finite and close."""
+    case = replace(_B, fp8=fp8, q_lens=(1, 6, 3), k_lens=(20, 9, 5), num_splits=splits)
+    kw = make_attention_inputs(case, DEVICE)
+    key_code, value_code = NAN_CODES[fp8]
+    _poke(kw, "key", 1, 5, 1, slice(7, 8), key_code)
+    _poke(kw, "value", 0, 7, 0, slice(3, 4), value_code)
+    ref = torch.full(kw["out"].shape, float("nan"), dtype=torch.float32, device=DEVICE)
+    with force_backend("reference"):
+        kvd.flash_attn_varlen_func(**{**kw, "out": ref})
+    with force_backend("triton"):
+        got = kvd.flash_attn_varlen_func(**{**kw, "out": torch.zeros_like(kw["out"])}).float()
+    got, ref = got.cpu(), ref.cpu()
+    want = torch.zeros(ref.shape, dtype=torch.bool)
+    want[3:7, 2:4, :] = True  # sequence 1 is rows 1..6: key 5 is seen from query 2 on (causal, lk - lq = 3)
+    want[0, 0:2, 3] = True  # sequence 0 (decode) sees value 7
+    same_ref, same = torch.equal(torch.isnan(ref), want), torch.equal(torch.isnan(got), want)
+    assert same_ref, "the reference's NaN rows are not the ones this test expects"
+    assert same, (
+        f"{case.id}: NaN at {torch.nonzero(torch.isnan(got)).tolist()[:8]}..., expected them at "
+        f"{torch.nonzero(want).tolist()[:8]}...")
+    fin = ~want
+    assert torch.isfinite(got[fin]).all()
+    err = float((got[fin] - ref[fin]).norm() / ref[fin].norm())
+    assert err < 2e-2, f"{case.id}: relative error {err:.2e} outside the NaN rows"
+
+
+def _run_with_hints(case, max_seqlen_q=None, max_seqlen_k=None, num_splits=0, lse=False, seed=0):
+    """``case`` through the Triton backend with the given (wrong) ``max_seqlen_q`` / ``max_seqlen_k``
+    hints and no value checks (the reference gets the right ones): out NaN-poisoned, two padding
+    rows past cu_seqlens_q[-1] that must stay untouched, the LSE too with ``lse``."""
+    kw = make_attention_inputs(case, DEVICE, seed)
+    kw.pop("return_softmax_lse", None)
+    kw.pop("num_splits", None)
+    total_q, hq = kw["q"].shape[0], kw["q"].shape[1]
+    nan = float("nan")
+    ref_out = torch.full(kw["out"].shape, nan, dtype=torch.float32, device=DEVICE)
+    ref_lse = torch.full((hq, total_q), nan, dtype=torch.float32, device=DEVICE) if lse else None
+    with force_backend("reference"):
+        _lse_call({**kw, "out": ref_out}, ref_lse)
+    kw["q"] = torch.cat([kw["q"], kw["q"][:2]])  # two padding rows past the last sequence
+    kw["out"] = torch.full((total_q + 2,) + tuple(kw["out"].shape[1:]), nan, dtype=kw["out"].dtype,
+                           device=DEVICE)
+    kw["out"][total_q:] = 7.0
+    got_lse = None
+    if lse:
+        got_lse = torch.full((hq, total_q + 2), nan, dtype=torch.float32, device=DEVICE)
+    hints = {}
+    if max_seqlen_q is not None:
+        hints["max_seqlen_q"] = max_seqlen_q
+    if max_seqlen_k is not None:
+        hints["max_seqlen_k"] = max_seqlen_k
+    with force_backend("triton"):
+        _lse_call(kw, got_lse, num_splits, **hints)
+    out = kw["out"].float().cpu()
+    assert torch.all(out[total_q:] == 7.0), f"{case.id}: rows past cu_seqlens_q[-1] written"
+    got = out[:total_q]
+    assert not torch.isnan(got).any(), \
+        f"{case.id}: {int(torch.isnan(got).any(-1).any(-1).sum())} rows of out unwritten (hints {hints})"
+    tol = max(TOLERANCE.get(kw["out"].dtype, 2e-2), 2e-2 if case.fp8 else 0.0)
+    err = float((got - ref_out.cpu()).norm() / ref_out.norm().clamp_min(1e-6))
+    assert err < tol, f"{case.id}: relative error {err:.2e} (hints {hints}, splits {num_splits})"
+    if lse:
+        got_lse = got_lse.cpu()
+        assert torch.isnan(got_lse[:, total_q:]).all(), f"{case.id}: lse past cu_seqlens_q[-1] written"
+        got_lse, ref_lse = got_lse[:, :total_q], ref_lse.cpu()
+        assert not torch.isnan(got_lse).any(), f"{case.id}: lse unwritten"
+        assert torch.equal(torch.isinf(got_lse), torch.isinf(ref_lse))
+        fin = ~torch.isinf(ref_lse)
+        assert float((got_lse - ref_lse)[fin].abs().max()) < 5e-2
+    return err
+
+
+Q_HINT_CASES = [
+    replace(_B, q_lens=(7, 16, 3), k_lens=(7, 16, 3)),  # prefill: 32 rows (two tiles) for the longest
+    replace(_B, **_CHUNKED),
+    # GQA 8: a 13-token chunk is 104 rows, 7 tiles; with sinks and the LSE
+    replace(_B, num_q_heads=8, num_kv_heads=1, q_lens=(1, 13, 0, 5), k_lens=(20, 31, 4, 9), sinks=True,
+            lse=True),
+]
+
+
+@pytest.mark.parametrize("hint", [0, 1, "half"])
+@pytest.mark.parametrize("case", Q_HINT_CASES, ids=lambda c: c.id)
+def test_max_seqlen_q_below_the_real_longest(case, hint):
+    """The grid's tile count comes from max_seqlen_q, but each program walks its sequence's real
+    tiles: a hint of 0, 1 or half the longest query still writes every row (and only those)."""
+    hint = max(case.q_lens) // 2 if hint == "half" else hint
+    _run_with_hints(case, max_seqlen_q=hint, lse=case.lse)
+
+
+@pytest.mark.parametrize("splits", [2, 4])
+def test_max_seqlen_q_below_the_real_longest_split(splits):
+    """The same with split-KV forced: every (tile, split) partial is written, the merge sees all."""
+    case = replace(_B, num_q_heads=8, num_kv_heads=1, q_lens=(1, 13, 0, 5), k_lens=(70, 31, 4, 40),
+                   sinks=True, alibi="head")
+    _run_with_hints(case, max_seqlen_q=1, num_splits=splits, lse=True)
+
+
+K_HINT_CASES = [
+    replace(_B, k_lens=(200, 5, 47)),  # decode
+    replace(_B, q_lens=(1, 6, 0, 9), k_lens=(150, 31, 4, 9)),  # chunked
+    replace(_B, window=(20, 0), k_lens=(150, 33, 64)),
+    replace(_B, sinks=True, lse=True, alibi="batch_head", k_lens=(150, 5, 47)),
+    replace(_B, fp8="e4m3", descale="batch_head", k_lens=(150, 64, 1)),
+    replace(_B, paged=False, causal=False, softcap=4.0, q_lens=(1, 6, 0, 9), k_lens=(150, 31, 4, 9)),
+]
+
+
+@pytest.mark.parametrize("splits", [2, 4])
+@pytest.mark.parametrize("case", K_HINT_CASES, ids=lambda c: c.id)
+def test_max_seqlen_k_below_the_real_longest_split(case, splits):
+    """split_keys comes from max_seqlen_k; with a hint of a third of the real length, the last
+    split takes every key past its start, so none is dropped (it was 0.87 relative error)."""
+    hint = max(case.k_lens) // 3
+    if DEVICE == "cpu":  # the interpreter's 16-key tiles: the case really has a tail past the splits
+        n, keys = attention.split_count(splits, hint, 16, lambda: 1 / 0)
+        assert n > 1 and n * keys < max(case.k_lens)
+    _run_with_hints(case, max_seqlen_k=hint, num_splits=splits, lse=case.lse)
+
+
+def test_both_hints_below_the_real_longest():
+    case = replace(_B, num_q_heads=8, num_kv_heads=2, q_lens=(1, 13, 0, 5), k_lens=(150, 31, 4, 90))
+    _run_with_hints(case, max_seqlen_q=2, max_seqlen_k=40, num_splits=3)

@@ -284,3 +284,177 @@ def test_cuda_graph_replay_with_new_lengths(fp8):
         assert not torch.isnan(got).any()
         err = (got - ref).norm() / ref.norm().clamp_min(1e-6)
         assert err < 2e-2, (lens, float(err))
+
+
+# -- no silent wrong result: fp8 NaN codes, max_seqlen hints below the real lengths ----------------
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from kvdispatch.backends.triton.attention import _to_compute  # noqa: E402
+
+_FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2, "e4m3fnuz": torch.float8_e4m3fnuz}
+# a NaN code of each kind, for a key and for a value (e4m3fn: S.1111.111; fnuz: 0x80 alone; e5m2: S.11111.xx)
+_NAN_CODES = {"e4m3": (0xFF, 0x7F), "e5m2": (0xFF, 0x7E), "e4m3fnuz": (0x80, 0x80)}
+
+
+@triton.jit
+def _decode_codes_kernel(x_ptr, y_ptr, MODE: tl.constexpr, COMPUTE: tl.constexpr):
+    offs = tl.arange(0, 256)
+    tl.store(y_ptr + offs, _to_compute(tl.load(x_ptr + offs), MODE, COMPUTE).to(tl.float32))
+
+
+@pytest.mark.parametrize("compute", ["fp32", "fp16"])
+@pytest.mark.parametrize("fp8", list(_FP8))
+def test_fp8_bit_decode_every_code_compiled(fp8, compute):
+    """The compiled bit-moving decode (below sm89, e4m3fnuz on NVIDIA): torch's value for all 256
+    codes, NaN codes NaN (e4m3fn S.1111.111 was 1.875 x factor, fnuz 0x80 was -0), e5m2's inf inf."""
+    dtype = _FP8[fp8]
+    mode = attention._BITS_MODE[dtype]
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).to(DEV)
+    y = torch.empty(256, dtype=torch.float32, device=DEV)
+    _decode_codes_kernel[(1,)](codes, y, MODE=mode, COMPUTE=tl.float32 if compute == "fp32" else tl.float16)
+    got = (y * attention._BITS_FACTOR[mode]).cpu()
+    want = codes.cpu().view(dtype).float()
+    bad = torch.nonzero(torch.isnan(got) != torch.isnan(want)).flatten().tolist()
+    assert not bad, f"{fp8}: codes {[hex(c) for c in bad]} decode to NaN on one side only"
+    fin = ~torch.isnan(want)
+    bad = torch.nonzero(fin & (got != want)).flatten().tolist()
+    assert not bad, f"{fp8}: codes {[hex(c) for c in bad]} decode to {got[bad].tolist()}, not {want[bad].tolist()}"
+
+
+@pytest.fixture
+def fp8_bits(monkeypatch):
+    """Every fp8 cache through the bit-moving decode (as below sm89), in plans and compiled kernels
+    of the test's own."""
+    monkeypatch.setattr(attention, "_mode",
+                        lambda dtype, platform, interpreting: attention._BITS_MODE.get(dtype, attention.PLAIN))
+    monkeypatch.setattr(attention, "_PLANS", {})
+    monkeypatch.setattr(attention, "_COMPILED", {})
+
+
+def _poke(kw, which: str, b: int, j: int, kvh: int, d: int, code: int) -> None:
+    """The byte ``code`` at key ``j`` of sequence ``b``, kv head ``kvh``, dim ``d`` of the paged cache."""
+    cache = kw["k"] if which == "key" else kw["v"]
+    bs = cache.shape[1]
+    blk = int(kw["block_table"][b, j // bs])
+    cache.view(torch.uint8)[blk, j % bs, kvh, d:d + 1] = code
+
+
+@pytest.mark.parametrize("splits", [0, 1, 4])
+@pytest.mark.parametrize("decode", ["native", "bits"])
+@pytest.mark.parametrize("fp8", list(_FP8))
+def test_fp8_nan_code_gives_nan_rows_big(fp8, decode, splits, request):
+    """A NaN in a row's inputs gives NaN in that row (flash-attn). One NaN code in a key of a
+    chunked-prefill sequence (kv head 3: q heads 12..15 of the rows that see it, whole rows) and
+    one in a value of a long decode sequence (kv head 5, dim 17: q heads 20..23, dim 17). The NaN
+    mask equals the reference's; the rest is finite and close. ``bits``: the bit-moving decode
+    forced (as on GPUs below sm89); e4m3fnuz takes it on NVIDIA anyway."""
+    if decode == "bits":
+        request.getfixturevalue("fp8_bits")
+    case = replace(_D, fp8=fp8, descale="batch_head", q_lens=(1, 300, 77), k_lens=(5000, 1000, 77),
+                   num_splits=splits)
+    kw = make_attention_inputs(case, DEV)
+    key_code, value_code = _NAN_CODES[fp8]
+    _poke(kw, "key", 1, 800, 3, 40, key_code)
+    _poke(kw, "value", 0, 4321, 5, 17, value_code)
+    ref = torch.full(kw["out"].shape, float("nan"), dtype=torch.float32, device=DEV)
+    with force_backend("reference"):
+        kvd.flash_attn_varlen_func(**{**kw, "out": ref})
+    with force_backend("triton"):
+        got = kvd.flash_attn_varlen_func(**{**kw, "out": torch.zeros_like(kw["out"])}).float()
+    want = torch.zeros(ref.shape, dtype=torch.bool, device=DEV)
+    want[1 + 100:1 + 300, 12:16, :] = True  # sequence 1: lk - lq = 700, key 800 is seen from query 100 on
+    want[0, 20:24, 17] = True
+    same_ref, same = torch.equal(torch.isnan(ref), want), torch.equal(torch.isnan(got), want)
+    assert same_ref, "the reference's NaN rows are not the ones this test expects"
+    assert same, (f"{case.id}: {int(torch.isnan(got).sum())} NaN where {int(want.sum())} are expected; "
+                  f"first differences at {torch.nonzero(torch.isnan(got) != want)[:4].tolist()}")
+    fin = ~want
+    assert torch.isfinite(got[fin]).all()
+    err = float((got[fin] - ref[fin]).norm() / ref[fin].norm())
+    assert err < 2e-2, f"{case.id}: relative error {err:.2e} outside the NaN rows"
+
+
+def _run_with_hints(case, max_seqlen_q=None, max_seqlen_k=None, num_splits=0, lse=False, seed=0):
+    """``case`` through the Triton backend with (wrong) hints and no value checks (the reference
+    gets the right ones): out NaN-poisoned, two padding rows past cu_seqlens_q[-1] that must stay
+    untouched, the LSE too with ``lse``."""
+    kw = make_attention_inputs(case, DEV, seed)
+    kw.pop("return_softmax_lse", None)
+    kw.pop("num_splits", None)
+    total_q, hq = kw["q"].shape[0], kw["q"].shape[1]
+    nan = float("nan")
+    ref_out = torch.full(kw["out"].shape, nan, dtype=torch.float32, device=DEV)
+    ref_lse = torch.full((hq, total_q), nan, dtype=torch.float32, device=DEV) if lse else None
+    with force_backend("reference"):
+        _lse_call({**kw, "out": ref_out}, ref_lse)
+    kw["q"] = torch.cat([kw["q"], kw["q"][:2]])
+    kw["out"] = torch.full((total_q + 2,) + tuple(kw["out"].shape[1:]), nan, dtype=kw["out"].dtype, device=DEV)
+    kw["out"][total_q:] = 7.0
+    got_lse = torch.full((hq, total_q + 2), nan, dtype=torch.float32, device=DEV) if lse else None
+    if max_seqlen_q is not None:
+        kw["max_seqlen_q"] = max_seqlen_q
+    if max_seqlen_k is not None:
+        kw["max_seqlen_k"] = max_seqlen_k
+    with force_backend("triton"):
+        _lse_call(kw, got_lse, num_splits)
+    out = kw["out"].float()
+    assert torch.all(out[total_q:] == 7.0), f"{case.id}: rows past cu_seqlens_q[-1] written"
+    got = out[:total_q]
+    unwritten = int(torch.isnan(got).flatten(1).any(1).sum())
+    assert unwritten == 0, f"{case.id}: {unwritten} rows of out unwritten or NaN"
+    tol = max(TOLERANCE.get(kw["out"].dtype, 2e-2), 2e-2 if case.fp8 else 0.0)
+    err = float((got - ref_out).norm() / ref_out.norm().clamp_min(1e-6))
+    assert err < tol, f"{case.id}: relative error {err:.2e} (max_seqlen_q {max_seqlen_q}, max_seqlen_k " \
+                      f"{max_seqlen_k}, splits {num_splits})"
+    if lse:
+        assert torch.isnan(got_lse[:, total_q:]).all(), f"{case.id}: lse past cu_seqlens_q[-1] written"
+        got_lse = got_lse[:, :total_q]
+        assert not torch.isnan(got_lse).any(), f"{case.id}: lse unwritten"
+        assert torch.equal(torch.isinf(got_lse), torch.isinf(ref_lse))
+        fin = ~torch.isinf(ref_lse)
+        assert float((got_lse - ref_lse)[fin].abs().max()) < 5e-2
+
+
+Q_HINT_BIG = [
+    replace(_D, q_lens=(700, 129), k_lens=(700, 200), num_q_heads=8, num_kv_heads=2),  # prefill
+    replace(_D, q_lens=(0, 300, 1, 0, 77), k_lens=(50, 1000, 2000, 0, 77)),  # chunked
+    replace(_D, q_lens=(513, 64), k_lens=(513, 1500), paged=False, sinks=True, lse=True, alibi="head"),
+    # MLA decode, 128 q heads on one kv head: 128 rows per token, several row tiles
+    replace(_D, layout="mla-slices", num_q_heads=128, num_kv_heads=1, head_size=576, head_size_v=512,
+            q_lens=(1, 1, 2), k_lens=(9000, 4000, 70)),
+]
+
+
+@pytest.mark.parametrize("splits", [0, 1, 4])
+@pytest.mark.parametrize("hint", [0, 1, "half"])
+@pytest.mark.parametrize("case", Q_HINT_BIG, ids=lambda c: c.id[:100])
+def test_max_seqlen_q_below_the_real_longest_big(case, hint, splits):
+    """max_seqlen_q (0, 1, half the longest query) only sets the grid: every row is written."""
+    hint = max(case.q_lens) // 2 if hint == "half" else hint
+    _run_with_hints(case, max_seqlen_q=hint, num_splits=splits, lse=case.lse)
+
+
+K_HINT_BIG = [
+    replace(_D, q_lens=(1, 1), k_lens=(20011, 9000)),
+    replace(_D, q_lens=(1, 1, 1), k_lens=(12000, 333, 7001), fp8="e4m3", descale="batch_head", sinks=True,
+            lse=True, alibi="batch_head"),
+    replace(_D, q_lens=(0, 300, 1, 77), k_lens=(50, 1000, 6000, 77), window=(128, 0), softcap=30.0),
+    replace(_D, q_lens=(1, 7), k_lens=(9000, 3000), paged=False, causal=False),
+    replace(_D, layout="mla-slices", num_q_heads=16, num_kv_heads=1, head_size=576, head_size_v=512,
+            q_lens=(1, 1), k_lens=(9000, 4000), lse=True),
+]
+
+
+@pytest.mark.parametrize("splits", [0, 4, 16])
+@pytest.mark.parametrize("case", K_HINT_BIG, ids=lambda c: c.id[:100])
+def test_max_seqlen_k_below_the_real_longest_split_big(case, splits):
+    """max_seqlen_k a third of the real longest: the splits' key ranges come from it, the last
+    split takes every key past its start (the dropped tail was 0.87 relative error)."""
+    _run_with_hints(case, max_seqlen_k=max(case.k_lens) // 3, num_splits=splits, lse=case.lse)
+
+
+def test_both_hints_below_the_real_longest_big():
+    case = replace(_D, q_lens=(1, 300, 0, 77), k_lens=(20011, 1000, 4, 900), sinks=True, lse=True)
+    for splits in (1, 8):
+        _run_with_hints(case, max_seqlen_q=1, max_seqlen_k=100, num_splits=splits, lse=True)
