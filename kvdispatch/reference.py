@@ -173,10 +173,28 @@ class ReferenceBackend(Backend):
             p = torch.exp(s - torch.where(torch.isinf(lse) & (lse < 0), 0.0, lse)[..., None])
             if args.s_aux is not None:
                 p = p[..., :lk]
-            o = torch.einsum("hgqk,khd->qhgd", p, vf)
+            o = _weighted_values(p, vf)
             if args.softmax_lse is not None:
                 args.softmax_lse[:, q0:q1] = lse.reshape(hq, lq)
             out[q0:q1] = o.reshape(lq, hq, -1).to(out.dtype)
+
+
+def _weighted_values(p: torch.Tensor, vf: torch.Tensor) -> torch.Tensor:
+    """``sum_j p[h, g, q, j] * vf[j, h, d]`` as ``[q, h, g, d]``, where a key of weight 0 (masked, or
+    underflowed) contributes nothing even if its value is NaN/inf (0 * NaN would be NaN): a row
+    takes the non-finite values only of the keys it weighs, with IEEE's sums of them (any NaN, or
+    +inf and -inf together: NaN; else the infinity)."""
+    finite = torch.isfinite(vf)
+    if bool(finite.all()):
+        return torch.einsum("hgqk,khd->qhgd", p, vf)
+    o = torch.einsum("hgqk,khd->qhgd", p, torch.where(finite, vf, 0.0))
+    seen = (p > 0).to(vf.dtype)
+    nan = torch.einsum("hgqk,khd->qhgd", seen, torch.isnan(vf).to(vf.dtype)) > 0
+    pos = torch.einsum("hgqk,khd->qhgd", seen, (vf == float("inf")).to(vf.dtype)) > 0
+    neg = torch.einsum("hgqk,khd->qhgd", seen, (vf == float("-inf")).to(vf.dtype)) > 0
+    o = torch.where(pos, float("inf"), o)
+    o = torch.where(neg, float("-inf"), o)
+    return torch.where(nan | (pos & neg) | torch.isnan(p).any(-1).permute(2, 0, 1)[..., None], float("nan"), o)
 
 
 def _descale(t: Optional[torch.Tensor], b: int, heads: int) -> Optional[torch.Tensor]:

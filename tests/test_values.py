@@ -196,3 +196,16 @@ def test_fp8_write_keeps_nan_and_saturates_inf(backend, fp8):
         assert all(c & 0x7F > 0x7C for c in codes[:2]), [hex(c) for c in codes]
     assert torch.isnan(kc[0, 0, 0, :2].float()).all()
     assert kc[0, 0, 0, 2].float() == fmax and kc[0, 0, 0, 3].float() == -fmax
+
+
+def test_reference_nan_value_reaches_only_the_rows_that_see_it():
+    """Causal prefill: a NaN in the value of key 5 reaches rows 5.. only (rows 0-4 weigh it 0)."""
+    torch.manual_seed(1)
+    k, v = make_kv_cache("NHD", 2, 16, 1, 32, dtype=torch.float32)
+    v[0, 5, 0, 3] = float("nan")
+    q = torch.randn(8, 2, 32)
+    out = kvd.flash_attn_varlen_func(q, k, v, 8, torch.tensor([0, 8], dtype=torch.int32), 8,
+                                     seqused_k=torch.tensor([8], dtype=torch.int32),
+                                     block_table=torch.tensor([[0]], dtype=torch.int32), causal=True)
+    assert not torch.isnan(out[:5]).any()
+    assert torch.isnan(out[5:, :, 3]).all() and not torch.isnan(out[5:, :, :3]).any()
