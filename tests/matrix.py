@@ -465,6 +465,54 @@ def _compare_lse(case: AttnCase, lse: torch.Tensor, ref: torch.Tensor, cu_q: tor
         assert err < (5e-2 if case.fp8 or case.dtype == torch.bfloat16 else 1e-2), f"{case.id}: lse error {err:.2e}"
 
 
+# -- the LSE through the custom op (the caller's own NaN-poisoned, maybe strided, lse) ----------
+def lse_op_call(kw, lse, num_splits=0, **extra):
+    """The custom op directly, so the test hands in its own (NaN-poisoned, strided) softmax_lse."""
+    kw = {**kw, **extra}
+    wl, wr = kw["window_size"]
+    torch.ops.kvdispatch.flash_attn_varlen_func(
+        kw["q"], kw["k"], kw["v"], kw["out"], kw["max_seqlen_q"], kw["cu_seqlens_q"], kw["max_seqlen_k"],
+        kw.get("cu_seqlens_k"), kw.get("seqused_k"), kw["softmax_scale"], kw["causal"], wl, wr, kw["softcap"],
+        kw.get("block_table"), kw.get("q_descale"), kw.get("k_descale"), kw.get("v_descale"),
+        kw.get("alibi_slopes"), kw.get("s_aux"), lse, num_splits)
+
+
+def run_poisoned_lse(case, device, num_splits=0, strided=False, seed=0, backend="triton"):
+    """``case`` through the custom op with out and softmax_lse NaN-poisoned (``strided``: lse the
+    transpose of a [total_q, Hq + 1] buffer), against the reference: out and LSE compared."""
+    kw = make_attention_inputs(case, device, seed)
+    kw.pop("return_softmax_lse", None)
+    kw.pop("num_splits", None)
+    total_q, hq = kw["q"].shape[0], kw["q"].shape[1]
+    nan = float("nan")
+    ref_out = torch.full(kw["out"].shape, nan, dtype=torch.float32, device=device)
+    ref_lse = torch.full((hq, total_q), nan, dtype=torch.float32, device=device)
+    with force_backend("reference"):
+        lse_op_call({**kw, "out": ref_out}, ref_lse)
+    if strided:
+        buf = torch.full((total_q, hq + 1), nan, dtype=torch.float32, device=device)
+        lse = buf.t()[:hq]
+    else:
+        lse = torch.full((hq, total_q), nan, dtype=torch.float32, device=device)
+    with force_backend(backend):
+        lse_op_call(kw, lse, num_splits)
+    rows = int(kw["cu_seqlens_q"][-1])
+    got, ref = kw["out"][:rows].float().cpu(), ref_out[:rows].cpu()
+    assert not torch.isnan(got).any(), f"{case.id}: out unwritten or NaN"
+    tol = max(TOLERANCE.get(kw["out"].dtype, 2e-2), 2e-2 if case.fp8 else 0.0)
+    err = float((got - ref).norm() / ref.norm().clamp_min(1e-6))
+    assert err < tol, f"{case.id}: out relative error {err:.2e}"
+    got, ref = lse[:, :rows].cpu(), ref_lse[:, :rows].cpu()
+    assert not torch.isnan(got).any(), f"{case.id}: lse unwritten or NaN"
+    assert torch.equal(torch.isinf(got), torch.isinf(ref)), f"{case.id}: lse -inf rows differ"
+    fin = ~torch.isinf(ref)
+    if fin.any():
+        lse_err = float((got - ref)[fin].abs().max())
+        assert lse_err < (5e-2 if case.fp8 or case.dtype == torch.bfloat16 else 1e-2), \
+            f"{case.id}: lse error {lse_err:.2e}"
+
+
+
 # -- strided index views -----------------------------------------------------------------------
 def run_strided_index_case(backend: str, device="cpu", exact_fp8: bool = True) -> None:
     """slot_mapping, per-head scales, block_table, cu_seqlens and seqused_k given as strided views

@@ -19,8 +19,8 @@ import torch
 import kvdispatch as kvd
 from kvdispatch.backends.triton import attention
 
-from matrix import (TOLERANCE, AttnCase, attention_cases, force_backend, make_attention_inputs, run_attention_case,
-                    run_strided_index_case)
+from matrix import (TOLERANCE, AttnCase, attention_cases, force_backend, lse_op_call, make_attention_inputs,
+                    run_attention_case, run_poisoned_lse, run_strided_index_case)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.interpret if DEVICE == "cpu" else []
@@ -141,52 +141,6 @@ def test_split_count():
             assert (splits - 1) * keys < max_k <= splits * keys
 
 
-def _lse_call(kw, lse, num_splits=0, **extra):
-    """The custom op directly, so the test hands in its own (NaN-poisoned, strided) softmax_lse."""
-    kw = {**kw, **extra}
-    wl, wr = kw["window_size"]
-    torch.ops.kvdispatch.flash_attn_varlen_func(
-        kw["q"], kw["k"], kw["v"], kw["out"], kw["max_seqlen_q"], kw["cu_seqlens_q"], kw["max_seqlen_k"],
-        kw.get("cu_seqlens_k"), kw.get("seqused_k"), kw["softmax_scale"], kw["causal"], wl, wr, kw["softcap"],
-        kw.get("block_table"), kw.get("q_descale"), kw.get("k_descale"), kw.get("v_descale"),
-        kw.get("alibi_slopes"), kw.get("s_aux"), lse, num_splits)
-
-
-def run_poisoned_lse(case, device, num_splits=0, strided=False, seed=0):
-    """``case`` through the custom op with out and softmax_lse NaN-poisoned (``strided``: lse the
-    transpose of a [total_q, Hq + 1] buffer), against the reference: out and LSE compared."""
-    kw = make_attention_inputs(case, device, seed)
-    kw.pop("return_softmax_lse", None)
-    kw.pop("num_splits", None)
-    total_q, hq = kw["q"].shape[0], kw["q"].shape[1]
-    nan = float("nan")
-    ref_out = torch.full(kw["out"].shape, nan, dtype=torch.float32, device=device)
-    ref_lse = torch.full((hq, total_q), nan, dtype=torch.float32, device=device)
-    with force_backend("reference"):
-        _lse_call({**kw, "out": ref_out}, ref_lse)
-    if strided:
-        buf = torch.full((total_q, hq + 1), nan, dtype=torch.float32, device=device)
-        lse = buf.t()[:hq]
-    else:
-        lse = torch.full((hq, total_q), nan, dtype=torch.float32, device=device)
-    with force_backend("triton"):
-        _lse_call(kw, lse, num_splits)
-    rows = int(kw["cu_seqlens_q"][-1])
-    got, ref = kw["out"][:rows].float().cpu(), ref_out[:rows].cpu()
-    assert not torch.isnan(got).any(), f"{case.id}: out unwritten or NaN"
-    tol = max(TOLERANCE.get(kw["out"].dtype, 2e-2), 2e-2 if case.fp8 else 0.0)
-    err = float((got - ref).norm() / ref.norm().clamp_min(1e-6))
-    assert err < tol, f"{case.id}: out relative error {err:.2e}"
-    got, ref = lse[:, :rows].cpu(), ref_lse[:, :rows].cpu()
-    assert not torch.isnan(got).any(), f"{case.id}: lse unwritten or NaN"
-    assert torch.equal(torch.isinf(got), torch.isinf(ref)), f"{case.id}: lse -inf rows differ"
-    fin = ~torch.isinf(ref)
-    if fin.any():
-        lse_err = float((got - ref)[fin].abs().max())
-        assert lse_err < (5e-2 if case.fp8 or case.dtype == torch.bfloat16 else 1e-2), \
-            f"{case.id}: lse error {lse_err:.2e}"
-
-
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("sink_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_strided_lse_alibi_and_16bit_sinks(sink_dtype, splits):
@@ -203,7 +157,7 @@ def test_strided_lse_alibi_and_16bit_sinks(sink_dtype, splits):
     ref_out = torch.full(kw["out"].shape, float("nan"), dtype=torch.float32, device=DEVICE)
     ref_lse = torch.full((hq, total_q), float("nan"), dtype=torch.float32, device=DEVICE)
     with force_backend("reference"):
-        _lse_call({**kw, "out": ref_out}, ref_lse, s_aux=kw["s_aux"].float())
+        lse_op_call({**kw, "out": ref_out}, ref_lse, s_aux=kw["s_aux"].float())
     # lse [Hq, total_q + 2] as the transpose of a [total_q + 2, Hq + 1] buffer: strides (1, Hq + 1)
     buf = torch.full((total_q + 2, hq + 1), float("nan"), dtype=torch.float32, device=DEVICE)
     lse = buf.t()[:hq]
@@ -211,7 +165,7 @@ def test_strided_lse_alibi_and_16bit_sinks(sink_dtype, splits):
     kw["out"] = torch.full((total_q + 2,) + tuple(kw["out"].shape[1:]), float("nan"), dtype=kw["out"].dtype,
                            device=DEVICE)
     with force_backend("triton"):
-        _lse_call(kw, lse, num_splits=splits)
+        lse_op_call(kw, lse, num_splits=splits)
     assert torch.isnan(buf[:, hq]).all() and torch.isnan(lse[:, total_q:]).all()
     got = lse[:, :total_q].cpu()
     assert not torch.isnan(got).any()
@@ -525,7 +479,7 @@ def _run_with_hints(case, max_seqlen_q=None, max_seqlen_k=None, num_splits=0, ls
     ref_out = torch.full(kw["out"].shape, nan, dtype=torch.float32, device=DEVICE)
     ref_lse = torch.full((hq, total_q), nan, dtype=torch.float32, device=DEVICE) if lse else None
     with force_backend("reference"):
-        _lse_call({**kw, "out": ref_out}, ref_lse)
+        lse_op_call({**kw, "out": ref_out}, ref_lse)
     kw["q"] = torch.cat([kw["q"], kw["q"][:2]])  # two padding rows past the last sequence
     kw["out"] = torch.full((total_q + 2,) + tuple(kw["out"].shape[1:]), nan, dtype=kw["out"].dtype,
                            device=DEVICE)
@@ -539,7 +493,7 @@ def _run_with_hints(case, max_seqlen_q=None, max_seqlen_k=None, num_splits=0, ls
     if max_seqlen_k is not None:
         hints["max_seqlen_k"] = max_seqlen_k
     with force_backend("triton"):
-        _lse_call(kw, got_lse, num_splits, **hints)
+        lse_op_call(kw, got_lse, num_splits, **hints)
     out = kw["out"].float().cpu()
     assert torch.all(out[total_q:] == 7.0), f"{case.id}: rows past cu_seqlens_q[-1] written"
     got = out[:total_q]

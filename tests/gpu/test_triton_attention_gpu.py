@@ -19,7 +19,8 @@ import torch
 import kvdispatch as kvd
 from kvdispatch.backends.triton import attention
 
-from matrix import TOLERANCE, AttnCase, attention_cases, force_backend, make_attention_inputs, run_attention_case
+from matrix import (TOLERANCE, AttnCase, attention_cases, force_backend, lse_op_call, make_attention_inputs,
+                    run_attention_case, run_poisoned_lse)
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -90,49 +91,8 @@ def test_split_kv_out_dtype_switch():
     assert {torch.float32, torch.bfloat16, torch.float16} <= out_dtypes, out_dtypes
 
 
-def _lse_call(kw, lse, num_splits=0):
-    """The custom op directly, so the test hands in its own (NaN-poisoned, strided) softmax_lse."""
-    wl, wr = kw["window_size"]
-    torch.ops.kvdispatch.flash_attn_varlen_func(
-        kw["q"], kw["k"], kw["v"], kw["out"], kw["max_seqlen_q"], kw["cu_seqlens_q"], kw["max_seqlen_k"],
-        kw.get("cu_seqlens_k"), kw.get("seqused_k"), kw["softmax_scale"], kw["causal"], wl, wr, kw["softcap"],
-        kw.get("block_table"), kw.get("q_descale"), kw.get("k_descale"), kw.get("v_descale"),
-        kw.get("alibi_slopes"), kw.get("s_aux"), lse, num_splits)
-
-
 def _run_poisoned_lse(case, num_splits=0, strided=False, seed=0):
-    """``case`` with out and softmax_lse NaN-poisoned (``strided``: lse the transpose of a
-    [total_q, Hq + 1] buffer; the public call's torch.empty lse may hold an earlier call's values
-    from the caching allocator), against the reference: out and LSE compared."""
-    kw = make_attention_inputs(case, DEV, seed)
-    kw.pop("return_softmax_lse", None)
-    kw.pop("num_splits", None)
-    total_q, hq = kw["q"].shape[0], kw["q"].shape[1]
-    nan = float("nan")
-    ref_out = torch.full(kw["out"].shape, nan, dtype=torch.float32, device=DEV)
-    ref_lse = torch.full((hq, total_q), nan, dtype=torch.float32, device=DEV)
-    with force_backend("reference"):
-        _lse_call({**kw, "out": ref_out}, ref_lse)
-    if strided:
-        lse = torch.full((total_q, hq + 1), nan, dtype=torch.float32, device=DEV).t()[:hq]
-    else:
-        lse = torch.full((hq, total_q), nan, dtype=torch.float32, device=DEV)
-    with force_backend("triton"):
-        _lse_call(kw, lse, num_splits)
-    rows = int(kw["cu_seqlens_q"][-1])
-    got, ref = kw["out"][:rows].float(), ref_out[:rows]
-    assert not torch.isnan(got).any(), f"{case.id}: out unwritten or NaN"
-    tol = max(TOLERANCE.get(kw["out"].dtype, 2e-2), 2e-2 if case.fp8 else 0.0)
-    err = float((got - ref).norm() / ref.norm().clamp_min(1e-6))
-    assert err < tol, f"{case.id}: out relative error {err:.2e}"
-    got, ref = lse[:, :rows], ref_lse[:, :rows]
-    assert not torch.isnan(got).any(), f"{case.id}: lse unwritten or NaN"
-    assert torch.equal(torch.isinf(got), torch.isinf(ref)), f"{case.id}: lse -inf rows differ"
-    fin = ~torch.isinf(ref)
-    if fin.any():
-        lse_err = float((got - ref)[fin].abs().max())
-        assert lse_err < (5e-2 if case.fp8 or case.dtype == torch.bfloat16 else 1e-2), \
-            f"{case.id}: lse error {lse_err:.2e}"
+    run_poisoned_lse(case, DEV, num_splits=num_splits, strided=strided, seed=seed)
 
 
 # sinks, LSE and ALiBi at real sizes; with splits 0 (the heuristic splits the long decode cases),
@@ -387,7 +347,7 @@ def _run_with_hints(case, max_seqlen_q=None, max_seqlen_k=None, num_splits=0, ls
     ref_out = torch.full(kw["out"].shape, nan, dtype=torch.float32, device=DEV)
     ref_lse = torch.full((hq, total_q), nan, dtype=torch.float32, device=DEV) if lse else None
     with force_backend("reference"):
-        _lse_call({**kw, "out": ref_out}, ref_lse)
+        lse_op_call({**kw, "out": ref_out}, ref_lse)
     kw["q"] = torch.cat([kw["q"], kw["q"][:2]])
     kw["out"] = torch.full((total_q + 2,) + tuple(kw["out"].shape[1:]), nan, dtype=kw["out"].dtype, device=DEV)
     kw["out"][total_q:] = 7.0
@@ -397,7 +357,7 @@ def _run_with_hints(case, max_seqlen_q=None, max_seqlen_k=None, num_splits=0, ls
     if max_seqlen_k is not None:
         kw["max_seqlen_k"] = max_seqlen_k
     with force_backend("triton"):
-        _lse_call(kw, got_lse, num_splits)
+        lse_op_call(kw, got_lse, num_splits)
     out = kw["out"].float()
     assert torch.all(out[total_q:] == 7.0), f"{case.id}: rows past cu_seqlens_q[-1] written"
     got = out[:total_q]
