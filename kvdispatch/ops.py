@@ -314,8 +314,22 @@ def _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlen
     if checks_values(backend):
         check_attention_values(args, desc, q.shape[0])
     paged = block_table is not None
+    if not paged and (k.shape[0] == 0 or v.shape[0] == 0):
+        _no_keys(q, out, args)
+        return
     backend.flash_attn_varlen_func(q, k if paged else k.unsqueeze(0), v if paged else v.unsqueeze(0),
                                    out, desc, args)
+
+
+def _no_keys(q, out, args: AttentionArgs) -> None:
+    """Non-paged attention over zero keys: every row of every sequence sees nothing: out 0, LSE the
+    sink or -inf. Rows past ``cu_seqlens_q[-1]`` stay as they are; no host sync."""
+    rows = torch.arange(q.shape[0], device=q.device) < args.cu_seqlens_q[-1]
+    out.copy_(torch.where(rows[:, None, None], torch.zeros((), dtype=out.dtype, device=out.device), out))
+    if args.softmax_lse is not None:
+        fill = (args.s_aux.float()[:, None] if args.s_aux is not None
+                else torch.full((1, 1), float("-inf"), device=q.device))
+        args.softmax_lse.copy_(torch.where(rows[None, :], fill, args.softmax_lse))
 
 
 def _check_extras(q, desc, batch: int, alibi_slopes, s_aux, softmax_lse) -> None:
@@ -364,7 +378,13 @@ def _check_attention_tensors(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k
             _fail("k" if k.dim() != 3 else "v", "[total_k, num_kv_heads, head_size] without block_table "
                   "(or pass block_table for a paged cache)", f"shape {tuple((k if k.dim() != 3 else v).shape)}")
         # the non-paged case is one "block" holding every key: same descriptor, same kernels
-        desc = KVCacheDescriptor.from_tensors(k.unsqueeze(0), v.unsqueeze(0))
+        if k.shape[0] == 0 or v.shape[0] == 0:
+            # no keys at all: every row sees nothing (_attention answers without a backend); the
+            # descriptor of a one-token stand-in carries the heads, head sizes, dtype and device
+            desc = KVCacheDescriptor.from_tensors(k.new_empty((1, 1) + tuple(k.shape[1:])),
+                                                  v.new_empty((1, 1) + tuple(v.shape[1:])))
+        else:
+            desc = KVCacheDescriptor.from_tensors(k.unsqueeze(0), v.unsqueeze(0))
     dev = desc.device
     _rows(q, "q", 3, "[total_q, num_q_heads, head_size]")
     _same_device(q, "q", dev)
