@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import threading
-from typing import Iterable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import pluggy
 import torch
@@ -273,8 +273,3 @@ def list_backends() -> list:
     """
     return [b.name for b in registry.backends]
 
-
-def iter_backends(names: Optional[Iterable[str]] = None) -> list:
-    if names is None:
-        return list(registry.backends)
-    return [registry.get(n) for n in names]

@@ -1,7 +1,7 @@
 """flash-attn: FA2 (``flash_attn``) ``flash_attn_varlen_func`` with ``block_table`` (its paged KV
 needs blocks of a multiple of 256 tokens) and ``flash_attn_with_kvcache`` for decode; FA3
 (``flash_attn_interface``, Hopper) ``flash_attn_with_kvcache`` with ``page_table`` and
-``cu_seqlens_q``. Neither is installed on the lent H100; these adapters are unverified there."""
+``cu_seqlens_q``. Neither has been installed on a GPU machine this project measured on: these adapters are unverified."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""vLLM's kernels, where vLLM is installed (none of this runs on the lent H100: vLLM is not there).
+"""vLLM's kernels, where vLLM is installed (not yet run on a GPU machine: vLLM has not been installed on one this project measured on).
 
 * ``vllm-C``: the CUDA/HIP ``_C`` cache ops ``reshape_and_cache_flash`` / ``concat_and_cache_mla``.
 * ``vllm-triton``: ``triton_reshape_and_cache_flash`` and ``unified_attention`` (its Triton paged
