@@ -19,8 +19,8 @@ import torch
 import kvdispatch as kvd
 from kvdispatch.backends.triton import attention
 
-from matrix import (TOLERANCE, AttnCase, attention_cases, force_backend, lse_op_call, make_attention_inputs,
-                    run_attention_case, run_poisoned_lse, run_strided_index_case)
+from matrix import (AttnCase, attention_cases, force_backend, lse_op_call, make_attention_inputs,
+                    run_attention_case, run_poisoned_lse, run_strided_index_case, run_with_hints)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.interpret if DEVICE == "cpu" else []
@@ -467,50 +467,8 @@ def test_fp8_nan_code_gives_nan_rows(fp8, splits):
     assert err < 2e-2, f"{case.id}: relative error {err:.2e} outside the NaN rows"
 
 
-def _run_with_hints(case, max_seqlen_q=None, max_seqlen_k=None, num_splits=0, lse=False, seed=0):
-    """``case`` through the Triton backend with the given (wrong) ``max_seqlen_q`` / ``max_seqlen_k``
-    hints and no value checks (the reference gets the right ones): out NaN-poisoned, two padding
-    rows past cu_seqlens_q[-1] that must stay untouched, the LSE too with ``lse``."""
-    kw = make_attention_inputs(case, DEVICE, seed)
-    kw.pop("return_softmax_lse", None)
-    kw.pop("num_splits", None)
-    total_q, hq = kw["q"].shape[0], kw["q"].shape[1]
-    nan = float("nan")
-    ref_out = torch.full(kw["out"].shape, nan, dtype=torch.float32, device=DEVICE)
-    ref_lse = torch.full((hq, total_q), nan, dtype=torch.float32, device=DEVICE) if lse else None
-    with force_backend("reference"):
-        lse_op_call({**kw, "out": ref_out}, ref_lse)
-    kw["q"] = torch.cat([kw["q"], kw["q"][:2]])  # two padding rows past the last sequence
-    kw["out"] = torch.full((total_q + 2,) + tuple(kw["out"].shape[1:]), nan, dtype=kw["out"].dtype,
-                           device=DEVICE)
-    kw["out"][total_q:] = 7.0
-    got_lse = None
-    if lse:
-        got_lse = torch.full((hq, total_q + 2), nan, dtype=torch.float32, device=DEVICE)
-    hints = {}
-    if max_seqlen_q is not None:
-        hints["max_seqlen_q"] = max_seqlen_q
-    if max_seqlen_k is not None:
-        hints["max_seqlen_k"] = max_seqlen_k
-    with force_backend("triton"):
-        lse_op_call(kw, got_lse, num_splits, **hints)
-    out = kw["out"].float().cpu()
-    assert torch.all(out[total_q:] == 7.0), f"{case.id}: rows past cu_seqlens_q[-1] written"
-    got = out[:total_q]
-    assert not torch.isnan(got).any(), \
-        f"{case.id}: {int(torch.isnan(got).any(-1).any(-1).sum())} rows of out unwritten (hints {hints})"
-    tol = max(TOLERANCE.get(kw["out"].dtype, 2e-2), 2e-2 if case.fp8 else 0.0)
-    err = float((got - ref_out.cpu()).norm() / ref_out.norm().clamp_min(1e-6))
-    assert err < tol, f"{case.id}: relative error {err:.2e} (hints {hints}, splits {num_splits})"
-    if lse:
-        got_lse = got_lse.cpu()
-        assert torch.isnan(got_lse[:, total_q:]).all(), f"{case.id}: lse past cu_seqlens_q[-1] written"
-        got_lse, ref_lse = got_lse[:, :total_q], ref_lse.cpu()
-        assert not torch.isnan(got_lse).any(), f"{case.id}: lse unwritten"
-        assert torch.equal(torch.isinf(got_lse), torch.isinf(ref_lse))
-        fin = ~torch.isinf(ref_lse)
-        assert float((got_lse - ref_lse)[fin].abs().max()) < 5e-2
-    return err
+def _run_with_hints(case, **kw):
+    return run_with_hints(case, DEVICE, **kw)
 
 
 Q_HINT_CASES = [
