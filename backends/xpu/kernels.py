@@ -220,7 +220,8 @@ def cache_write_esimd_launch(key, value, key_cache, value_cache, slot_mapping,
         ("ptr", key, False), ("ptr", value, False), ("ptr", key_cache, True), ("ptr", value_cache, True),
         ("ptr", _dense(slot_mapping), False),
         *[("i64", n, False) for n in (key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-                                      desc.num_kv_heads, desc.block_size, k.block, k.token, k.head,
+                                      desc.num_kv_heads, desc.block_size, desc.num_blocks,
+                                      k.block, k.token, k.head,
                                       v.block, v.token, v.head)],
     ]
     return Launch(spec, args, slot_mapping.shape[0], desc.num_kv_heads)
@@ -244,7 +245,7 @@ def cache_write_launch(key, value, key_cache, value_cache, slot_mapping,
         ("i64", key.stride(0), False), ("i64", key.stride(1), False),
         ("i64", value.stride(0), False), ("i64", value.stride(1), False),
         ("i64", desc.num_kv_heads, False), ("i64", desc.head_size_k, False), ("i64", desc.head_size_v, False),
-        ("i64", desc.block_size, False),
+        ("i64", desc.block_size, False), ("i64", desc.num_blocks, False),  # slots past the cache: dropped
         *[("i64", s, False) for s in k.as_tuple()], *[("i64", s, False) for s in v.as_tuple()],
         ("i64", _scale_step(ks), False), ("i64", _scale_step(vs), False),
     ]
@@ -262,7 +263,7 @@ def mla_write_launch(kv_c, k_pe, kv_cache, slot_mapping, desc: KVCacheDescriptor
         ("ptr", _dense(desc.k_scale) if quant else None, False),
         ("i64", kv_c.stride(0), False), ("i64", k_pe.stride(0), False),
         ("i64", kv_c.shape[1], False), ("i64", k_pe.shape[1], False), ("i64", desc.block_size, False),
-        ("i64", desc.k.block, False), ("i64", desc.k.token, False),
+        ("i64", desc.num_blocks, False), ("i64", desc.k.block, False), ("i64", desc.k.token, False),
     ]
     return Launch(spec, args, slot_mapping.shape[0], _write_group(desc.head_size_k))
 
@@ -321,6 +322,9 @@ def attention_launch(q, k, v, out, desc: KVCacheDescriptor, args: AttentionArgs)
         ("i64", out.stride(0), False), ("i64", out.stride(1), False),
         *[("i64", s, False) for s in desc.k.as_tuple()], *[("i64", s, False) for s in desc.v.as_tuple()],
         ("i64", bt.stride(0) if bt is not None else 0, False), ("i64", desc.block_size, False),
+        # in-kernel bounds: block ids clamped to [0, num_blocks), seqused_k to the block table's
+        # max_blocks_per_seq * block_size (non-paged: block_size is total_k, the one block's rows)
+        ("i64", desc.num_blocks, False), ("i64", bt.shape[1] if bt is not None else 0, False),
         ("i32", args.batch, False), ("i32", hq, False), ("i32", hq // hkv, False),
         ("i32", 1 if bt is not None else 0, False),
         ("f32", float(args.softmax_scale), False), ("f32", float(args.softcap), False),

@@ -5,7 +5,9 @@
 // except the head-major value cache, where dims are `s_chunk` apart). Every cache address comes
 // from the descriptor's formula with the cache's real strides, passed at run time: a permuted,
 // sliced or cross-layer view is addressed exactly like a packed one, so nothing can land in the
-// wrong place. Padding slots (< 0) are skipped by the whole work-group.
+// wrong place. Padding slots (< 0) are skipped by the whole work-group, and so is a slot past the
+// cache (>= num_blocks * block_size: only possible when the value checks are off): the kernel never
+// writes outside the cache whatever slot_mapping holds.
 //
 // Template parameters:
 //   In / Cache  element policies (kvx_types.hpp): Raw<uintN_t> for both when the cache stores the
@@ -22,15 +24,15 @@
   const InS *key, const InS *value, CacheS *key_cache, CacheS *value_cache,                        \
       const SlotT *slot_mapping, const float *k_scale, const float *v_scale, int64_t key_s_token,  \
       int64_t key_s_head, int64_t value_s_token, int64_t value_s_head, int64_t num_heads,          \
-      int64_t head_size_k, int64_t head_size_v, int64_t block_size, int64_t k_s_block,             \
-      int64_t k_s_token, int64_t k_s_head, int64_t k_s_chunk, int64_t k_x, int64_t v_s_block,      \
-      int64_t v_s_token, int64_t v_s_head, int64_t v_s_chunk, int64_t v_x, int64_t k_scale_step,    \
-      int64_t v_scale_step
+      int64_t head_size_k, int64_t head_size_v, int64_t block_size, int64_t num_blocks,            \
+      int64_t k_s_block, int64_t k_s_token, int64_t k_s_head, int64_t k_s_chunk, int64_t k_x,      \
+      int64_t v_s_block, int64_t v_s_token, int64_t v_s_head, int64_t v_s_chunk, int64_t v_x,      \
+      int64_t k_scale_step, int64_t v_scale_step
 #define KVX_CACHE_WRITE_ARGS                                                                       \
   key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, key_s_token, key_s_head,     \
-      value_s_token, value_s_head, num_heads, head_size_k, head_size_v, block_size, k_s_block,     \
-      k_s_token, k_s_head, k_s_chunk, k_x, v_s_block, v_s_token, v_s_head, v_s_chunk, v_x,          \
-      k_scale_step, v_scale_step
+      value_s_token, value_s_head, num_heads, head_size_k, head_size_v, block_size, num_blocks,    \
+      k_s_block, k_s_token, k_s_head, k_s_chunk, k_x, v_s_block, v_s_token, v_s_head, v_s_chunk,   \
+      v_x, k_scale_step, v_scale_step
 
 namespace kvx {
 
@@ -59,7 +61,8 @@ inline void cache_write(sycl::nd_item<1> it,
                         KVX_CACHE_WRITE_PARAMS(typename In::storage, typename Cache::storage, SlotT)) {
   const Idx token = Idx(it.get_group(0));
   const int64_t slot = int64_t(slot_mapping[token]);
-  if (slot < 0) return;  // padding token: uniform across the work-group
+  // padding token, or a slot past the cache (dropped like padding): uniform across the work-group
+  if (slot < 0 || slot >= num_blocks * block_size) return;
   const Idx block = Idx(slot / block_size), offset = Idx(slot % block_size);
   const size_t lid = it.get_local_id(0), wg = it.get_local_range(0);
   write_rows<In, Cache, Quant, Idx>(lid, wg, key, Idx(key_s_token), Idx(key_s_head), token,

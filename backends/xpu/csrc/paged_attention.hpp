@@ -20,6 +20,11 @@
 //                 in once after the key loop (online softmax: the sink is one more "tile")
 //   softmax_lse   float32 [num_q_heads, total_q], any strides: log of each row's denominator
 //                 (sink included), -inf for a row that sees no key and has no sink
+// Bounds: whatever the index tensors hold (the value checks may be off), every read and write
+// stays inside the tensors: seqused_k is clamped to the block table's capacity, block ids to
+// [0, num_blocks), non-paged key ranges to k's rows, the sequence index to [0, batch), and rows of
+// q / out / softmax_lse are the launch's own (one group per row of q). Out-of-range values give a
+// defined but meaningless result for their sequence only; KVDISPATCH_DEBUG=1 reports them instead.
 // The kernel never splits the key range (one work-group walks all of a row's keys), so every
 // num_splits the caller asks for (0 auto, 1 none, n at most n) is honoured as "no split".
 //
@@ -40,8 +45,9 @@
       int64_t q_s_head, int64_t o_s_token, int64_t o_s_head, int64_t k_s_block, int64_t k_s_token, \
       int64_t k_s_head, int64_t k_s_chunk, int64_t k_x, int64_t v_s_block, int64_t v_s_token,      \
       int64_t v_s_head, int64_t v_s_chunk, int64_t v_x, int64_t bt_s_seq, int64_t block_size,      \
-      int32_t batch, int32_t num_q_heads, int32_t group, int32_t paged, float softmax_scale,       \
-      float softcap, int32_t window_left, int32_t window_right, int64_t q_ds_seq, int64_t q_ds_head,  \
+      int64_t num_blocks, int64_t max_blocks_per_seq, int32_t batch, int32_t num_q_heads,         \
+      int32_t group, int32_t paged, float softmax_scale, float softcap, int32_t window_left,       \
+      int32_t window_right, int64_t q_ds_seq, int64_t q_ds_head,                                   \
       int64_t k_ds_seq, int64_t k_ds_head, int64_t v_ds_seq, int64_t v_ds_head,                    \
       const float *alibi_slopes, const void *s_aux, float *softmax_lse, int64_t al_s_seq,          \
       int64_t al_s_head, int64_t sink_s_head, int32_t sink_dtype, int64_t lse_s_head,              \
@@ -50,8 +56,9 @@
   q, k_cache, v_cache, out, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, q_descale,         \
       k_descale, v_descale, q_s_token, q_s_head, o_s_token, o_s_head, k_s_block, k_s_token,         \
       k_s_head, k_s_chunk, k_x, v_s_block, v_s_token, v_s_head, v_s_chunk, v_x, bt_s_seq,           \
-      block_size, batch, num_q_heads, group, paged, softmax_scale, softcap, window_left,            \
-      window_right, q_ds_seq, q_ds_head, k_ds_seq, k_ds_head, v_ds_seq, v_ds_head, alibi_slopes,    \
+      block_size, num_blocks, max_blocks_per_seq, batch, num_q_heads, group, paged, softmax_scale, \
+      softcap, window_left, window_right, q_ds_seq, q_ds_head, k_ds_seq, k_ds_head, v_ds_seq,     \
+      v_ds_head, alibi_slopes,                                                                     \
       s_aux, softmax_lse, al_s_seq, al_s_head, sink_s_head, sink_dtype, lse_s_head, lse_s_token
 
 namespace kvx {
@@ -80,9 +87,14 @@ inline void paged_attention(sycl::nd_item<1> it, KVX_ATTENTION_PARAMS(typename Q
   const int gn = sycl::min(GT, kvh * group + group - h0);       // query heads it serves (<= GT)
   // the host may launch one group per row of q (no sync to read cu_seqlens_q[batch]): rows past
   // the last sequence belong to nobody and are left as they are
-  if (t >= cu_seqlens_q[batch]) return;
+  // (t < total_q always: the launch has exactly one group per row of q and kv-head tile, so q,
+  // out and softmax_lse are only touched at rows that exist, whatever cu_seqlens_q holds)
+  if (batch <= 0 || t >= cu_seqlens_q[batch]) return;
 
-  // the sequence of query token t: the last b with cu_seqlens_q[b] <= t (empty sequences skipped)
+  // the sequence of query token t: the last b with cu_seqlens_q[b] <= t (empty sequences skipped).
+  // b stays in [0, batch - 1] whatever cu_seqlens_q holds (a bisection of that range), so every
+  // per-sequence read below (cu_seqlens_*[b + 1], seqused_k, block_table row, descales, slopes)
+  // is in bounds
   int lo_b = 0, hi_b = batch - 1;
   while (lo_b < hi_b) {
     const int mid = (lo_b + hi_b + 1) / 2;
@@ -91,13 +103,18 @@ inline void paged_attention(sycl::nd_item<1> it, KVX_ATTENTION_PARAMS(typename Q
   const int b = lo_b;
   const int64_t lq = cu_seqlens_q[b + 1] - cu_seqlens_q[b];
   const int64_t i = t - cu_seqlens_q[b];
+  // In-kernel bounds (the value checks may be off, e.g. xpu-sycl without KVDISPATCH_DEBUG=1): the
+  // key range of a sequence never leaves what exists. Paged: lk in [0, max_blocks_per_seq *
+  // block_size] (its block_table row), block ids clamped to [0, num_blocks - 1] below. Non-paged:
+  // the "cache" is one block of block_size = total_k rows, [k_start, k_start + lk) within it.
   int64_t lk, k_start = 0;
   if (paged) {
-    lk = seqused_k[b];
+    const int64_t capacity = num_blocks > 0 ? max_blocks_per_seq * block_size : 0;
+    lk = sycl::clamp(int64_t(seqused_k[b]), int64_t(0), capacity);
   } else {
-    k_start = cu_seqlens_k[b];
-    lk = cu_seqlens_k[b + 1] - k_start;
-    if (seqused_k) lk = sycl::min(lk, int64_t(seqused_k[b]));
+    k_start = sycl::clamp(int64_t(cu_seqlens_k[b]), int64_t(0), block_size);
+    lk = sycl::clamp(int64_t(cu_seqlens_k[b + 1]) - k_start, int64_t(0), block_size - k_start);
+    if (seqused_k) lk = sycl::clamp(int64_t(seqused_k[b]), int64_t(0), lk);
   }
   const int64_t p = i + lk - lq;
   const int64_t lo = window_left >= 0 ? sycl::max(int64_t(0), p - window_left) : 0;
@@ -140,7 +157,9 @@ inline void paged_attention(sycl::nd_item<1> it, KVX_ATTENTION_PARAMS(typename Q
     if (j < hi) {
       Idx blk, tok;
       if (paged) {
-        blk = Idx(block_table[b * bt_s_seq + j / block_size]);
+        // 0 <= j < lk <= max_blocks_per_seq * block_size: the column exists; the id is clamped
+        blk = Idx(sycl::clamp(int64_t(block_table[b * bt_s_seq + j / block_size]), int64_t(0),
+                              num_blocks - 1));
         tok = Idx(j % block_size);
       } else {
         blk = 0;

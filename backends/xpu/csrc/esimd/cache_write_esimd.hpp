@@ -17,12 +17,12 @@
 #define KVX_CACHE_WRITE_ESIMD_PARAMS(T, SlotT)                                                      \
   const T *key, const T *value, T *key_cache, T *value_cache, const SlotT *slot_mapping,           \
       int64_t key_s_token, int64_t key_s_head, int64_t value_s_token, int64_t value_s_head,        \
-      int64_t num_heads, int64_t block_size, int64_t k_s_block, int64_t k_s_token,                 \
-      int64_t k_s_head, int64_t v_s_block, int64_t v_s_token, int64_t v_s_head
+      int64_t num_heads, int64_t block_size, int64_t num_blocks, int64_t k_s_block,               \
+      int64_t k_s_token, int64_t k_s_head, int64_t v_s_block, int64_t v_s_token, int64_t v_s_head
 #define KVX_CACHE_WRITE_ESIMD_ARGS                                                                 \
   key, value, key_cache, value_cache, slot_mapping, key_s_token, key_s_head, value_s_token,        \
-      value_s_head, num_heads, block_size, k_s_block, k_s_token, k_s_head, v_s_block, v_s_token,   \
-      v_s_head
+      value_s_head, num_heads, block_size, num_blocks, k_s_block, k_s_token, k_s_head, v_s_block,  \
+      v_s_token, v_s_head
 
 namespace kvx {
 namespace esimd = sycl::ext::intel::esimd;
@@ -53,7 +53,7 @@ inline void cache_write_esimd(sycl::nd_item<1> it,
   const Idx gid = Idx(it.get_global_id(0));
   const Idx token = gid / Idx(num_heads), h = gid % Idx(num_heads);
   const int64_t slot = int64_t(slot_mapping[token]);
-  if (slot < 0) return;  // padding token
+  if (slot < 0 || slot >= num_blocks * block_size) return;  // padding, or past the cache: dropped
   const Idx block = Idx(slot / block_size), offset = Idx(slot % block_size);
   copy_row<T, DK>(key + token * Idx(key_s_token) + h * Idx(key_s_head),
                   key_cache + block * Idx(k_s_block) + offset * Idx(k_s_token) + h * Idx(k_s_head));
