@@ -114,7 +114,7 @@ def _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, 
           window_left, window_right, qk_scale, softcap, slope2,
           K_SB: tl.constexpr, K_ST: tl.constexpr, K_SH: tl.constexpr,
           V_SB: tl.constexpr, V_ST: tl.constexpr, V_SH: tl.constexpr,
-          PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+          PAGE: tl.constexpr, NUM_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr,
           DA: tl.constexpr, DB: tl.constexpr, DB_VALID: tl.constexpr,
           DV: tl.constexpr, DV_VALID: tl.constexpr,
           PAGED: tl.constexpr, INT64: tl.constexpr, KV_MODE: tl.constexpr,
@@ -131,6 +131,9 @@ def _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, 
         if PAGE % BLOCK_N == 0:
             # the whole tile sits in one page: one block-table entry, consecutive tokens
             blk = tl.load(bt_row + start // PAGE)
+            # a block id outside the cache reads block 0 / the last one: garbage for that
+            # sequence, never a read outside the cache (one clamp on the loaded id)
+            blk = tl.minimum(tl.maximum(blk, 0), NUM_BLOCKS - 1)
             if INT64:
                 blk = blk.to(tl.int64)
             tok = (start % PAGE) + tl.arange(0, BLOCK_N)
@@ -141,6 +144,7 @@ def _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, 
                 blk = tl.load(bt_row + offs_n // PAGE, mask=key_ok, other=0)
             else:
                 blk = tl.load(bt_row + offs_n // PAGE)
+            blk = tl.minimum(tl.maximum(blk, 0), NUM_BLOCKS - 1)
             if INT64:
                 blk = blk.to(tl.int64)
             tok = offs_n % PAGE
@@ -241,7 +245,7 @@ def _q_tile(
     s_qt, s_qh, s_ot, s_oh, al_sb, al_sh, s_lh, s_lt,
     K_SB: tl.constexpr, K_ST: tl.constexpr, K_SH: tl.constexpr,
     V_SB: tl.constexpr, V_ST: tl.constexpr, V_SH: tl.constexpr,
-    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr, NUM_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DA: tl.constexpr, DB: tl.constexpr, DB_VALID: tl.constexpr,
     DV: tl.constexpr, DV_VALID: tl.constexpr,
@@ -321,7 +325,7 @@ def _q_tile(
         while start < full_lo:
             acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk,
                                   p_row, window_left, window_right, qk_scale, softcap, slope2,
-                                  K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, BLOCK_N, DA, DB, DB_VALID,
+                                  K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, NUM_BLOCKS, BLOCK_N, DA, DB, DB_VALID,
                                   DV, DV_VALID, PAGED, INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP,
                                   HAS_LEFT, HAS_RIGHT, HAS_ALIBI, True)
             start += BLOCK_N
@@ -329,7 +333,7 @@ def _q_tile(
         for start in range(lo, full_lo, BLOCK_N):
             acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk,
                                   p_row, window_left, window_right, qk_scale, softcap, slope2,
-                                  K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, BLOCK_N, DA, DB, DB_VALID,
+                                  K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, NUM_BLOCKS, BLOCK_N, DA, DB, DB_VALID,
                                   DV, DV_VALID, PAGED, INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP,
                                   HAS_LEFT, HAS_RIGHT, HAS_ALIBI, True)
     if INTERPRET:
@@ -337,7 +341,7 @@ def _q_tile(
         while start < full_hi:
             acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk,
                                   p_row, window_left, window_right, qk_scale, softcap, slope2,
-                                  K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, BLOCK_N, DA, DB, DB_VALID,
+                                  K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, NUM_BLOCKS, BLOCK_N, DA, DB, DB_VALID,
                                   DV, DV_VALID, PAGED, INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP,
                                   HAS_LEFT, HAS_RIGHT, HAS_ALIBI, False)
             start += BLOCK_N
@@ -345,7 +349,7 @@ def _q_tile(
         for start in range(full_lo, full_hi, BLOCK_N):
             acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk,
                                   p_row, window_left, window_right, qk_scale, softcap, slope2,
-                                  K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, BLOCK_N, DA, DB, DB_VALID,
+                                  K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, NUM_BLOCKS, BLOCK_N, DA, DB, DB_VALID,
                                   DV, DV_VALID, PAGED, INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP,
                                   HAS_LEFT, HAS_RIGHT, HAS_ALIBI, False)
     if INTERPRET:
@@ -353,7 +357,7 @@ def _q_tile(
         while start < hi:
             acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk,
                                   p_row, window_left, window_right, qk_scale, softcap, slope2,
-                                  K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, BLOCK_N, DA, DB, DB_VALID,
+                                  K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, NUM_BLOCKS, BLOCK_N, DA, DB, DB_VALID,
                                   DV, DV_VALID, PAGED, INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP,
                                   HAS_LEFT, HAS_RIGHT, HAS_ALIBI, True)
             start += BLOCK_N
@@ -361,7 +365,7 @@ def _q_tile(
         for start in range(full_hi, hi, BLOCK_N):
             acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk,
                                   p_row, window_left, window_right, qk_scale, softcap, slope2,
-                                  K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, BLOCK_N, DA, DB, DB_VALID,
+                                  K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, NUM_BLOCKS, BLOCK_N, DA, DB, DB_VALID,
                                   DV, DV_VALID, PAGED, INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP,
                                   HAS_LEFT, HAS_RIGHT, HAS_ALIBI, True)
 
@@ -402,17 +406,17 @@ def _q_tile(
 
 # Values that change from step to step are not specialized on, so one compiled kernel serves every
 # step of a plan and can be launched directly (see ``_launch_direct``).
-@triton.jit(do_not_specialize=["total_q", "split_keys", "s_bt", "al_sb", "al_sh", "s_lh", "s_lt"])
+@triton.jit(do_not_specialize=["total_q", "kv_limit", "split_keys", "s_bt", "al_sb", "al_sh", "s_lh", "s_lt"])
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_ml_ptr,
     cu_q_ptr, cu_k_ptr, seqused_ptr, bt_ptr,
     qd_ptr, kd_ptr, vd_ptr, alibi_ptr, sink_ptr, lse_ptr,
-    scale, softcap, v_factor, window_left, window_right, total_q, split_keys,
+    scale, softcap, v_factor, window_left, window_right, total_q, kv_limit, split_keys,
     s_qt, s_qh, s_ot, s_oh, s_bt, qd_sb, qd_sh, kd_sb, kd_sh, vd_sb, vd_sh,
     al_sb, al_sh, s_lh, s_lt,
     K_SB: tl.constexpr, K_ST: tl.constexpr, K_SH: tl.constexpr,
     V_SB: tl.constexpr, V_ST: tl.constexpr, V_SH: tl.constexpr,
-    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr, NUM_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DA: tl.constexpr, DB: tl.constexpr, DB_VALID: tl.constexpr,
     DV: tl.constexpr, DV_VALID: tl.constexpr,
@@ -431,6 +435,13 @@ def _attention_kernel(
     the LSE are then the merge kernel's. HAS_ALIBI: slopes at ``alibi_ptr + b * al_sb + head * al_sh``
     (fp32). HAS_SINKS: one logit per query head at ``sink_ptr`` (contiguous; fp32/fp16/bf16).
     HAS_LSE: the natural-log LSE of each row to ``lse_ptr + head * s_lh + token * s_lt``.
+
+    Bounds, whatever the index tensors hold (their value checks run only for the reference and
+    under KVDISPATCH_DEBUG=1): q rows are cut to ``[0, total_q)``; the kv length to ``[0, kv_limit]``
+    (paged: the block table's columns x PAGE, so no read past a block-table row; not paged: k's
+    ``total_k`` rows, the key range also cut to them); block ids clamped to ``[0, NUM_BLOCKS)``.
+    A sequence whose indices are out of range gets a garbage-but-safe result; the others are exact.
+    Each is a min/max on a value already loaded (no extra load).
     """
     # Program p of axis 0 takes the sequence's q tiles t = P - 1 - p, t + P, t + 2P, ... below its
     # real tile count (from cu_seqlens_q), P the grid's size along axis 0. P comes from the
@@ -444,19 +455,24 @@ def _attention_kernel(
     b = bh // NUM_KV_HEADS
     kvh = bh % NUM_KV_HEADS
 
-    q_start = tl.load(cu_q_ptr + b)
-    lq = tl.load(cu_q_ptr + b + 1) - q_start
+    # query rows within q's real rows [0, total_q), whatever cu_seqlens_q says: start clamped to
+    # [0, total_q], end to [start, total_q] (so lq is in [0, total_q - start]: no int32 wrap-around
+    # from an end of -2^31)
+    q_start = tl.minimum(tl.maximum(tl.load(cu_q_ptr + b), 0), total_q)
+    lq = tl.minimum(tl.maximum(tl.load(cu_q_ptr + b + 1), q_start), total_q) - q_start
     n_tiles = tl.cdiv(lq * GROUP, BLOCK_M)
     if first >= n_tiles:
         return
     if PAGED:
-        lk = tl.load(seqused_ptr + b)
+        # kv_limit = block_table.shape[1] * PAGE: no key past the row's last block-table entry
+        lk = tl.minimum(tl.maximum(tl.load(seqused_ptr + b), 0), kv_limit)
         k_start = 0
     else:
-        k_start = tl.load(cu_k_ptr + b)
-        lk = tl.load(cu_k_ptr + b + 1) - k_start
+        # kv_limit = total_k: the key range [k_start, k_start + lk) stays within k's rows
+        k_start = tl.minimum(tl.maximum(tl.load(cu_k_ptr + b), 0), kv_limit)
+        lk = tl.minimum(tl.maximum(tl.load(cu_k_ptr + b + 1), k_start), kv_limit) - k_start
         if HAS_SEQUSED:
-            lk = tl.minimum(lk, tl.load(seqused_ptr + b))
+            lk = tl.maximum(tl.minimum(lk, tl.load(seqused_ptr + b)), 0)
     if SPLIT:
         # split s takes keys [s * split_keys, (s + 1) * split_keys), the last one every key from
         # its start on: split_keys comes from the max_seqlen_k hint, which may be below the
@@ -486,7 +502,7 @@ def _attention_kernel(
                     tile, b, kvh, split, q_start, lq, k_start, lk, split_hi, bt_row, qk_scale, out_scale,
                     softcap, window_left, window_right, total_q, split_keys,
                     s_qt, s_qh, s_ot, s_oh, al_sb, al_sh, s_lh, s_lt,
-                    K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, NUM_KV_HEADS, GROUP, PAGE, BLOCK_M, BLOCK_N,
+                    K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, NUM_KV_HEADS, GROUP, PAGE, NUM_BLOCKS, BLOCK_M, BLOCK_N,
                     DA, DB, DB_VALID, DV, DV_VALID, PAGED, INT64, KV_MODE, Q_MODE, COMPUTE, Q_PRE,
                     DOT_F32, IEEE, SOFTCAP, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, HAS_SINKS, HAS_LSE,
                     SPLIT, INTERPRET)
@@ -497,7 +513,7 @@ def _attention_kernel(
                     tile, b, kvh, split, q_start, lq, k_start, lk, split_hi, bt_row, qk_scale, out_scale,
                     softcap, window_left, window_right, total_q, split_keys,
                     s_qt, s_qh, s_ot, s_oh, al_sb, al_sh, s_lh, s_lt,
-                    K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, NUM_KV_HEADS, GROUP, PAGE, BLOCK_M, BLOCK_N,
+                    K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, NUM_KV_HEADS, GROUP, PAGE, NUM_BLOCKS, BLOCK_M, BLOCK_N,
                     DA, DB, DB_VALID, DV, DV_VALID, PAGED, INT64, KV_MODE, Q_MODE, COMPUTE, Q_PRE,
                     DOT_F32, IEEE, SOFTCAP, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, HAS_SINKS, HAS_LSE,
                     SPLIT, INTERPRET)
@@ -512,6 +528,9 @@ def _merge_splits_kernel(ws_o_ptr, ws_ml_ptr, out_ptr, cu_q_ptr, sink_ptr, lse_p
     """out[t, h] = sum_s 2^(m_s - M) o_s / (sum_s 2^(m_s - M) l_s [+ 2^(sink - M)]) over the splits'
     partials (M the largest m_s [and the sink]); the sink is added here, once, not per split.
     HAS_LSE: lse[h, t] = (M + log2(denominator)) in natural-log units (-inf when it is 0)."""
+    # the grid is (total_q, heads): t < total_q whatever cu_seqlens_q holds, so every ws / out /
+    # lse row touched here exists (a row no sequence covers, possible only with a non-monotone
+    # cu_seqlens_q, reads allocated but unwritten workspace: garbage-but-safe)
     t = tl.program_id(0)
     h = tl.program_id(1)
     if t >= tl.load(cu_q_ptr + BATCH):
@@ -635,6 +654,7 @@ def plan_for(q: torch.Tensor, out: torch.Tensor, desc, args, decode: bool) -> Pl
         K_SB=ks.block if paged else 0, K_ST=ks.token, K_SH=ks.head,
         V_SB=vs.block if paged else 0, V_ST=vs.token, V_SH=vs.head,
         NUM_KV_HEADS=desc.num_kv_heads, GROUP=group, PAGE=desc.block_size if paged else 1,
+        NUM_BLOCKS=desc.num_blocks,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
         DA=da, DB=db, DB_VALID=rest, DV=_pow2_ceil(max(dv, 16)), DV_VALID=dv,
         PAGED=paged, HAS_SEQUSED=args.seqused_k is not None, INT64=not desc.int32_offsets,
@@ -810,23 +830,25 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
         al_sb, al_sh = alibi.stride(0), alibi.stride(1)
     s_lh, s_lt = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
     s_bt = bt.stride(0) if args.paged else 0
+    # the kv length bound: block-table columns x page (paged), k's rows (not paged: one block)
+    kv_limit = bt.shape[1] * desc.block_size if args.paged else k.shape[1]
     s_qt, s_qh, s_ot, s_oh = q.stride(0), q.stride(1), out.stride(0), out.stride(1)
     descale_strides = (*_descale_strides(qd), *_descale_strides(kd), *_descale_strides(vd))
     # the runtime (non-constexpr, non-pointer) arguments, in the kernel's order
     runtime_args = (scale, float(args.softcap), v_factor, args.window_left, args.window_right, total_q,
-                    split_keys, s_qt, s_qh, s_ot, s_oh, s_bt, *descale_strides, al_sb, al_sh, s_lh, s_lt)
+                    kv_limit, split_keys, s_qt, s_qh, s_ot, s_oh, s_bt, *descale_strides, al_sb, al_sh, s_lh, s_lt)
     grid = (q_tiles, batch * hkv, num_splits)
     direct = None  # the key under which a compiled kernel is kept for direct launches
     launched = False
     if q.is_cuda and desc.platform.is_nvidia and not _interpreting():
         ptr_values = tuple(t.data_ptr() for t in ptrs)
         # Everything Triton specializes this launch on: the ints outside do_not_specialize by value
-        # (window_left/right, q/out/descale strides), the others (total_q, split_keys, s_bt, the
+        # (window_left/right, q/out/descale strides), the others (total_q, kv_limit, split_keys, s_bt, the
         # ALiBi and LSE strides) by whether they fit int32.
         direct = attention_launch_key(plan.key, plan.tile, q.get_device(), ptrs, ptr_values,
                                       (args.window_left, args.window_right, s_qt, s_qh, s_ot, s_oh,
                                        *descale_strides),
-                                      (total_q, split_keys, s_bt, al_sb, al_sh, s_lh, s_lt), split)
+                                      (total_q, kv_limit, split_keys, s_bt, al_sb, al_sh, s_lh, s_lt), split)
         kernel = _COMPILED.get(direct)
         if kernel is not None and _no_launch_hooks():
             _launch_direct(kernel, grid, q.get_device(), ptr_values, runtime_args, c, split)

@@ -150,8 +150,8 @@ def _write_side(
 def _write_kv_kernel(
     k_src, v_src, k_dst, v_dst, slot_mapping, k_scale, v_scale,
     n_rows, k_stride_t, k_stride_h, v_stride_t, v_stride_h,
-    HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr, OFF64: tl.constexpr,
-    MERGED: tl.constexpr,
+    HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SLOTS: tl.constexpr, ROWS: tl.constexpr,
+    OFF64: tl.constexpr, MERGED: tl.constexpr,
     DK: tl.constexpr, DK_PAD: tl.constexpr, HEAD_DIM_K: tl.constexpr,
     KB: tl.constexpr, KT: tl.constexpr, KH: tl.constexpr, KC: tl.constexpr, KX: tl.constexpr,
     DV: tl.constexpr, DV_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
@@ -163,7 +163,9 @@ def _write_kv_kernel(
     """Rows ``[pid*ROWS, (pid+1)*ROWS)`` of the ``n_rows = tokens * HEADS`` rows of K and V.
 
     A row is (token, head) (``HEADS`` = kv heads) or a whole token (``HEADS`` = 1, ``MERGED``).
-    Slots < 0 are padding: those rows are not written.
+    Slots < 0 are padding: those rows are not written. So are slots >= ``NUM_SLOTS`` (the cache's
+    ``num_blocks * block_size``): whatever slot_mapping holds, nothing is stored outside the cache
+    (one compare on the slot already in registers; the value check raises on them first when it runs).
     """
     pid = tl.program_id(0)
     r = pid * ROWS + tl.arange(0, ROWS)
@@ -171,7 +173,7 @@ def _write_kv_kernel(
     tok = r // HEADS
     head = r % HEADS
     slot = tl.load(slot_mapping + tok, mask=in_range, other=-1)
-    row_ok = slot >= 0
+    row_ok = (slot >= 0) & (slot < NUM_SLOTS)
     if OFF64:
         slot = slot.to(tl.int64)
         tok = tok.to(tl.int64)
@@ -281,7 +283,8 @@ def _make_plan(desc, k_strides, v_strides, dk: int, dv: int, heads: int, in_dtyp
     p.num_warps = max(1, min(cfg.num_warps, _floor_pow2(max(vectors // 32, 1))))
     p.rows, p.heads = rows, heads_rows
     p.constexprs = dict(
-        HEADS=heads_rows, BLOCK_SIZE=desc.block_size, ROWS=rows, OFF64=off64, MERGED=merged,
+        HEADS=heads_rows, BLOCK_SIZE=desc.block_size, NUM_SLOTS=desc.num_blocks * desc.block_size,
+        ROWS=rows, OFF64=off64, MERGED=merged,
         DK=sk[0], DK_PAD=sk[1], HEAD_DIM_K=sk[2], KB=sk[3], KT=sk[4], KH=sk[5], KC=sk[6], KX=sk[7],
         DV=sv[0], DV_PAD=sv[1], HEAD_DIM_V=sv[2], VB=sv[3], VT=sv[4], VH=sv[5], VC=sv[6], VX=sv[7],
         QUANT=p.quant, K_SCALE_HEAD=k_scale_head, V_SCALE_HEAD=v_scale_head,
