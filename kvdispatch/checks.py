@@ -54,9 +54,9 @@ def check_attention_values(args: AttentionArgs, desc: KVCacheDescriptor, total_q
         raise ValueError("cu_seqlens_q: expected non-decreasing offsets starting at 0")
     if cu.numel() and total_q is not None and int(cu[-1]) > total_q:
         raise ValueError(f"cu_seqlens_q: last offset {int(cu[-1])} exceeds q's {total_q} tokens")
-    if cu.numel() > 1 and int((cu[1:] - cu[:-1]).max()) > args.max_seqlen_q:
-        raise ValueError(f"max_seqlen_q: {args.max_seqlen_q} is below the longest query "
-                         f"({int((cu[1:] - cu[:-1]).max())} tokens)")
+    longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    if longest > args.max_seqlen_q:
+        raise ValueError(f"max_seqlen_q: {args.max_seqlen_q} is below the longest query ({longest} tokens)")
     if args.block_table is None:
         ck = args.cu_seqlens_k.long()
         if ck.numel() and (int(ck[0]) != 0 or bool((ck[1:] < ck[:-1]).any())):
@@ -88,6 +88,6 @@ def check_attention_values(args: AttentionArgs, desc: KVCacheDescriptor, total_q
 
 
 def _check_max_k(args: AttentionArgs, lens: torch.Tensor) -> None:
-    if lens.numel() and int(lens.max()) > args.max_seqlen_k:
-        raise ValueError(f"max_seqlen_k: {args.max_seqlen_k} is below the longest kv sequence "
-                         f"({int(lens.max())} keys)")
+    longest = int(lens.max()) if lens.numel() else 0
+    if longest > args.max_seqlen_k:
+        raise ValueError(f"max_seqlen_k: {args.max_seqlen_k} is below the longest kv sequence ({longest} keys)")

@@ -251,6 +251,12 @@ def _real(name: str, val, what: str, zero_ok: bool = False) -> float:
     return val
 
 
+def _int_at_least(name: str, val, lo: int, what: str, shown=None) -> None:
+    """Raise naming ``name`` unless ``val`` is an int (not a bool) >= ``lo``."""
+    if isinstance(val, bool) or not isinstance(val, int) or val < lo:
+        _fail(name, what, repr(val) if shown is None else shown)
+
+
 def _meta(t):
     return None if t is None else (t.shape, t.dtype, t.device)
 
@@ -284,19 +290,19 @@ def _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlen
             _ATTN_SEEN[sig] = (desc, d)
     else:
         desc, d = hit
-    if max_seqlen_q.__class__ is not int or max_seqlen_k.__class__ is not int or max_seqlen_q < 0 \
-            or max_seqlen_k < 0:
-        for name, val in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 0:
-                _fail(name, "a non-negative int", repr(val))
+    # scalars: the common case (exact int / float types in range) costs one test each; anything else
+    # goes through the full check, which names the argument
+    if max_seqlen_q.__class__ is not int or max_seqlen_q < 0:
+        _int_at_least("max_seqlen_q", max_seqlen_q, 0, "a non-negative int")
+    if max_seqlen_k.__class__ is not int or max_seqlen_k < 0:
+        _int_at_least("max_seqlen_k", max_seqlen_k, 0, "a non-negative int")
     if softcap.__class__ is not float or not 0.0 <= softcap < _INF:
         softcap = _real("softcap", softcap, "a finite float >= 0 (0 disables it)", zero_ok=True)
     if window_left.__class__ is not int or window_right.__class__ is not int \
             or window_left < -1 or window_right < -1:
-        if isinstance(window_left, bool) or isinstance(window_right, bool) or \
-                not isinstance(window_left, int) or not isinstance(window_right, int) or \
-                window_left < -1 or window_right < -1:
-            _fail("window_size", "(left, right) ints with -1 for unbounded", (window_left, window_right))
+        for val in (window_left, window_right):
+            _int_at_least("window_size", val, -1, "(left, right) ints with -1 for unbounded",
+                          shown=(window_left, window_right))
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(d)
     elif softmax_scale.__class__ is not float or not 0.0 < softmax_scale < _INF:
@@ -304,8 +310,7 @@ def _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlen
     if causal:
         window_right = 0
     if num_splits.__class__ is not int or num_splits < 0:
-        if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
-            _fail("num_splits", "an int >= 0 (0 = automatic, 1 = no split, n = at most n)", repr(num_splits))
+        _int_at_least("num_splits", num_splits, 0, "an int >= 0 (0 = automatic, 1 = no split, n = at most n)")
     args = AttentionArgs(cu_seqlens_q, max_seqlen_q, cu_seqlens_k, seqused_k, max_seqlen_k, block_table,
                          float(softmax_scale), bool(causal), int(window_left), int(window_right),
                          float(softcap), q_descale, k_descale, v_descale, alibi_slopes, s_aux, softmax_lse,
