@@ -16,6 +16,7 @@ import torch
 
 from .descriptor import FP8_DTYPES, KVCacheDescriptor
 from .checks import check_attention_values, check_slot_values, checks_values
+from .platform import getenv
 from .registry import AttentionArgs, registry
 
 __all__ = ["reshape_and_cache_flash", "concat_and_cache_mla", "flash_attn_varlen_func"]
@@ -77,31 +78,73 @@ def _check_write_dtype(t: torch.Tensor, name: str, desc: KVCacheDescriptor) -> N
         )
 
 
+# -- call signatures -----------------------------------------------------------------------------
+class _Call:
+    """What every call with one signature shares: the descriptor (and head size) its metadata
+    checks produced, the backend selection made for it, and ``plans``, the dict a backend keeps
+    its launch state for this signature in (``AttentionArgs.plans``)."""
+
+    __slots__ = ("desc", "d", "plans", "backend", "forced", "generation")
+
+    def __init__(self, desc, d: int = 0):
+        self.desc, self.d, self.plans = desc, d, {}
+        self.backend = self.forced = self.generation = None
+
+    def select(self, op: str):
+        """The backend for this call: selected again only when ``KVDISPATCH_BACKEND`` or the set of
+        registered backends changed since the last call."""
+        forced = getenv(b"KVDISPATCH_BACKEND")
+        if self.forced != forced or self.generation != registry.generation or self.backend is None:
+            self.backend = registry.select(op, self.desc.platform, self.desc)
+            self.forced, self.generation = forced, registry.generation
+        return self.backend
+
+
+def _remember(seen: dict, sig, call: _Call) -> _Call:
+    if sig is not None:
+        if len(seen) >= 4096:
+            seen.clear()
+        seen[sig] = call
+    return call
+
+
+def _lead(t, n: int):
+    """An optional tensor's metadata with its first dimension relative to ``n`` (the batch or the
+    token count), so that calls that differ only in how many tokens or sequences they carry share a
+    signature (and every relation the checks test between those dimensions is still in it)."""
+    if t is None:
+        return None
+    s = t.shape
+    return t.dtype, t.device, t.stride(), s[0] - n, s[1:]
+
+
 # -- reshape_and_cache_flash --------------------------------------------------------------------
-# Write calls whose checks passed: every tensor property the checks read (shapes, strides, dtypes,
-# devices of all five tensors), kv_cache_dtype and the scale tensors' identity (as the descriptor
-# cache keys them) -> descriptor. A hit skips the checks; selection still runs (it reads the env).
+# Write calls whose checks passed. The signature holds every tensor property the checks read:
+# dtypes, devices, strides, the shapes (the token count relative: value's rows and whether
+# slot_mapping fits in key's rows), kv_cache_dtype and the scale tensors' identity (as the
+# descriptor cache keys them). A hit skips the checks.
 _WRITE_SEEN: dict = {}
 
 
 def _write(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale) -> None:
     try:
         auto = kv_cache_dtype.__class__ is str and kv_cache_dtype == "auto"
-        sig = (key.shape, key.stride(), key.dtype, key.device, value.shape, value.stride(), value.dtype,
-               value.device, key_cache.shape, key_cache.stride(), key_cache.dtype, key_cache.device,
-               value_cache.shape, value_cache.stride(), value_cache.dtype, value_cache.device,
-               slot_mapping.shape, slot_mapping.dtype, slot_mapping.device, kv_cache_dtype,
-               None if auto else id(k_scale), None if auto else id(v_scale))
-        desc = _WRITE_SEEN.get(sig)
-    except (AttributeError, TypeError):  # not tensors, or unhashable: the checks below name it
-        sig = desc = None
-    if desc is None or (not auto and (desc.k_scale is not k_scale or desc.v_scale is not v_scale)):
-        desc = _check_write(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale)
-        if sig is not None:
-            if len(_WRITE_SEEN) >= 4096:
-                _WRITE_SEEN.clear()
-            _WRITE_SEEN[sig] = desc
-    backend = registry.select("reshape_and_cache_flash", desc.platform, desc)
+        ks, vs = key.shape, value.shape
+        t = ks[0]
+        sig = (key.dtype, key.device, key.stride(), ks[1], ks[2], value.dtype, value.device,
+               value.stride(), vs[0] - t, vs[1], vs[2], key_cache.shape, key_cache.stride(), key_cache.dtype,
+               key_cache.device, value_cache.shape, value_cache.stride(), value_cache.dtype,
+               value_cache.device, slot_mapping.dtype, slot_mapping.device, slot_mapping.dim(),
+               slot_mapping.shape[0] <= t, kv_cache_dtype, None if auto else id(k_scale),
+               None if auto else id(v_scale))
+        call = _WRITE_SEEN.get(sig)
+    except (AttributeError, TypeError, IndexError):  # not tensors, 0-D, unhashable: the checks name it
+        sig = call = None
+    if call is None or (not auto and (call.desc.k_scale is not k_scale or call.desc.v_scale is not v_scale)):
+        call = _remember(_WRITE_SEEN, sig, _Call(_check_write(key, value, key_cache, value_cache, slot_mapping,
+                                                              kv_cache_dtype, k_scale, v_scale)))
+    backend = call.select("reshape_and_cache_flash")
+    desc = call.desc
     if checks_values(backend):
         check_slot_values(slot_mapping, desc)
     backend.reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, desc)
@@ -258,12 +301,29 @@ def _int_at_least(name: str, val, lo: int, what: str, shown=None) -> None:
 
 
 def _meta(t):
-    return None if t is None else (t.shape, t.dtype, t.device)
+    return None if t is None else (t.shape, t.dtype, t.device, t.stride())
 
 
-# Call signatures whose tensor checks passed: (desc, head_size). Every tensor property the checks
-# read (shapes, strides, dtypes, devices; None-ness of the optional tensors) is in the key, so a
-# hit passes them again; the scalar arguments are checked on every call.
+def _descale_sig(t, batch: int):
+    """A descale's metadata: one element (any shape) absolute, ``[batch, heads]`` batch-relative."""
+    if t is None:
+        return None
+    return _meta(t) if t.numel() == 1 else _lead(t, batch)
+
+
+def _lse_sig(t, total_q: int):
+    """The LSE output's metadata, its token dimension (the second) relative to ``total_q``."""
+    if t is None:
+        return None
+    s = t.shape
+    return t.dtype, t.device, t.stride(), s[0], s[1] - total_q
+
+
+# Attention calls whose tensor checks passed. The signature holds every tensor property the checks
+# read (dtypes, devices, strides, None-ness of the optional tensors, shapes with the token count
+# and the batch relative: calls that differ only in how many tokens and sequences they carry share
+# it; k/v's whole shapes, since a non-paged call's descriptor holds total_k); the scalar
+# arguments are checked on every call.
 _ATTN_SEEN: dict = {}
 
 
@@ -272,24 +332,27 @@ def _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlen
                q_descale, k_descale, v_descale, alibi_slopes=None, s_aux=None, softmax_lse=None,
                num_splits=0) -> None:
     try:
-        sig = (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
-               v.shape, v.stride(), v.dtype, v.device, out.shape, out.stride(), out.dtype, out.device,
-               cu_seqlens_q.shape, cu_seqlens_q.dtype, cu_seqlens_q.device, _meta(cu_seqlens_k),
-               _meta(seqused_k), _meta(block_table), _meta(q_descale), _meta(k_descale), _meta(v_descale),
-               _meta(alibi_slopes), _meta(s_aux), _meta(softmax_lse))
-        hit = _ATTN_SEEN.get(sig)
-    except (AttributeError, TypeError):  # not tensors: the full checks below name the argument
-        sig = hit = None
-    if hit is None:
+        qs, os_ = q.shape, out.shape
+        t = qs[0]
+        b1 = cu_seqlens_q.shape[0]
+        sig = (q.dtype, q.device, q.stride(), qs[1], qs[2], k.shape, k.dtype, k.device, k.stride(),
+               v.shape, v.dtype, v.device, v.stride(), out.dtype, out.device, out.stride(),
+               os_[0] - t, os_[1], os_[2], cu_seqlens_q.dtype, cu_seqlens_q.device, cu_seqlens_q.stride(),
+               b1 > 0, _lead(cu_seqlens_k, b1), _lead(seqused_k, b1), _lead(block_table, b1),
+               None if q_descale is None else _descale_sig(q_descale, b1 - 1),
+               None if k_descale is None else _descale_sig(k_descale, b1 - 1),
+               None if v_descale is None else _descale_sig(v_descale, b1 - 1),
+               None if alibi_slopes is None else _lead(alibi_slopes, b1 - 1 if alibi_slopes.dim() == 2 else 0),
+               None if s_aux is None else _meta(s_aux), None if softmax_lse is None else _lse_sig(softmax_lse, t))
+        call = _ATTN_SEEN.get(sig)
+    except (AttributeError, TypeError, IndexError, RuntimeError):  # the full checks below name the argument
+        sig = call = None
+    if call is None:
         desc, d = _check_attention_tensors(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table,
                                            q_descale, k_descale, v_descale)
         _check_extras(q, desc, cu_seqlens_q.shape[0] - 1, alibi_slopes, s_aux, softmax_lse)
-        if sig is not None:
-            if len(_ATTN_SEEN) >= 4096:
-                _ATTN_SEEN.clear()
-            _ATTN_SEEN[sig] = (desc, d)
-    else:
-        desc, d = hit
+        call = _remember(_ATTN_SEEN, sig, _Call(desc, d))
+    desc = call.desc
     # scalars: the common case (exact int / float types in range) costs one test each; anything else
     # goes through the full check, which names the argument
     if max_seqlen_q.__class__ is not int or max_seqlen_q < 0:
@@ -304,7 +367,7 @@ def _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlen
             _int_at_least("window_size", val, -1, "(left, right) ints with -1 for unbounded",
                           shown=(window_left, window_right))
     if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(d)
+        softmax_scale = 1.0 / math.sqrt(call.d)
     elif softmax_scale.__class__ is not float or not 0.0 < softmax_scale < _INF:
         softmax_scale = _real("softmax_scale", softmax_scale, "a finite float > 0 (None: 1 / sqrt(head_size))")
     if causal:
@@ -314,8 +377,8 @@ def _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlen
     args = AttentionArgs(cu_seqlens_q, max_seqlen_q, cu_seqlens_k, seqused_k, max_seqlen_k, block_table,
                          float(softmax_scale), bool(causal), int(window_left), int(window_right),
                          float(softcap), q_descale, k_descale, v_descale, alibi_slopes, s_aux, softmax_lse,
-                         int(num_splits))
-    backend = registry.select("flash_attn_varlen_func", desc.platform, desc)
+                         int(num_splits), call.plans)
+    backend = call.select("flash_attn_varlen_func")
     if checks_values(backend):
         check_attention_values(args, desc, q.shape[0])
     paged = block_table is not None

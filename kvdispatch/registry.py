@@ -59,6 +59,11 @@ class AttentionArgs(NamedTuple):
     softmax_lse: Optional[torch.Tensor] = None
     # split-KV: 0 = the backend chooses, 1 = never split, n = at most n splits
     num_splits: int = 0
+    # A dict the backend may keep launch state in (plans, compiled kernels) for this call's
+    # signature: the public call passes one per signature (every tensor's dtype, device, strides,
+    # and shape up to the token count and batch), so what a backend stores there under its options
+    # (scalars, device) holds for every later call that gets the same dict. None: nothing is kept.
+    plans: Optional[dict] = None
 
     @property
     def batch(self) -> int:
@@ -142,6 +147,7 @@ class Registry:
         self._backends: Optional[list] = None
         self._selection: dict = {}
         self._load_errors: list = []
+        self.generation = 0
 
     # -- plugins ----------------------------------------------------------------------------------
     @property
@@ -184,7 +190,12 @@ class Registry:
 
     def _invalidate(self) -> None:
         self._backends = None
+        self.clear_selection()
+
+    def clear_selection(self) -> None:
+        """Forget every selection made (also the ones the public calls remember per signature)."""
         self._selection.clear()
+        self.generation += 1
 
     @property
     def backends(self) -> list:

@@ -26,10 +26,10 @@ Caches and what keeps devices apart (read from the code):
 * ``ops._WRITE_SEEN`` / ``ops._ATTN_SEEN``: every tensor's ``.device`` is in the signature.
 * Triton write ``_plans`` (plans that hold the compiled kernel and its device): key has
   ``key_cache.get_device()`` (and ``id(desc)``); the MLA write likewise ``kv_cache.get_device()``.
-* Triton attention ``_PLANS``: (desc.key, ..., platform): no index, and none needed -- a ``Plan`` is
-  constexprs, tile and config, nothing compiled (asserted on its fields below).
-* ``_COMPILED`` / ``_MERGE_COMPILED``: ``attention_launch_key`` / ``merge_launch_key`` put the
-  device index in the key, and the direct launch takes that device's stream.
+* Triton attention: its prepared launches (plan, compiled kernels) live in the call signature's
+  ``AttentionArgs.plans`` dict (the public call's signature holds every tensor's device), under
+  options that hold the device index again (``q.get_device()``), so even one dict shared by two
+  devices keeps them apart; the direct launch takes that device's stream.
 
 No cache was found whose key lacks the device where it matters, so there is no xfail here; the
 negative controls show the harness WOULD catch a device-blind launch key.
@@ -359,9 +359,6 @@ def triton_stubs(monkeypatch):
     from kvdispatch.backends.triton import attention, write
     log = []
     monkeypatch.setattr(write, "_plans", {})
-    monkeypatch.setattr(attention, "_PLANS", {})
-    monkeypatch.setattr(attention, "_COMPILED", {})
-    monkeypatch.setattr(attention, "_MERGE_COMPILED", {})
     monkeypatch.setattr(write, "_interpreting", lambda: False)
     monkeypatch.setattr(attention, "_interpreting", lambda: False)
     monkeypatch.setattr(write, "_no_launch_hooks", lambda: True)
@@ -443,7 +440,7 @@ def test_mla_write_compiled_kernel_runs_only_on_its_device(triton_stubs):
     _assert_each_kernel_runs_on_its_own_device(triton_stubs, ("write",))
 
 
-def _attention_call(dev: int, desc, kc, vc, q, out):
+def _attention_call(dev: int, desc, kc, vc, q, out, plans):
     from kvdispatch.backends.triton import attention
     lens = [300, 400, 500]  # longer than a key tile: num_splits=2 splits
     args = reg.AttentionArgs(
@@ -451,7 +448,8 @@ def _attention_call(dev: int, desc, kc, vc, q, out):
         seqused_k=torch.tensor(lens, dtype=torch.int32), max_seqlen_k=max(lens),
         block_table=random_block_table(lens, kc.shape[0], kc.shape[1], generator=torch.Generator().manual_seed(0)),
         softmax_scale=32 ** -0.5, causal=True, window_left=-1, window_right=0, softcap=0.0,
-        q_descale=None, k_descale=None, v_descale=None, num_splits=2)  # split: the merge kernel runs too
+        q_descale=None, k_descale=None, v_descale=None, num_splits=2,  # split: the merge kernel runs too
+        plans=plans)
     attention.flash_attn_varlen_func(OnDevice(q, dev), kc, vc, OnDevice(out, dev), desc, args)
 
 
@@ -466,34 +464,32 @@ def _attention_inputs():
 def test_attention_compiled_kernels_run_only_on_their_device(triton_stubs):
     from kvdispatch.backends.triton import attention
     desc, kc, vc, q, out = _attention_inputs()
+    plans = {}  # one dict for both devices (more than the public call ever shares)
     for dev in (0, 1, 0, 1):
         triton_stubs.append(("call", dev))
-        _attention_call(dev, desc, kc, vc, q, out)
+        _attention_call(dev, desc, kc, vc, q, out, plans)
     assert _launches(triton_stubs) == [
         ("jit", "attn#1"), ("jit", "merge#1"), ("jit", "attn#2"), ("jit", "merge#2"),
         ("direct", "attn#1"), ("direct", "merge#1"), ("direct", "attn#2"), ("direct", "merge#2")], triton_stubs
     _assert_each_kernel_runs_on_its_own_device(triton_stubs, ("attn", "merge"))
-    assert {k[2] for k in attention._COMPILED} == {0, 1}
-    assert {k[0] for k in attention._MERGE_COMPILED} == {0, 1}
-    # the plan is shared by both devices (same descriptor key and platform): it holds nothing compiled
-    assert len(attention._PLANS) == 1
+    preps = {opts: p for opts, p in plans.items() if opts is not None}
+    assert sorted(opts[-1] for opts in preps) == [0, 1]  # one prepared launch per device
+    for p in preps.values():
+        assert {c.device for c in (*p.kernels.values(), *p.merges.values())} == {p.device}
+    # a plan is constexprs, tile and config: nothing compiled
     assert set(attention.Plan._fields) == {"key", "tile", "constexprs", "v_factor", "k_factor", "q_factor", "config"}
 
 
-@pytest.mark.parametrize("blind", ["attention_launch_key", "merge_launch_key"])
-def test_negative_control_a_device_blind_launch_key_is_caught(triton_stubs, monkeypatch, blind):
-    """The harness above detects the bug it guards against: with the device dropped from one launch
-    key, cuda:1's call launches the kernel compiled for cuda:0."""
+def test_negative_control_a_device_blind_option_key_is_caught(triton_stubs, monkeypatch):
+    """The harness above detects the bug it guards against: with the device dropped from the
+    prepared launch's options, cuda:1's call launches the kernels compiled for cuda:0."""
     from kvdispatch.backends.triton import attention
-    real = getattr(attention, blind)
-    if blind == "attention_launch_key":
-        monkeypatch.setattr(attention, blind, lambda pk, tile, device, *rest: real(pk, tile, 0, *rest))
-    else:
-        monkeypatch.setattr(attention, blind, lambda device, *rest: real(0, *rest))
+    monkeypatch.setattr(attention, "_device_index", lambda t: 0)
     desc, kc, vc, q, out = _attention_inputs()
+    plans = {}
     for dev in (0, 1):
         triton_stubs.append(("call", dev))
-        _attention_call(dev, desc, kc, vc, q, out)
+        _attention_call(dev, desc, kc, vc, q, out, plans)
     with pytest.raises(AssertionError, match="a call on device 1 launched (attn|merge)#1, compiled for device 0"):
         _assert_each_kernel_runs_on_its_own_device(triton_stubs, ("attn", "merge"))
 
@@ -510,16 +506,3 @@ def test_negative_control_a_device_blind_write_plan_is_caught(triton_stubs, monk
         write.reshape_and_cache_flash(key, key, OnDevice(kc, dev), OnDevice(vc, dev), slots, desc)
     with pytest.raises(AssertionError, match="a call on device 1 launched write#1, compiled for device 0, on stream:0"):
         _assert_each_kernel_runs_on_its_own_device(triton_stubs, ("write",))
-
-
-def test_launch_keys_differ_only_by_device():
-    pytest.importorskip("triton")
-    from kvdispatch.backends.triton import attention
-    ts = (torch.empty(2, dtype=torch.bfloat16), torch.empty(2, dtype=torch.float32))
-    a = [attention.attention_launch_key(("plan",), "tile", dev, ts, (256, 512), (-1, 0), (7, 9), True)
-         for dev in (0, 1)]
-    m = [attention.merge_launch_key(dev, ts, (256, 512), (1, 2), (64, 8), (7,)) for dev in (0, 1)]
-    for k0, k1 in (a, m):
-        assert k0 != k1
-    assert [i for i, (x, y) in enumerate(zip(*a)) if x != y] == [2]  # attention: (plan_key, tile, device, ...)
-    assert [i for i, (x, y) in enumerate(zip(*m)) if x != y] == [0]  # merge: (device, ...)

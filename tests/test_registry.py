@@ -142,14 +142,14 @@ def test_no_backend_error_lists_every_backend_and_why(plugin, mock_platform, mon
     mock_platform(NVIDIA)
     ref = reg.registry.get("reference")
     monkeypatch.setattr(ref, "available", lambda p: "disabled for this test")
-    reg.registry._selection.clear()
+    reg.registry.clear_selection()
     with pytest.raises(kvd.NoBackendError) as e:
         kvd.select_backend("concat_and_cache_mla", "cpu")
     msg = str(e.value)
     for b in reg.registry.backends:
         assert f"- {b.name}:" in msg
     assert "needs sm90" in msg and "disabled for this test" in msg
-    reg.registry._selection.clear()
+    reg.registry.clear_selection()
 
 
 def test_unknown_op_name():

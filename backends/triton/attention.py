@@ -405,7 +405,7 @@ def _q_tile(
 
 
 # Values that change from step to step are not specialized on, so one compiled kernel serves every
-# step of a plan and can be launched directly (see ``_launch_direct``).
+# step of a plan and can be launched directly (see ``_launch``).
 @triton.jit(do_not_specialize=["total_q", "kv_limit", "split_keys", "s_bt", "al_sb", "al_sh", "s_lh", "s_lt"])
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_ml_ptr,
@@ -519,10 +519,10 @@ def _attention_kernel(
                     SPLIT, INTERPRET)
 
 
-@triton.jit(do_not_specialize=["total_q", "s_lh", "s_lt"])
-def _merge_splits_kernel(ws_o_ptr, ws_ml_ptr, out_ptr, cu_q_ptr, sink_ptr, lse_ptr, total_q, s_ot, s_oh,
+@triton.jit(do_not_specialize=["total_q", "batch", "s_lh", "s_lt"])
+def _merge_splits_kernel(ws_o_ptr, ws_ml_ptr, out_ptr, cu_q_ptr, sink_ptr, lse_ptr, total_q, batch, s_ot, s_oh,
                          s_lh, s_lt,
-                         BATCH: tl.constexpr, NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr,
                          SPLITS_P2: tl.constexpr, DV: tl.constexpr, DV_VALID: tl.constexpr,
                          HAS_SINKS: tl.constexpr, HAS_LSE: tl.constexpr):
     """out[t, h] = sum_s 2^(m_s - M) o_s / (sum_s 2^(m_s - M) l_s [+ 2^(sink - M)]) over the splits'
@@ -533,7 +533,7 @@ def _merge_splits_kernel(ws_o_ptr, ws_ml_ptr, out_ptr, cu_q_ptr, sink_ptr, lse_p
     # cu_seqlens_q, reads allocated but unwritten workspace: garbage-but-safe)
     t = tl.program_id(0)
     h = tl.program_id(1)
-    if t >= tl.load(cu_q_ptr + BATCH):
+    if t >= tl.load(cu_q_ptr + batch):
         return  # rows past the last sequence are not ours to write
     offs_s = tl.arange(0, SPLITS_P2)
     s_ok = offs_s < NUM_SPLITS
@@ -603,24 +603,15 @@ def _mode(dtype: torch.dtype, platform, interpreting: bool) -> int:
     return _BITS_MODE[dtype]
 
 
-_PLANS: dict = {}
-# fp8 caches with bf16 queries compute in fp16 (see plan_for); a switch for benchmarks to compare
-FP8_KV_IN_FP16 = True
-
-
 def plan_for(q: torch.Tensor, out: torch.Tensor, desc, args, decode: bool) -> Plan:
-    """The kernel's constexprs and launch config for this call shape (cached)."""
+    """The kernel's constexprs and launch config for this call shape (kept by ``_prepare``)."""
     interp = _interpreting()
     # every input of the constexprs and the tile below (the descriptor's key holds the cache's
     # dtypes, strides, head sizes, page size, int32 flag and device type)
     key = (desc.key, q.dtype, out.dtype, q.shape[1], decode, args.paged, args.seqused_k is not None,
            args.softcap > 0, args.window_left >= 0, args.window_right >= 0, args.q_descale is not None,
            args.k_descale is not None, args.v_descale is not None, args.alibi_slopes is not None,
-           args.s_aux is not None, args.softmax_lse is not None, interp, desc.platform,
-           FP8_KV_IN_FP16)  # hash cached
-    plan = _PLANS.get(key)
-    if plan is not None:
-        return plan
+           args.s_aux is not None, args.softmax_lse is not None, interp, desc.platform)
     cfg = config_for(desc.platform, interp)
     dk, dv = desc.head_size_k, desc.head_size_v
     tile = cfg.tile("decode" if decode else "prefill", max(dk, dv))
@@ -639,7 +630,7 @@ def plan_for(q: torch.Tensor, out: torch.Tensor, desc, args, decode: bool) -> Pl
     else:
         compute = _TL[q.dtype]
     q_pre = 1.0
-    if FP8_KV_IN_FP16 and desc.cache_dtype in _FP8 and compute == tl.bfloat16:
+    if desc.cache_dtype in _FP8 and compute == tl.bfloat16:
         # fp8 K/V with bf16 q: decode K/V to fp16 (one hardware conversion per two elements on
         # sm89+, against fp8 -> fp16 -> fp32 -> bf16) and run both dots in fp16, which holds
         # every e4m3/e5m2 value exactly and P with 3 more bits than bf16. q enters fp16 scaled
@@ -667,65 +658,16 @@ def plan_for(q: torch.Tensor, out: torch.Tensor, desc, args, decode: bool) -> Pl
         HAS_LSE=args.softmax_lse is not None,
     )
     kv_factor = _BITS_FACTOR.get(kv_mode, 1.0)
-    plan = Plan(key, tile, constexprs, kv_factor, kv_factor, _BITS_FACTOR.get(q_mode, 1.0) / q_pre, cfg)
-    if len(_PLANS) > 4096:
-        _PLANS.clear()
-    _PLANS[key] = plan
-    return plan
-
-
-_COMPILED: dict = {}
+    return Plan(key, tile, constexprs, kv_factor, kv_factor, _BITS_FACTOR.get(q_mode, 1.0) / q_pre, cfg)
 
 
 def _keep_compiled(cache: dict, key, compiled) -> None:
     """Remember a compiled kernel for direct launches (when this triton returns one that has them)."""
-    if key is not None and hasattr(compiled, "packed_metadata") and hasattr(compiled, "function"):
-        if len(cache) > 4096:
-            cache.clear()
+    if hasattr(compiled, "packed_metadata") and hasattr(compiled, "function"):
         cache[key] = compiled
 
 
-_INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
-
-
-def _alignment(ptr_values) -> object:
-    """Triton specializes every pointer on 16-byte alignment: 0 when all are aligned, else each
-    pointer's low bits."""
-    align = 0
-    for p in ptr_values:
-        align |= p
-    return 0 if align & 15 == 0 else tuple(p & 15 for p in ptr_values)
-
-
-def _fit_int32(values) -> bool:
-    """Integers in ``do_not_specialize`` still get an i32 or i64 signature by their value."""
-    for v in values:
-        if v < _INT32_MIN or v > _INT32_MAX:
-            return False
-    return True
-
-
-def attention_launch_key(plan_key: tuple, tile, device: int, ptrs, ptr_values, specialized: tuple,
-                         unspecialized: tuple, split: bool) -> tuple:
-    """The key of a compiled ``_attention_kernel`` kept for direct launches: everything Triton
-    compiled it for. ``plan_key`` and ``tile`` fix every constexpr, num_warps and num_stages;
-    ``device``: a compiled kernel's function is loaded for one device; the dtype of every pointer
-    argument (the plan key has q/out/cache, not s_aux or the dummies); ``specialized``: the ints
-    Triton specializes on (== 1, % 16), by value; ``unspecialized``: the ``do_not_specialize``
-    ints, only whether they fit int32; ``split`` (SPLIT); each pointer's 16-byte alignment."""
-    return (plan_key, tile, device, tuple(t.dtype for t in ptrs), specialized, _fit_int32(unspecialized), split,
-            _alignment(ptr_values))
-
-
-def _launch_direct(kernel, grid, device: int, ptr_values, runtime_args, constexprs, split) -> None:
-    """Launch an already compiled ``_attention_kernel`` with raw arguments, skipping Triton's
-    per-call binding (about 60 us of host time for this many arguments). The cache key that
-    found ``kernel`` (``attention_launch_key``) holds every value it was specialized on; the
-    argument order is the kernel's signature (constexpr slots are passed and ignored by the
-    launcher)."""
-    kernel.run(grid[0], grid[1], grid[2], torch._C._cuda_getCurrentRawStream(device), kernel.function,
-               kernel.packed_metadata, None, None, None, *ptr_values, *runtime_args,
-               *constexprs.values(), split, False)
+_INT32_MAX = (1 << 31) - 1
 
 
 def _descale_strides(t: Optional[torch.Tensor]):
@@ -764,64 +706,34 @@ def split_count(num_splits: int, max_seqlen_k: int, block_n: int, automatic) -> 
     return max(1, -(-n_keys // split_keys)), split_keys
 
 
-def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, desc,
-                           args) -> None:
-    """Attention of ``q`` ``(total_q, Hq, Dk)`` over the caches ``k``/``v`` (4-D, any strides; the
-    non-paged case as one block ``(1, total_k, Hkv, D)``) into ``out`` ``(total_q, Hq, Dv)``.
+class _Prepared:
+    """One call signature (``AttentionArgs.plans``) with one set of options (decode or prefill tile,
+    softcap on, the window, the device): what all its calls share. The plan; the runtime arguments
+    that come from the signature (strides, the kv length bound); the compiled kernels kept for
+    direct launches: ``kernels[split]``, ``merges[num_splits]``. A compiled kernel is specialized on
+    every constexpr (the plan), on the dtype of each pointer and on the ints Triton specializes
+    (strides, window; all fixed here by the signature and the options), on the int width of the
+    others (total_q and split_keys are checked per call) and on 16-byte pointer alignment (checked
+    per call: a misaligned pointer takes Triton's own launch)."""
 
-    ``args`` is a :class:`kvdispatch.registry.AttentionArgs`, already validated: its
-    ``num_splits`` (0 automatic, 1 never, n: n splits at most) sets the split-KV count, its
-    ``alibi_slopes`` / ``s_aux`` / ``softmax_lse`` switch on the kernel's ALiBi, sinks and LSE.
-    """
-    batch = args.batch
-    total_q, hq, _ = q.shape
-    if batch == 0 or total_q == 0:
-        return
-    for t in (args.cu_seqlens_q, args.cu_seqlens_k, args.seqused_k, args.block_table, args.s_aux):
-        if unit_stride(t) is not t:
-            # strided index views (allowed by the API): the kernels read them as contiguous rows
-            args = args._replace(cu_seqlens_q=unit_stride(args.cu_seqlens_q),
-                                 cu_seqlens_k=unit_stride(args.cu_seqlens_k),
-                                 seqused_k=unit_stride(args.seqused_k), block_table=unit_stride(args.block_table),
-                                 s_aux=unit_stride(args.s_aux))
-            break
-    hkv = desc.num_kv_heads
-    group = hq // hkv
-    cfg0 = config_for(desc.platform, _interpreting())
-    decode_tile = cfg0.tile("decode", max(desc.head_size_k, desc.head_size_v))
-    decode = args.max_seqlen_q * group <= decode_tile.block_m
+    __slots__ = ("plan", "decode", "device", "direct", "statics", "kv_limit", "tail", "group", "hkv",
+                 "block_m", "block_n", "sms", "strided", "kernels", "merges", "merge_tail", "merge_statics")
+
+    def __init__(self, plan: Plan, decode: bool, device: int, direct: bool):
+        self.plan, self.decode, self.device, self.direct = plan, decode, device, direct
+        self.kernels: dict = {}
+        self.merges: dict = {}
+
+
+def _prepare(q, k, out, desc, args, decode: bool, device: int) -> _Prepared:
     plan = plan_for(q, out, desc, args, decode)
     c = plan.constexprs
-    # the hint only sets how many programs share a sequence's q tiles (at least one: a hint of 0
-    # below the real length must not skip the call); the kernel walks the real tile count
-    q_tiles = max(1, -(-args.max_seqlen_q * group // c["BLOCK_M"]))
-    num_splits, split_keys = split_count(
-        args.num_splits, args.max_seqlen_k, c["BLOCK_N"],
-        lambda: choose_splits(batch, hkv, q_tiles, args.max_seqlen_k, c["BLOCK_N"], plan.config,
-                              desc.platform.multiprocessors or 1, plan.tile.programs_per_sm))
-    split = num_splits > 1
-
-    # fp8 bit decoding leaves a power-of-two factor on K (scores) and V (output): fold it here
-    scale = args.softmax_scale * plan.k_factor * plan.q_factor
-    v_factor = plan.v_factor
-    if split:
-        ws_o = torch.empty((num_splits, total_q, hq, desc.head_size_v), dtype=torch.float32, device=q.device)
-        ws_ml = torch.empty((num_splits, total_q, hq, 2), dtype=torch.float32, device=q.device)
-    else:
-        ws_o = ws_ml = out
-    dummy = args.cu_seqlens_q
-    qd, kd, vd = args.q_descale, args.k_descale, args.v_descale
-    alibi, sink, lse = args.alibi_slopes, args.s_aux, args.softmax_lse
-    kk = k.view(torch.uint8) if c["KV_MODE"] >= FP8_E4M3_BITS else k
-    vv = v.view(torch.uint8) if c["KV_MODE"] >= FP8_E4M3_BITS else v
-    qq = q.view(torch.uint8) if c["Q_MODE"] >= FP8_E4M3_BITS else q
-    bt = args.block_table if args.paged else dummy
-    ptrs = (qq, kk, vv, out, ws_o, ws_ml, args.cu_seqlens_q,
-            args.cu_seqlens_k if args.cu_seqlens_k is not None else dummy,
-            args.seqused_k if args.seqused_k is not None else dummy, bt,
-            qd if qd is not None else dummy, kd if kd is not None else dummy, vd if vd is not None else dummy,
-            alibi if alibi is not None else dummy, sink if sink is not None else dummy,
-            lse if lse is not None else dummy)
+    p = _Prepared(plan, decode, device, q.is_cuda and desc.platform.is_nvidia and not _interpreting())
+    p.strided = any(unit_stride(t) is not t for t in (args.cu_seqlens_q, args.cu_seqlens_k, args.seqused_k,
+                                                      args.block_table, args.s_aux))
+    if p.strided:
+        args = _contiguous_indices(args)  # the strides below are the copies' (as _launch passes them)
+    bt, lse, alibi = args.block_table, args.softmax_lse, args.alibi_slopes
     if alibi is None:
         al_sb = al_sh = 0
     elif alibi.dim() == 1:
@@ -830,88 +742,171 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
         al_sb, al_sh = alibi.stride(0), alibi.stride(1)
     s_lh, s_lt = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
     s_bt = bt.stride(0) if args.paged else 0
+    p.statics = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), s_bt,
+                 *_descale_strides(args.q_descale), *_descale_strides(args.k_descale),
+                 *_descale_strides(args.v_descale), al_sb, al_sh, s_lh, s_lt)
     # the kv length bound: block-table columns x page (paged), k's rows (not paged: one block)
-    kv_limit = bt.shape[1] * desc.block_size if args.paged else k.shape[1]
-    s_qt, s_qh, s_ot, s_oh = q.stride(0), q.stride(1), out.stride(0), out.stride(1)
-    descale_strides = (*_descale_strides(qd), *_descale_strides(kd), *_descale_strides(vd))
-    # the runtime (non-constexpr, non-pointer) arguments, in the kernel's order
-    runtime_args = (scale, float(args.softcap), v_factor, args.window_left, args.window_right, total_q,
-                    kv_limit, split_keys, s_qt, s_qh, s_ot, s_oh, s_bt, *descale_strides, al_sb, al_sh, s_lh, s_lt)
-    grid = (q_tiles, batch * hkv, num_splits)
-    direct = None  # the key under which a compiled kernel is kept for direct launches
-    launched = False
-    if q.is_cuda and desc.platform.is_nvidia and not _interpreting():
-        ptr_values = tuple(t.data_ptr() for t in ptrs)
-        # Everything Triton specializes this launch on: the ints outside do_not_specialize by value
-        # (window_left/right, q/out/descale strides), the others (total_q, kv_limit, split_keys, s_bt, the
-        # ALiBi and LSE strides) by whether they fit int32.
-        direct = attention_launch_key(plan.key, plan.tile, q.get_device(), ptrs, ptr_values,
-                                      (args.window_left, args.window_right, s_qt, s_qh, s_ot, s_oh,
-                                       *descale_strides),
-                                      (total_q, kv_limit, split_keys, s_bt, al_sb, al_sh, s_lh, s_lt), split)
-        kernel = _COMPILED.get(direct)
+    p.kv_limit = bt.shape[1] * desc.block_size if args.paged else k.shape[1]
+    if max(abs(x) for x in (p.kv_limit, s_bt, al_sb, al_sh, s_lh, s_lt)) > _INT32_MAX:
+        p.direct = False  # do_not_specialize ints wider than int32: Triton's launch types them
+    p.tail = tuple(c.values())
+    p.group = c["GROUP"]
+    p.hkv = desc.num_kv_heads
+    p.block_m, p.block_n = c["BLOCK_M"], c["BLOCK_N"]
+    p.sms = desc.platform.multiprocessors or 1
+    p.merge_tail = (q.shape[1], c["DV"], c["DV_VALID"], args.s_aux is not None, lse is not None)
+    p.merge_statics = (out.stride(0), out.stride(1), s_lh, s_lt)
+    return p
+
+
+def _decode_block_m(desc) -> int:
+    cfg = config_for(desc.platform, _interpreting())
+    return cfg.tile("decode", max(desc.head_size_k, desc.head_size_v)).block_m
+
+
+def _device_index(t: torch.Tensor) -> int:
+    return t.get_device()
+
+
+def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, desc,
+                           args) -> None:
+    """Attention of ``q`` ``(total_q, Hq, Dk)`` over the caches ``k``/``v`` (4-D, any strides; the
+    non-paged case as one block ``(1, total_k, Hkv, D)``) into ``out`` ``(total_q, Hq, Dv)``.
+
+    ``args`` is a :class:`kvdispatch.registry.AttentionArgs`, already validated: its
+    ``num_splits`` (0 automatic, 1 never, n: n splits at most) sets the split-KV count, its
+    ``alibi_slopes`` / ``s_aux`` / ``softmax_lse`` switch on the kernel's ALiBi, sinks and LSE;
+    ``plans`` keeps the prepared launch of this signature (none kept when it is None).
+    """
+    total_q = q.shape[0]
+    batch = args.cu_seqlens_q.shape[0] - 1
+    if batch == 0 or total_q == 0:
+        return
+    plans = args.plans
+    if plans is None:
+        plans = {}
+    base = plans.get(None)  # the decode boundary of this signature: max_seqlen_q <= base[0]
+    if base is None:
+        base = plans[None] = (_decode_block_m(desc) // (q.shape[1] // desc.num_kv_heads),)
+    opts = (args.max_seqlen_q <= base[0], args.softcap > 0, args.window_left, args.window_right, _device_index(q))
+    prep = plans.get(opts)
+    if prep is None:
+        prep = plans[opts] = _prepare(q, k, out, desc, args, opts[0], opts[4])
+    _launch(prep, q, k, v, out, args, total_q, batch)
+
+
+def _splits(prep: _Prepared, args, batch: int, q_tiles: int) -> tuple:
+    """(splits, keys per split) of this call: ``args.num_splits``, or ``choose_splits``' count for 0."""
+    n = args.num_splits
+    if n == 0:
+        n = choose_splits(batch, prep.hkv, q_tiles, args.max_seqlen_k, prep.block_n, prep.plan.config, prep.sms,
+                          prep.plan.tile.programs_per_sm)
+    if n == 1:  # split_count's answer for one split, without its arithmetic
+        return 1, -(-max(args.max_seqlen_k, 1) // prep.block_n) * prep.block_n
+    return split_count(n, args.max_seqlen_k, prep.block_n, None)
+
+
+def _contiguous_indices(args):
+    """Strided index views (allowed by the API) as contiguous copies: the kernels read them as rows."""
+    return args._replace(cu_seqlens_q=unit_stride(args.cu_seqlens_q), cu_seqlens_k=unit_stride(args.cu_seqlens_k),
+                         seqused_k=unit_stride(args.seqused_k), block_table=unit_stride(args.block_table),
+                         s_aux=unit_stride(args.s_aux))
+
+
+def _launch(prep: _Prepared, q, k, v, out, args, total_q: int, batch: int) -> None:
+    if prep.strided:
+        args = _contiguous_indices(args)
+    plan = prep.plan
+    # the hint only sets how many programs share a sequence's q tiles (at least one: a hint of 0
+    # below the real length must not skip the call); the kernel walks the real tile count
+    q_tiles = max(1, -(-args.max_seqlen_q * prep.group // prep.block_m))
+    num_splits, split_keys = _splits(prep, args, batch, q_tiles)
+    split = num_splits > 1
+    if split:
+        ws_o = torch.empty((num_splits, total_q, q.shape[1], out.shape[2]), dtype=torch.float32, device=q.device)
+        ws_ml = torch.empty((num_splits, total_q, q.shape[1], 2), dtype=torch.float32, device=q.device)
+    else:
+        ws_o = ws_ml = out
+    # fp8 bit decoding leaves a power-of-two factor on K (scores) and V (output): folded here
+    runtime_args = (args.softmax_scale * plan.k_factor * plan.q_factor, args.softcap, plan.v_factor,
+                    args.window_left, args.window_right, total_q, prep.kv_limit, split_keys, *prep.statics)
+    grid = (q_tiles, batch * prep.hkv, num_splits)
+    cu = args.cu_seqlens_q
+    if prep.direct and total_q <= _INT32_MAX and split_keys <= _INT32_MAX:
+        d = cu.data_ptr()
+        cuk, used, bt, qd, kd, vd, al, sk, lse = (args.cu_seqlens_k, args.seqused_k, args.block_table,
+                                                 args.q_descale, args.k_descale, args.v_descale,
+                                                 args.alibi_slopes, args.s_aux, args.softmax_lse)
+        ptrs = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), ws_o.data_ptr(), ws_ml.data_ptr(), d,
+                d if cuk is None else cuk.data_ptr(), d if used is None else used.data_ptr(),
+                d if bt is None else bt.data_ptr(), d if qd is None else qd.data_ptr(),
+                d if kd is None else kd.data_ptr(), d if vd is None else vd.data_ptr(),
+                d if al is None else al.data_ptr(), d if sk is None else sk.data_ptr(),
+                d if lse is None else lse.data_ptr())
+        align = 0
+        for ptr in ptrs:
+            align |= ptr
+        kernel = prep.kernels.get(split) if align & 15 == 0 else None
         if kernel is not None and _no_launch_hooks():
-            _launch_direct(kernel, grid, q.get_device(), ptr_values, runtime_args, c, split)
-            launched = True
-    while not launched:
+            # the compiled kernel of exactly this specialization (see _Prepared), launched with
+            # raw arguments: skips Triton's per-call binding (about 60 us of host time for this
+            # many arguments); the order is the kernel's signature, constexpr slots passed and ignored
+            kernel.run(grid[0], grid[1], grid[2], torch._C._cuda_getCurrentRawStream(prep.device), kernel.function,
+                       kernel.packed_metadata, None, None, None, *ptrs, *runtime_args, *prep.tail, split, False)
+            if split:
+                _merge(prep, ws_o, ws_ml, out, cu, sk, lse, total_q, batch, num_splits, align & 15 == 0)
+            return
+        keep = align & 15 == 0
+    else:
+        keep = False
+    c = plan.constexprs
+    dummy = cu
+    bits = c["KV_MODE"] >= FP8_E4M3_BITS
+    tensors = (q.view(torch.uint8) if c["Q_MODE"] >= FP8_E4M3_BITS else q, k.view(torch.uint8) if bits else k,
+               v.view(torch.uint8) if bits else v, out, ws_o, ws_ml, cu)
+    tensors += tuple(dummy if t is None else t for t in (
+        args.cu_seqlens_k, args.seqused_k, args.block_table if args.paged else None, args.q_descale,
+        args.k_descale, args.v_descale, args.alibi_slopes, args.s_aux, args.softmax_lse))
+    while True:
         try:
             compiled = _attention_kernel[grid](
-                *ptrs, *runtime_args,
+                *tensors, *runtime_args,
                 SPLIT=split, INTERPRET=_interpreting(), num_warps=plan.tile.num_warps,
                 num_stages=plan.tile.num_stages, **c,
             )
-            _keep_compiled(_COMPILED, direct, compiled)
-            launched = True
+            break
         except _PTXAS_ERRORS:
             # ptxas (12.9, triton 3.6) segfaults on some multi-stage pipelines; the kernel is
             # compiled before anything runs, so retrying with fewer stages is safe.
             if plan.tile.num_stages <= 1:
                 raise
-            plan = plan._replace(tile=dataclasses.replace(plan.tile, num_stages=plan.tile.num_stages - 1))
-            _PLANS[plan.key] = plan
-            if direct is not None:
-                direct = (plan.key, plan.tile) + direct[2:]
+            plan = prep.plan = plan._replace(tile=dataclasses.replace(plan.tile, num_stages=plan.tile.num_stages - 1))
+    if keep:
+        _keep_compiled(prep.kernels, split, compiled)
     if split:
-        _merge(ws_o, ws_ml, out, args.cu_seqlens_q, sink, lse, total_q, batch, hq, num_splits, c["DV"],
-               c["DV_VALID"], direct is not None)
+        _merge(prep, ws_o, ws_ml, out, cu, args.s_aux, args.softmax_lse, total_q, batch, num_splits, keep)
 
 
-_MERGE_COMPILED: dict = {}
-
-
-def merge_launch_key(device: int, ptrs, ptr_values, constexprs: tuple, specialized: tuple,
-                     unspecialized: tuple) -> tuple:
-    """The key of a compiled ``_merge_splits_kernel`` kept for direct launches: the device, the
-    dtype of every pointer (out's above all: an fp32-compiled merge stores fp32 bits into a bf16
-    out), every constexpr (they also fix num_warps), the ints Triton specializes on (out's
-    strides) by value, whether the ``do_not_specialize`` ints fit int32, the pointers' alignment."""
-    return (device, tuple(t.dtype for t in ptrs), constexprs, specialized, _fit_int32(unspecialized),
-            _alignment(ptr_values))
-
-
-def _merge(ws_o, ws_ml, out, cu_q, sink, lse, total_q: int, batch: int, hq: int, num_splits: int, dv: int,
-           dv_valid: int, direct_ok: bool) -> None:
+def _merge(prep: _Prepared, ws_o, ws_ml, out, cu_q, sink, lse, total_q: int, batch: int, num_splits: int,
+           direct_ok: bool) -> None:
     """The split-KV reduction (with the sink and the LSE); like the attention kernel, a compiled
-    merge kernel is launched directly on later calls (Triton's generic launcher costs about 60 us
-    of host time)."""
-    # in the kernel's order: the direct launch passes them positionally
-    constexprs = dict(BATCH=batch, NUM_HEADS=hq, NUM_SPLITS=num_splits, SPLITS_P2=_pow2_ceil(num_splits),
-                      DV=dv, DV_VALID=dv_valid, HAS_SINKS=sink is not None, HAS_LSE=lse is not None)
-    s_ot, s_oh = out.stride(0), out.stride(1)
-    s_lh, s_lt = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
-    tensors = (ws_o, ws_ml, out, cu_q, sink if sink is not None else cu_q, lse if lse is not None else cu_q)
-    key = None
-    if direct_ok:
-        ptrs = tuple(t.data_ptr() for t in tensors)
-        device = out.get_device()
-        key = merge_launch_key(device, tensors, ptrs, tuple(constexprs.values()), (s_ot, s_oh),
-                               (total_q, s_lh, s_lt))
-        kernel = _MERGE_COMPILED.get(key)
-        if kernel is not None and _no_launch_hooks():
-            kernel.run(total_q, hq, 1, torch._C._cuda_getCurrentRawStream(device), kernel.function,
-                       kernel.packed_metadata, None, None, None, *ptrs, total_q, s_ot, s_oh, s_lh, s_lt,
-                       *constexprs.values())
-            return
+    merge kernel (one per split count: everything else it specializes on is fixed by ``prep``) is
+    launched directly on later calls (Triton's generic launcher costs about 60 us of host time)."""
+    hq, dv, dv_valid, has_sinks, has_lse = prep.merge_tail
+    s_ot, s_oh, s_lh, s_lt = prep.merge_statics
+    kernel = prep.merges.get(num_splits) if direct_ok else None
+    if kernel is not None:
+        d = cu_q.data_ptr()
+        kernel.run(total_q, hq, 1, torch._C._cuda_getCurrentRawStream(prep.device), kernel.function,
+                   kernel.packed_metadata, None, None, None, ws_o.data_ptr(), ws_ml.data_ptr(), out.data_ptr(), d,
+                   d if sink is None else sink.data_ptr(), d if lse is None else lse.data_ptr(),
+                   total_q, batch, s_ot, s_oh, s_lh, s_lt, hq, num_splits, _pow2_ceil(num_splits), dv, dv_valid,
+                   has_sinks, has_lse)
+        return
     compiled = _merge_splits_kernel[(total_q, hq)](
-        *tensors, total_q, s_ot, s_oh, s_lh, s_lt, num_warps=4 if dv <= 256 else 8, **constexprs)
-    _keep_compiled(_MERGE_COMPILED, key, compiled)
+        ws_o, ws_ml, out, cu_q, cu_q if sink is None else sink, cu_q if lse is None else lse,
+        total_q, batch, s_ot, s_oh, s_lh, s_lt, num_warps=4 if dv <= 256 else 8,
+        NUM_HEADS=hq, NUM_SPLITS=num_splits, SPLITS_P2=_pow2_ceil(num_splits), DV=dv, DV_VALID=dv_valid,
+        HAS_SINKS=has_sinks, HAS_LSE=has_lse)
+    if direct_ok:
+        _keep_compiled(prep.merges, num_splits, compiled)

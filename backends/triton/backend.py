@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import types
 from typing import Optional
 
 import torch
@@ -37,13 +38,18 @@ def interpreting() -> bool:
     return os.environ.get(INTERPRET, "0") not in ("", "0")
 
 
+_NO_GUARD = contextlib.nullcontext()
+
+
 def device_guard(t: torch.Tensor):
     """Launch under the tensor's device (tensors on cuda:1 while cuda:0 is current)."""
-    if t.device.type == "cuda" and t.device.index != torch.cuda.current_device():
-        return torch.cuda.device(t.device.index)
-    if t.device.type == "xpu" and t.device.index != torch.xpu.current_device():
+    if t.is_cuda:
+        index = t.get_device()
+        if index != torch.cuda.current_device():
+            return torch.cuda.device(index)
+    elif t.device.type == "xpu" and t.device.index != torch.xpu.current_device():
         return torch.xpu.device(t.device.index)
-    return contextlib.nullcontext()
+    return _NO_GUARD
 
 
 class TritonBackend(Backend):
@@ -81,17 +87,21 @@ class TritonBackend(Backend):
         except Exception:
             return {}
 
+    # the kernel modules import triton: loaded on the first call, then kept (no import per call)
     def reshape_and_cache_flash(self, key, value, key_cache, value_cache, slot_mapping, desc):
-        from .write import reshape_and_cache_flash
         with device_guard(key_cache):
-            reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, desc)
+            _kernels().write.reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, desc)
 
     def concat_and_cache_mla(self, kv_c, k_pe, kv_cache, slot_mapping, desc):
-        from .write import concat_and_cache_mla
         with device_guard(kv_cache):
-            concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, desc)
+            _kernels().write.concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, desc)
 
     def flash_attn_varlen_func(self, q, k, v, out, desc, args):
-        from .attention import flash_attn_varlen_func
         with device_guard(q):
-            flash_attn_varlen_func(q, k, v, out, desc, args)
+            _kernels().attention.flash_attn_varlen_func(q, k, v, out, desc, args)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    from . import attention, write
+    return types.SimpleNamespace(attention=attention, write=write)

@@ -17,6 +17,8 @@ import pytest
 import torch
 
 import kvdispatch as kvd
+from kvdispatch import ops
+from kvdispatch.platform import Platform
 from kvdispatch.backends.triton import attention
 
 from matrix import (AttnCase, attention_cases, force_backend, lse_op_call, make_attention_inputs,
@@ -180,7 +182,7 @@ def test_strided_lse_alibi_and_16bit_sinks(sink_dtype, splits):
 def test_split_kv_out_dtype_switch():
     """Decode with split-KV in fp32, then bf16, then fp16 with the same shapes in one process:
     each call must use kernels compiled for its own dtypes (the merge kernel's direct-launch key
-    once lacked out's dtype; see test_launch_keys for the key itself)."""
+    once lacked out's dtype; see test_prepared_launch_keys for the keys)."""
     for dtype, out_dtype in ((torch.float32, None), (torch.bfloat16, None), (torch.float16, None),
                              (torch.bfloat16, torch.float32), (torch.bfloat16, None)):
         for lse in (False, True):
@@ -189,43 +191,82 @@ def test_split_kv_out_dtype_switch():
             run_attention_case(case, "triton", device=DEVICE)
 
 
-def _merge_key(out_dtype=torch.float32, device=0, sink_dtype=None, lse=False, splits=3, offset=0,
-               total_q=7, s_ot=64):
-    ws_o = torch.empty(splits, 7, 4, 64)
-    ws_ml = torch.empty(splits, 7, 4, 2)
-    out = torch.empty(7, 4, 64, dtype=out_dtype)
-    cu = torch.zeros(3, dtype=torch.int32)
-    sink = torch.empty(4, dtype=sink_dtype) if sink_dtype is not None else cu
-    lse_t = torch.empty(4, 7) if lse else cu
-    tensors = (ws_o, ws_ml, out, cu, sink, lse_t)
-    ptrs = (4096, 8192, 12288 + offset, 16384, 20480, 24576)
-    constexprs = (2, 4, splits, 4, 64, 64, sink_dtype is not None, lse)
-    return attention.merge_launch_key(device, tensors, ptrs, constexprs, (s_ot, 64), (total_q, 7, 1))
+class _Compiled:
+    function = packed_metadata = None
+
+    def __init__(self, log):
+        self.log = log
+
+    def run(self, *args):
+        self.log.append("direct")
 
 
-def test_launch_keys():
-    """Direct-launch keys hold everything a compiled kernel was specialized on."""
-    base = _merge_key()
-    assert base == _merge_key() and hash(base) == hash(_merge_key())
-    for other in (_merge_key(out_dtype=torch.bfloat16), _merge_key(out_dtype=torch.float16),
-                  _merge_key(device=1), _merge_key(sink_dtype=torch.float32),
-                  _merge_key(lse=True), _merge_key(splits=4), _merge_key(offset=2),
-                  _merge_key(total_q=1 << 31), _merge_key(s_ot=1)):
-        assert other != base
-    assert _merge_key(sink_dtype=torch.float32) != _merge_key(sink_dtype=torch.bfloat16)
-    assert _merge_key(total_q=9) == base  # do_not_specialize values: only their int width counts
+class _Jit:
+    """``kernel[grid](...)``: records the generic launch, returns something direct launches can use."""
 
-    def attn_key(dtypes=(torch.bfloat16,) * 3, device=0, specialized=(-1, 0, 256, 64), unspec=(7, 128, 32),
-                 split=False, offset=0, plan_key=("plan",)):
-        ts = tuple(torch.empty(1, dtype=d) for d in dtypes)
-        return attention.attention_launch_key(plan_key, "tile", device, ts, (256, 512 + offset, 1024),
-                                              specialized, unspec, split)
-    base = attn_key()
-    assert base == attn_key() and attn_key(unspec=(9, 256, 64)) == base
-    for other in (attn_key(dtypes=(torch.bfloat16, torch.float32, torch.bfloat16)), attn_key(device=1),
-                  attn_key(specialized=(-1, 0, 256, 1)), attn_key(unspec=(1 << 31, 128, 32)),
-                  attn_key(split=True), attn_key(offset=8), attn_key(plan_key=("other",))):
-        assert other != base
+    def __init__(self, log):
+        self.log = log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.log.append("jit")
+            return _Compiled(self.log)
+        return launch
+
+
+def test_prepared_launch_keys(monkeypatch):
+    """A compiled kernel is launched directly only for what it was compiled for: the options
+    (decode tile, softcap, exact window, device) pick the prepared launch of a signature, the split
+    flag its kernel; a misaligned pointer always takes Triton's own launch (alignment is checked
+    on every call)."""
+    log = []
+    monkeypatch.setattr(attention, "_interpreting", lambda: False)
+    monkeypatch.setattr(attention, "_no_launch_hooks", lambda: True)
+    monkeypatch.setattr(attention, "_attention_kernel", _Jit(log))
+    monkeypatch.setattr(attention, "_merge_splits_kernel", _Jit(log))
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 0, raising=False)
+    kw = make_attention_inputs(_B, DEVICE)
+    cpu_desc = kvd.KVCacheDescriptor.from_tensors(kw["k"], kw["v"])
+    desc = object.__new__(kvd.KVCacheDescriptor)  # the same cache, said to be on an H100
+    for slot in kvd.KVCacheDescriptor.__slots__:
+        setattr(desc, slot, getattr(cpu_desc, slot))
+    desc.platform = Platform(name="nvidia", device_type="cuda", arch="sm90", capability=(9, 0), multiprocessors=132)
+    from kvdispatch.registry import AttentionArgs
+    base = AttentionArgs(kw["cu_seqlens_q"], kw["max_seqlen_q"], None, kw["seqused_k"], kw["max_seqlen_k"],
+                         kw["block_table"], 0.125, True, -1, 0, 0.0, None, None, None, num_splits=1, plans={})
+
+    class Cuda:  # q as the kernel sees it: a CUDA tensor on device 0
+        def __init__(self, t, index=0):
+            self.t, self.index = t, index
+
+        is_cuda = True
+
+        def get_device(self):
+            return self.index
+
+        def __getattr__(self, name):
+            return getattr(self.t, name)
+
+    def call(args, q=None, out=None):
+        log.clear()
+        attention.flash_attn_varlen_func(Cuda(kw["q"]) if q is None else q, kw["k"], kw["v"],
+                                         kw["out"] if out is None else out, desc, args)
+        return list(log)
+
+    assert call(base) == ["jit"] and call(base) == ["direct"]
+    for other in (base._replace(window_left=16), base._replace(window_left=17), base._replace(softcap=2.0),
+                  base._replace(max_seqlen_q=200)):
+        assert call(other) == ["jit"], other  # a prepared launch of its own
+        assert call(other) == ["direct"]
+    assert call(base, q=Cuda(kw["q"], 1)) == ["jit"]  # another device
+    split = base._replace(num_splits=2, max_seqlen_k=4096)  # a hint long enough for 2 and 3 splits
+    assert call(split) == ["jit", "jit"] and call(split) == ["direct", "direct"]  # attention + merge
+    assert call(split._replace(num_splits=3)) == ["direct", "jit"]  # merge specialized on the count
+    out = kw["out"]
+    misaligned = torch.empty(out.numel() + 8, dtype=out.dtype)[1:1 + out.numel()].view(out.shape)
+    assert misaligned.stride() == out.stride() and misaligned.data_ptr() % 16
+    assert call(base, out=misaligned) == ["jit"] and call(base, out=misaligned) == ["jit"]
+    assert call(base) == ["direct"]
 
 
 def _kernel_params(kernel):
@@ -361,7 +402,7 @@ def test_ptxas_crash_retries_with_fewer_stages(monkeypatch):
                              source="test")
     monkeypatch.setattr(attention, "config_for", lambda *a, **k: cfg)
     monkeypatch.setattr(attention, "_PTXAS_ERRORS", (FakePTXASError,))
-    monkeypatch.setattr(attention, "_PLANS", {})
+    monkeypatch.setattr(ops, "_ATTN_SEEN", {})  # the prepared launches of earlier tests hold their plans
     real = attention._attention_kernel
     stages_tried = []
 

@@ -15,11 +15,12 @@ left behind.
   kv head, take the Triton DECODE tile) and ``max_seqlen_k`` to a power of two >= 1024.
 * Split-KV: 3 requests x 2 kv heads are far fewer programs than the H200's 132 multiprocessors and
   the keys are >= 1024 long, so the heuristic splits them (and merges) in prefill and decode steps;
-  spies on the Triton backend's ``plan_for`` / ``split_count`` / ``_merge`` assert that the decode
+  spies on the Triton backend's ``_splits`` / ``_merge`` assert that the decode
   tile ran split and that merges ran with an output of the model's dtype, in each run. Measured on
   an H200 (torch 2.11, triton 3.6): splits 2/4/5 in prefill and 2/4 in decode, 24 merges per dtype,
   6 graphs captured and 13 replays per run, bf16 36/36 tokens equal to eager; about 30 s cold.
-  With ``merge_launch_key`` made to ignore the output's dtype (the bug) the bf16 run gives all 0.
+  With the merge's direct-launch key ignoring the output's dtype (the bug) the bf16 run gave all 0;
+  the compiled kernels now live in the prepared launch of each call signature (out's dtype in it).
 * Truth: the same model's eager ``generate`` per prompt. float32: identical token ids. bfloat16
   (different kernels, bf16 rounding: an exact greedy match is not guaranteed): the eager model
   teacher-forced on the tokens continuous batching produced must rank each of them first at >= 90%
@@ -158,29 +159,23 @@ class Spy:
 
         merge = tri_attn._merge
 
-        def counted_merge(ws_o, ws_ml, out, *args, **kwargs):
+        def counted_merge(prep, ws_o, ws_ml, out, *args, **kwargs):
             self.merges[out.dtype] = self.merges.get(out.dtype, 0) + 1
-            return merge(ws_o, ws_ml, out, *args, **kwargs)
+            return merge(prep, ws_o, ws_ml, out, *args, **kwargs)
 
         monkeypatch.setattr(tri_attn, "_merge", counted_merge)
 
-        # (decode tile?, split count) of every Triton attention launch: plan_for(q, out, desc, args, decode)
-        # then split_count(...) -> (splits, keys per split), in that order, within one call
+        # (decode tile?, split count) of every Triton attention launch: _splits(prep, args, batch, q_tiles)
+        # runs once per launch, its prepared launch says which tile it takes
         self.launches: list = []
-        plan_for, split_count = tri_attn.plan_for, tri_attn.split_count
-        last = {}
+        splits = tri_attn._splits
 
-        def spied_plan_for(*args, **kwargs):
-            last["decode"] = bool(args[4] if len(args) > 4 else kwargs["decode"])
-            return plan_for(*args, **kwargs)
-
-        def spied_split_count(*args, **kwargs):
-            n, keys = split_count(*args, **kwargs)
-            self.launches.append((last.pop("decode", None), n))
+        def spied_splits(prep, *args, **kwargs):
+            n, keys = splits(prep, *args, **kwargs)
+            self.launches.append((prep.decode, n))
             return n, keys
 
-        monkeypatch.setattr(tri_attn, "plan_for", spied_plan_for)
-        monkeypatch.setattr(tri_attn, "split_count", spied_split_count)
+        monkeypatch.setattr(tri_attn, "_splits", spied_splits)
 
         capture = cb_model_runner.ModelRunner._capture_graph
 

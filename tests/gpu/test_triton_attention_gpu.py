@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import kvdispatch as kvd
+from kvdispatch import ops
 from kvdispatch.backends.triton import attention
 
 from matrix import (AttnCase, attention_cases, force_backend, make_attention_inputs, run_attention_case,
@@ -73,11 +74,20 @@ def test_split_counts_agree(splits):
                        device=DEV)
 
 
-def test_split_kv_out_dtype_switch():
+def test_split_kv_out_dtype_switch(monkeypatch):
     """The reported merge-key bug: decode B=2, seqused_k [1000, 900] in fp32, then bf16 (then fp16,
     bf16 q into an fp32 out) with the same shapes in one process. The merge kernel's direct-launch
     key lacked out's dtype, so the bf16 call reused the fp32-compiled merge (max error 7e37). Each
     configuration runs twice: the second call takes the direct launch."""
+    direct = set()  # out dtypes whose merge found a compiled kernel of its own prepared launch
+    merge = attention._merge
+
+    def spied_merge(prep, ws_o, ws_ml, out, cu_q, sink, lse, total_q, batch, num_splits, direct_ok):
+        if direct_ok and num_splits in prep.merges:
+            direct.add(out.dtype)
+        return merge(prep, ws_o, ws_ml, out, cu_q, sink, lse, total_q, batch, num_splits, direct_ok)
+
+    monkeypatch.setattr(attention, "_merge", spied_merge)
     for splits in (4, 0, 7):
         for _ in range(2):
             for dtype, out_dtype in ((torch.float32, None), (torch.bfloat16, None), (torch.float16, None),
@@ -86,9 +96,8 @@ def test_split_kv_out_dtype_switch():
                                num_splits=splits)
                 tol = 2e-2 if out_dtype == torch.float32 else None
                 run_attention_case(case, "triton", device=DEV, rel_tol=tol)
-    # the direct launches were taken (and kept apart by out dtype: the key's pointer dtypes)
-    out_dtypes = {key[1][2] for key in attention._MERGE_COMPILED}
-    assert {torch.float32, torch.bfloat16, torch.float16} <= out_dtypes, out_dtypes
+    # the direct launches were taken (kept apart by out's dtype: it is in the call signature)
+    assert {torch.float32, torch.bfloat16, torch.float16} <= direct, direct
 
 
 def _run_poisoned_lse(case, num_splits=0, strided=False, seed=0):
@@ -288,8 +297,7 @@ def fp8_bits(monkeypatch):
     of the test's own."""
     monkeypatch.setattr(attention, "_mode",
                         lambda dtype, platform, interpreting: attention._BITS_MODE.get(dtype, attention.PLAIN))
-    monkeypatch.setattr(attention, "_PLANS", {})
-    monkeypatch.setattr(attention, "_COMPILED", {})
+    monkeypatch.setattr(ops, "_ATTN_SEEN", {})  # prepared launches of the fixture's own
 
 
 def _poke(kw, which: str, b: int, j: int, kvh: int, d: int, code: int) -> None:

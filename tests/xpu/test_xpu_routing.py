@@ -28,11 +28,11 @@ def xpu(monkeypatch):
     monkeypatch.setattr(reg, "platform_of", lambda _: XPU)
     monkeypatch.setattr(descriptor, "platform_of", lambda _: XPU)
     monkeypatch.setattr(KVCacheDescriptor, "_cache", {})
-    reg.registry._selection.clear()
+    reg.registry.clear_selection()
     extension._load.cache_clear()
     triton_backend._triton_import_error.cache_clear()
     yield
-    reg.registry._selection.clear()
+    reg.registry.clear_selection()
     extension._load.cache_clear()
 
 
