@@ -238,6 +238,40 @@ def _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, 
 
 
 @triton.jit
+def _key_tiles(acc, l_i, m_i, lo, hi, qa, qb, k_ptr, v_ptr, bt_row, k_start, kvh, lk, p_row,
+               window_left, window_right, qk_scale, softcap, slope2,
+               K_SB: tl.constexpr, K_ST: tl.constexpr, K_SH: tl.constexpr,
+               V_SB: tl.constexpr, V_ST: tl.constexpr, V_SH: tl.constexpr,
+               PAGE: tl.constexpr, NUM_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr,
+               DA: tl.constexpr, DB: tl.constexpr, DB_VALID: tl.constexpr,
+               DV: tl.constexpr, DV_VALID: tl.constexpr,
+               PAGED: tl.constexpr, INT64: tl.constexpr, KV_MODE: tl.constexpr,
+               COMPUTE: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+               SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               HAS_ALIBI: tl.constexpr, MASKED: tl.constexpr, INTERPRET: tl.constexpr):
+    """The key tiles ``[lo, hi)``, ``BLOCK_N`` at a time: a ``for`` loop (inlined into the kernel,
+    so Triton pipelines it), under the interpreter a ``while`` loop (its loaded bounds are
+    1-element arrays, which ``range`` cannot take with numpy 2)."""
+    if INTERPRET:
+        start = lo
+        while start < hi:
+            acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, p_row,
+                                  window_left, window_right, qk_scale, softcap, slope2, K_SB, K_ST, K_SH, V_SB,
+                                  V_ST, V_SH, PAGE, NUM_BLOCKS, BLOCK_N, DA, DB, DB_VALID, DV, DV_VALID, PAGED,
+                                  INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP, HAS_LEFT, HAS_RIGHT, HAS_ALIBI,
+                                  MASKED)
+            start += BLOCK_N
+    else:
+        for start in range(lo, hi, BLOCK_N):
+            acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, p_row,
+                                  window_left, window_right, qk_scale, softcap, slope2, K_SB, K_ST, K_SH, V_SB,
+                                  V_ST, V_SH, PAGE, NUM_BLOCKS, BLOCK_N, DA, DB, DB_VALID, DV, DV_VALID, PAGED,
+                                  INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP, HAS_LEFT, HAS_RIGHT, HAS_ALIBI,
+                                  MASKED)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _q_tile(
     q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_ml_ptr, alibi_ptr, sink_ptr, lse_ptr,
     tile, b, kvh, split, q_start, lq, k_start, lk, split_hi, bt_row, qk_scale, out_scale,
@@ -319,55 +353,15 @@ def _q_tile(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV], tl.float32)
 
-    if INTERPRET:
-        # the interpreter cannot index a range with its 1-element scalars (numpy 2): a while loop
-        start = lo
-        while start < full_lo:
-            acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk,
-                                  p_row, window_left, window_right, qk_scale, softcap, slope2,
-                                  K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, NUM_BLOCKS, BLOCK_N, DA, DB, DB_VALID,
-                                  DV, DV_VALID, PAGED, INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP,
-                                  HAS_LEFT, HAS_RIGHT, HAS_ALIBI, True)
-            start += BLOCK_N
-    else:
-        for start in range(lo, full_lo, BLOCK_N):
-            acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk,
-                                  p_row, window_left, window_right, qk_scale, softcap, slope2,
-                                  K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, NUM_BLOCKS, BLOCK_N, DA, DB, DB_VALID,
-                                  DV, DV_VALID, PAGED, INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP,
-                                  HAS_LEFT, HAS_RIGHT, HAS_ALIBI, True)
-    if INTERPRET:
-        start = full_lo
-        while start < full_hi:
-            acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk,
-                                  p_row, window_left, window_right, qk_scale, softcap, slope2,
-                                  K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, NUM_BLOCKS, BLOCK_N, DA, DB, DB_VALID,
-                                  DV, DV_VALID, PAGED, INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP,
-                                  HAS_LEFT, HAS_RIGHT, HAS_ALIBI, False)
-            start += BLOCK_N
-    else:
-        for start in range(full_lo, full_hi, BLOCK_N):
-            acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk,
-                                  p_row, window_left, window_right, qk_scale, softcap, slope2,
-                                  K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, NUM_BLOCKS, BLOCK_N, DA, DB, DB_VALID,
-                                  DV, DV_VALID, PAGED, INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP,
-                                  HAS_LEFT, HAS_RIGHT, HAS_ALIBI, False)
-    if INTERPRET:
-        start = full_hi
-        while start < hi:
-            acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk,
-                                  p_row, window_left, window_right, qk_scale, softcap, slope2,
-                                  K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, NUM_BLOCKS, BLOCK_N, DA, DB, DB_VALID,
-                                  DV, DV_VALID, PAGED, INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP,
-                                  HAS_LEFT, HAS_RIGHT, HAS_ALIBI, True)
-            start += BLOCK_N
-    else:
-        for start in range(full_hi, hi, BLOCK_N):
-            acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk,
-                                  p_row, window_left, window_right, qk_scale, softcap, slope2,
-                                  K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, NUM_BLOCKS, BLOCK_N, DA, DB, DB_VALID,
-                                  DV, DV_VALID, PAGED, INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP,
-                                  HAS_LEFT, HAS_RIGHT, HAS_ALIBI, True)
+    # the three key regions: masked edge tiles, whole tiles (no masks), masked tiles at the end
+    for region in tl.static_range(3):
+        acc, l_i, m_i = _key_tiles(
+            acc, l_i, m_i, lo if region == 0 else (full_lo if region == 1 else full_hi),
+            full_lo if region == 0 else (full_hi if region == 1 else hi), qa, qb, k_ptr, v_ptr, bt_row, k_start, kvh, lk, p_row, window_left, window_right, qk_scale,
+                softcap, slope2, K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, NUM_BLOCKS, BLOCK_N, DA, DB, DB_VALID,
+                DV, DV_VALID, PAGED, INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP, HAS_LEFT, HAS_RIGHT,
+                HAS_ALIBI,
+            region != 1, INTERPRET)
 
     offs_dv = tl.arange(0, DV)
     dv_ok = offs_dv[None, :] < DV_VALID
