@@ -23,12 +23,15 @@ TOOLS=${TOOLS:-"memcheck racecheck"}
 export PYTHONUNBUFFERED=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1
 $PY -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "pip install -e . failed"; exit 2; }
 
-# -k selections of tests/gpu (test ids carry the case: layout, dtype, options)
-MEMCHECK_K='(matrix_write_big and (NHD or HND or combined or cross or head-major or diffkv)) or matrix_mla_big
- or (matrix_attention_big and (HND or combined or cross-layer or diffkv or mla-slices or fp8 or alibi or sinks or splits))
- or split_counts_agree or split_kv_out_dtype_switch or (sinks_lse_alibi_split_kv and 4)
- or (max_seqlen_q_below and half and 4) or (max_seqlen_k_below and 16) or int64_offsets'
-RACECHECK_K='(matrix_attention_big and (splits3 or alibi-head or HND)) or split_counts_agree'
+# -k selections of tests/gpu (test ids carry the case: layout, dtype, options), sized so that each
+# tool ends within its limit on an H200 after a warm Triton cache (run gpu_check.sh's tests first):
+# memcheck 51 tests, racecheck 6
+MEMCHECK_K='(matrix_write_big and T1920 and (HND or head-major or diffkv or cross-layer or fnuz or uint8)) or (matrix_mla_big and (T2000] or e4m3))
+ or (matrix_attention_big and (HND or combined or cross-layer or diffkv or mla-slices or fp8 or splits or varlen))
+ or split_counts_agree or int64_offsets or (max_seqlen_k_below and 16 and not bf16)'
+RACECHECK_K='(matrix_attention_big and (splits3 or alibi-head or HND-bfloat16-q91)) or split_counts_agree'
+# per-tool limit in seconds (0: none); a tool cut off by it reports "timed out" instead of a summary
+LIMIT_S=${SANITIZE_LIMIT_S:-0}
 
 summary="$OUT/sanitize_summary.txt"
 : >"$summary"
@@ -43,9 +46,10 @@ for tool in $TOOLS; do
   echo "== compute-sanitizer --tool $tool" | tee -a "$summary"
   # --target-processes all: pytest's process is the one launching; --error-exitcode makes
   # a finding fail the run even where the tests themselves pass
-  $CS --tool "$tool" --target-processes all --error-exitcode 99 --print-limit 50 \
+  timeout "$LIMIT_S" $CS --tool "$tool" --target-processes all --error-exitcode 99 --print-limit 50 \
     $PY -m pytest -q -m gpu -p no:cacheprovider $files -k "$(echo $sel)" >"$log" 2>&1
   rc=$?
+  [ "$rc" = 124 ] && echo "timed out after $LIMIT_S s" | tee -a "$summary"
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|error" "$log" | tail -5 | tee -a "$summary"
   echo "exit status: $rc" | tee -a "$summary"
   [ "$rc" = 0 ] || status=1
