@@ -15,7 +15,9 @@
 #
 # Options (before any bench arguments): --skip-tests, --skip-bench, --quick (bench --quick, and
 # pytest -m "gpu and not slow"). Every other argument is passed to `kvdispatch bench`.
-# Env: PYTHON (default python3), PYTEST_TIMEOUT_S (default 420: a cold Triton cache compiles for about 3 minutes), BENCH_TIMEOUT_S (default 0 = none).
+# Env: PYTHON (default python3), PYTEST_TIMEOUT_S (default 420; a cold Triton cache: about 2 minutes
+# on an H200 with 8 xdist workers), PYTEST_WORKERS (default: half the cores, at most 8, when
+# pytest-xdist is installed; 0 = one process), BENCH_TIMEOUT_S (default 0 = none).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/local}
@@ -67,7 +69,11 @@ if [ "$run_tests" = 1 ]; then
   marker="gpu"
   [ "$quick" = 1 ] && marker="gpu and not slow"
   log "== pytest -m '$marker'"
-  timeout "${PYTEST_TIMEOUT_S:-420}" $PY -m pytest -q -m "$marker" -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.log" | tail -25
+  # pytest-xdist where installed: Triton compiles dominate a cold run, and they run in parallel
+  # over the workers (one GPU shared; PYTEST_WORKERS=0 runs in one process)
+  workers=${PYTEST_WORKERS:-$($PY -c "import os, xdist; print(min(8, max(1, (os.cpu_count() or 2) // 2)))" 2>/dev/null || echo 0)}
+  xd=(); [ "$workers" != 0 ] && xd=(-n "$workers")
+  timeout "${PYTEST_TIMEOUT_S:-420}" $PY -m pytest -q "${xd[@]}" -m "$marker" -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.log" | tail -25
   rc=${PIPESTATUS[0]}
   tail -5 "$OUT/pytest.log" >>"$LOG"
   log "pytest exit status: $rc"

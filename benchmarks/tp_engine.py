@@ -330,7 +330,7 @@ def _ops_case(device: torch.device, heads: slice, kv_heads: slice, dtype=torch.f
     k_all = torch.randn(total_new, HK, D, generator=g, dtype=dtype)
     v_all = torch.randn(total_new, HK, D, generator=g, dtype=dtype)
     q = torch.randn(sum(Q_LENS), HQ, D, generator=g, dtype=dtype)
-    from kvdispatch.testing import random_block_table
+    from kvbench.layouts import random_block_table
     table = random_block_table(K_LENS, NB, BS, generator=g)
     slots = torch.cat([table[i, torch.arange(n) // BS].long() * BS + torch.arange(n) % BS
                        for i, n in enumerate(K_LENS)])

@@ -1,8 +1,15 @@
-"""``kvdispatch`` command line: ``info``, ``check``, ``bench``."""
+"""``kvdispatch`` command line: ``info``, and the subcommands other packages declare.
+
+``kvdispatch check`` and ``kvdispatch bench`` come from the benchmark harness (``benchmarks/kvbench``,
+installed as ``kvbench`` by the same ``pip install``) through the ``kvdispatch.commands``
+entry-point group; the core never imports it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import os
 import platform as _py_platform
 import sys
 import time
@@ -14,6 +21,8 @@ from . import __version__
 from .platform import platform_of
 from .registry import OPS, registry
 
+
+COMMANDS = "kvdispatch.commands"
 
 _SHORT = {"reshape_and_cache_flash": "write", "concat_and_cache_mla": "mla-write",
           "flash_attn_varlen_func": "attention"}
@@ -51,114 +60,94 @@ def versions() -> dict:
     return v
 
 
-def _console():
-    from rich.console import Console
-    return Console()
+def table(title: Optional[str], columns, rows) -> str:
+    """A plain-text table: the core prints without any rendering library."""
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    return "\n".join([title] * bool(title) + [line(columns), line(["-" * w for w in widths])]
+                     + [line(r) for r in rows]) + "\n"
 
 
 def cmd_info(args) -> int:
-    from rich.table import Table
-
-    con = _console()
-    con.print(f"[bold]kvdispatch {__version__}[/bold]  " +
-              "  ".join(f"{k} {val}" for k, val in versions().items() if k != "kvdispatch"))
+    print(f"kvdispatch {__version__}  " +
+          "  ".join(f"{k} {val}" for k, val in versions().items() if k != "kvdispatch"))
     devs = visible_devices()
     plats = {d: platform_of(d) for d in devs}
 
-    t = Table(title="Devices")
-    for col in ("device", "platform", "arch", "name", "multiprocessors", "fp8 e4m3 type"):
-        t.add_column(col)
-    for d, p in plats.items():
-        t.add_row(str(d), p.name, p.arch or "-", p.device_name or "-", str(p.multiprocessors or "-"),
-                  str(p.fp8_e4m3_dtype).replace("torch.", ""))
-    con.print(t)
+    print(table("Devices", ("device", "platform", "arch", "name", "multiprocessors", "fp8 e4m3 type"),
+                [(d, p.name, p.arch or "-", p.device_name or "-", p.multiprocessors or "-",
+                  str(p.fp8_e4m3_dtype).replace("torch.", "")) for d, p in plats.items()]))
 
-    t = Table(title="Backends (highest priority first)")
-    for col in ("backend", "priority", "platforms", "ops", *[f"on {d}" for d in devs]):
-        t.add_column(col, overflow="fold")
+    rows = []
     for b in registry.backends:
         cells = []
         for d in devs:
             reason = b.available(plats[d])
-            cells.append("[green]available[/green]" if reason is None else f"[dim]{reason}[/dim]")
-        t.add_row(b.name, str(b.priority), ", ".join(b.platforms) or "-",
-                  ", ".join(_SHORT.get(o, o) for o in b.ops) or "-", *cells)
-    con.print(t)
+            cells.append("available" if reason is None else reason)
+        rows.append((b.name, b.priority, ", ".join(b.platforms) or "-",
+                     ", ".join(_SHORT.get(o, o) for o in b.ops) or "-", *cells))
+    print(table("Backends (highest priority first)",
+                ("backend", "priority", "platforms", "ops", *[f"on {d}" for d in devs]), rows))
 
-    t = Table(title="Selected backend per op and device" + (" (KVDISPATCH_BACKEND set)" if _forced() else ""))
-    t.add_column("op")
-    for d in devs:
-        t.add_column(str(d), overflow="fold")
+    rows = []
     for op in OPS:
-        row = []
+        row = [op]
         for d in devs:
             try:
                 row.append(registry.select(op, plats[d]).name)
             except Exception as e:
-                row.append(f"[red]none[/red]: {str(e).splitlines()[0]}")
-        t.add_row(op, *row)
-    con.print(t)
+                row.append(f"none: {str(e).splitlines()[0]}")
+        rows.append(row)
+    print(table("Selected backend per op and device" + (" (KVDISPATCH_BACKEND set)" if _forced() else ""),
+                ("op", *map(str, devs)), rows))
     if args.verbose:
         for d in devs:
             for op in OPS:
-                con.print(f"[bold]{op} on {d}[/bold]")
+                print(f"{op} on {d}")
                 for b, reason in registry.explain(op, plats[d], forced=_forced()):
-                    con.print(f"  {b.name}: {reason or 'would serve'}")
+                    print(f"  {b.name}: {reason or 'would serve'}")
     return 0
 
 
 def _forced() -> Optional[str]:
-    import os
     return os.environ.get("KVDISPATCH_BACKEND") or None
 
 
-def cmd_check(args) -> int:
-    from rich.table import Table
-
-    from .selfcheck import run_checks
-
-    dev = torch.device(args.device) if args.device else default_device()
-    con = _console()
-    con.print(f"checking every op on [bold]{dev}[/bold] ({platform_of(dev)}) against the reference on cpu")
-    t = Table()
-    for col in ("op", "case", "backend", "result", "max |err|", "time"):
-        t.add_column(col)
-    failed = 0
-    for r in run_checks(dev, quick=args.quick):
-        ok = r["ok"]
-        failed += not ok
-        t.add_row(r["op"], r["case"], r["backend"], "[green]pass[/green]" if ok else f"[red]FAIL[/red] {r['error']}",
-                  f"{r['max_err']:.3g}" if r["max_err"] is not None else "-", f"{r['seconds'] * 1e3:.1f} ms")
-    con.print(t)
-    con.print(f"[bold]{'all passed' if not failed else f'{failed} failed'}[/bold]")
-    return 1 if failed else 0
+def _commands() -> dict:
+    """name -> entry point of every subcommand another package declares in the ``kvdispatch.commands``
+    entry-point group: a function ``(argv) -> exit status`` whose docstring's first line is its help.
+    Nothing is imported until that command runs."""
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=COMMANDS) if ep.name != "info"}
 
 
-def cmd_bench(argv) -> int:
+def _help(ep) -> str:
     try:
-        from .bench import main as bench_main
-    except ImportError as e:  # pragma: no cover
-        print(f"kvdispatch bench is unavailable: {e}", file=sys.stderr)
-        return 2
-    return bench_main(argv)
+        return (ep.load().__doc__ or "").strip().splitlines()[0]
+    except Exception as e:  # a broken plugin must not break `kvdispatch --help`
+        return f"({ep.value}: {type(e).__name__})"
 
 
 def main(argv: Optional[list] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench":
-        return cmd_bench(argv[1:])
-    p = argparse.ArgumentParser(prog="kvdispatch", description=__doc__)
+    commands = _commands()
+    if argv and argv[0] in commands:
+        return commands[argv[0]].load()(argv[1:])
+    p = argparse.ArgumentParser(prog="kvdispatch", description="kvdispatch: one call per paged-KV-cache "
+                                "operation, routed by the device of the tensors you pass.")
     sub = p.add_subparsers(dest="cmd", required=True)
     pi = sub.add_parser("info", help="platform, versions, every backend and which one each op would use")
     pi.add_argument("-v", "--verbose", action="store_true", help="explain every selection")
-    pc = sub.add_parser("check", help="run each op through the selected backend against the reference")
-    pc.add_argument("--device", default=None, help="default: cuda if present, else xpu, else cpu")
-    pc.add_argument("--quick", action="store_true")
-    sub.add_parser("bench", help="compare backends and vendor kernels (kvdispatch bench --help)")
+    if argv[:1] != ["info"]:  # `kvdispatch --help` or an unknown command: list every command
+        for name, ep in commands.items():
+            sub.add_parser(name, help=_help(ep))
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    rc = {"info": cmd_info, "check": cmd_check}[args.cmd](args)
-    if getattr(args, "verbose", False):
+    rc = cmd_info(args)
+    if args.verbose:
         print(f"({time.perf_counter() - t0:.2f} s)")
     return rc
 

@@ -27,11 +27,14 @@ import torch
 
 from .platform import Platform, platform_of
 
-__all__ = ["KVCacheDescriptor", "CacheStrides", "FP8_DTYPES", "normalize_kv_cache_dtype"]
+__all__ = ["KVCacheDescriptor", "CacheStrides", "FP8_DTYPES", "LAYOUTS_4D", "INT32_MAX", "max_offset",
+           "normalize_kv_cache_dtype"]
 
 INT32_MAX = 2**31 - 1
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2)
+# ``layout`` names of 4-D caches (the others: "head-major", "mla")
+LAYOUTS_4D = ("NHD", "HND", "combined", "cross-layer", "diffkv", "strided")
 _E4M3 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 
 # user spelling -> canonical name
@@ -70,7 +73,8 @@ class CacheStrides:
         return (self.block, self.token, self.head, self.chunk, self.x)
 
 
-def _max_offset(t: torch.Tensor) -> int:
+def max_offset(t: torch.Tensor) -> int:
+    """The largest element offset ``t`` addresses (from its real strides)."""
     return sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if n > 0)
 
 
@@ -97,16 +101,10 @@ def _check_last_dim(t: torch.Tensor, name: str) -> None:
 
 def _fp8_dtype_for(kind: str, storage: torch.dtype, platform: Platform, name: str) -> torch.dtype:
     """The fp8 element type for kv_cache_dtype ``kind`` given a cache stored as ``storage``."""
-    if kind == "fp8_e4m3":
-        if storage in _E4M3:
-            return storage
-        if storage == torch.uint8:
-            return platform.fp8_e4m3_dtype
-    elif kind == "fp8_e5m2":
-        if storage == torch.float8_e5m2:
-            return storage
-        if storage == torch.uint8:
-            return torch.float8_e5m2
+    if storage == torch.uint8:
+        return platform.fp8_dtype(kind)
+    if storage in (_E4M3 if kind == "fp8_e4m3" else (torch.float8_e5m2,)):
+        return storage
     raise TypeError(
         f"{name}: kv_cache_dtype={kind!r} needs a cache of an fp8 {kind[4:]} dtype or a uint8 view, "
         f"got {storage}"
@@ -144,9 +142,11 @@ class KVCacheDescriptor:
     ``num_kv_heads``, ``head_size_k``, ``head_size_v``, ``storage_dtype`` (the tensor's dtype, maybe
     uint8), ``cache_dtype`` (the element type kernels read and write, fp8 resolved),
     ``kv_cache_dtype`` (canonical), ``fp8`` (``None``, ``"e4m3"``, ``"e5m2"``), ``k`` / ``v``
-    (:class:`CacheStrides`; ``v`` is None for the MLA latent cache), ``scale_kind`` (``"none"``,
-    ``"tensor"``, ``"head"``), ``packed`` (K and V are packed-contiguous NHD: the fast path),
-    ``int32_offsets`` (every element offset fits in int32), ``key`` (hashable, no tensors).
+    (:class:`CacheStrides`; ``v`` is None for the MLA latent cache), ``scale_kinds`` (K's and V's:
+    ``"none"``, ``"tensor"``, ``"head"``), ``scale_kind`` ("head" if either is), ``packed`` (K and V
+    are packed-contiguous NHD: the fast path), ``heads_contiguous`` (each token's heads are one
+    contiguous row in K and in V: NHD, combined, cross-layer), ``max_offset`` (largest element offset
+    of either cache), ``int32_offsets`` (it fits in int32), ``key`` (hashable, no tensors).
     Per-instance: ``k_scale``, ``v_scale`` (float32 tensors or None), ``device``.
 
     The descriptor refers to its scale tensors WEAKLY: descriptors are cached for the life of the
@@ -158,8 +158,9 @@ class KVCacheDescriptor:
 
     __slots__ = (
         "layout", "num_blocks", "block_size", "num_kv_heads", "head_size_k", "head_size_v",
-        "storage_dtype", "cache_dtype", "kv_cache_dtype", "fp8", "k", "v", "scale_kind",
-        "packed", "int32_offsets", "key", "device", "platform", "_k_scale", "_v_scale",
+        "storage_dtype", "cache_dtype", "kv_cache_dtype", "fp8", "k", "v", "scale_kind", "scale_kinds",
+        "packed", "heads_contiguous", "max_offset", "int32_offsets", "key", "device", "platform",
+        "_k_scale", "_v_scale",
     )
 
     # -- construction ---------------------------------------------------------------------------
@@ -231,7 +232,7 @@ class KVCacheDescriptor:
             d.k = CacheStrides(block=kc.stride(0), token=kc.stride(1), head=0, chunk=dk, x=dk)
             d.v = None
             packed = kc.is_contiguous()
-            max_off = _max_offset(kc)
+            max_off = max_offset(kc)
         else:
             if not isinstance(vc, torch.Tensor):
                 raise TypeError(f"value_cache: expected a tensor, got {type(vc).__name__}")
@@ -287,7 +288,7 @@ class KVCacheDescriptor:
             d.num_blocks, d.block_size, d.num_kv_heads, d.head_size_v = nb, bs, h, dv
             _check_sizes("key_cache", bs, h, d.head_size_k)
             _check_sizes("value_cache", bs, h, dv)
-            max_off = max(_max_offset(kc), _max_offset(vc))
+            max_off = max(max_offset(kc), max_offset(vc))
 
         storage = kc.dtype
         d.storage_dtype = storage
@@ -297,12 +298,7 @@ class KVCacheDescriptor:
                     "kv_cache_dtype: 'auto' cannot read a uint8 cache; say 'fp8_e4m3' or 'fp8_e5m2'"
                 )
             d.cache_dtype = storage
-            if storage in _E4M3:
-                kind_fp8 = "e4m3"
-            elif storage == torch.float8_e5m2:
-                kind_fp8 = "e5m2"
-            else:
-                kind_fp8 = None
+            kind_fp8 = "e4m3" if storage in _E4M3 else "e5m2" if storage == torch.float8_e5m2 else None
             d.kv_cache_dtype = "auto"
         else:
             d.cache_dtype = _fp8_dtype_for(kind, storage, platform,
@@ -316,24 +312,24 @@ class KVCacheDescriptor:
         heads = d.num_kv_heads
         if kind != "auto":
             ks = _check_scale(k_scale, "scale" if vc is None else "k_scale", heads, kc.device)
-            if vc is not None:
-                vs = _check_scale(v_scale, "v_scale", heads, kc.device)
-                scale_kind = "head" if "head" in (ks, vs) else "tensor"
-            else:
-                scale_kind = ks
+            vs = "none" if vc is None else _check_scale(v_scale, "v_scale", heads, kc.device)
             d._k_scale = weakref.ref(k_scale)
             d._v_scale = None if v_scale is None else weakref.ref(v_scale)
         else:
-            scale_kind = "none"
+            ks = vs = "none"
             d._k_scale = d._v_scale = None
-        d.scale_kind = scale_kind
+        d.scale_kinds = (ks, vs)
+        d.scale_kind = "head" if "head" in d.scale_kinds else ks
         d.packed = bool(packed)
+        d.heads_contiguous = (vc is not None and d.k.x == d.head_size_k == d.k.head
+                              and d.v.x == d.head_size_v == d.v.head)
+        d.max_offset = max_off
         d.int32_offsets = max_off <= INT32_MAX
         d.key = (
             d.layout, d.num_blocks, d.block_size, d.num_kv_heads, d.head_size_k, d.head_size_v,
             d.storage_dtype, d.cache_dtype, d.kv_cache_dtype, d.fp8,
             d.k.as_tuple(), None if d.v is None else d.v.as_tuple(),
-            d.scale_kind, d.packed, d.int32_offsets, kc.device.type,
+            d.scale_kinds, d.packed, d.int32_offsets, kc.device.type,
         )
         return d
 

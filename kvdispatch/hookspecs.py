@@ -35,11 +35,3 @@ def kvdispatch_backends():
     this machine or not: ``Backend.available()`` says which, and why not.
     """
 
-
-@hookspec
-def kvdispatch_vendors():
-    """Return benchmark vendor adapters (:class:`kvdispatch.bench.vendors.Vendor`) this plugin provides.
-
-    Called by ``kvdispatch bench`` once, when it builds its list of implementations to compare.
-    Adapters declare which packages they need; those not installed are listed as unavailable.
-    """

@@ -90,12 +90,13 @@ class _Call:
         self.desc, self.d, self.plans = desc, d, {}
         self.backend = self.forced = self.generation = None
 
-    def select(self, op: str):
-        """The backend for this call: selected again only when ``KVDISPATCH_BACKEND`` or the set of
-        registered backends changed since the last call."""
+    def select(self, op: str, dtype: Optional[torch.dtype] = None):
+        """The backend for this call (``dtype``: q's / key's, fixed by the signature): selected again
+        only when ``KVDISPATCH_BACKEND`` or the set of registered backends changed since the last call."""
         forced = getenv(b"KVDISPATCH_BACKEND")
         if self.forced != forced or self.generation != registry.generation or self.backend is None:
-            self.backend = registry.select(op, self.desc.platform, self.desc)
+            self.backend = (registry.select(op, self.desc.platform, self.desc) if dtype is None
+                            else registry.select(op, self.desc.platform, self.desc, dtype=dtype))
             self.forced, self.generation = forced, registry.generation
         return self.backend
 
@@ -143,7 +144,7 @@ def _write(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_s
     if call is None or (not auto and (call.desc.k_scale is not k_scale or call.desc.v_scale is not v_scale)):
         call = _remember(_WRITE_SEEN, sig, _Call(_check_write(key, value, key_cache, value_cache, slot_mapping,
                                                               kv_cache_dtype, k_scale, v_scale)))
-    backend = call.select("reshape_and_cache_flash")
+    backend = call.select("reshape_and_cache_flash", key.dtype)
     desc = call.desc
     if checks_values(backend):
         check_slot_values(slot_mapping, desc)
@@ -228,7 +229,7 @@ def _write_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale) -> Non
     _same_device(kv_c, "kv_c", dev)
     _same_device(k_pe, "k_pe", dev)
     _check_slot_mapping(slot_mapping, dev, t)
-    backend = registry.select("concat_and_cache_mla", desc.platform, desc)
+    backend = registry.select("concat_and_cache_mla", desc.platform, desc, dtype=kv_c.dtype)
     if checks_values(backend):
         check_slot_values(slot_mapping, desc)
     backend.concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, desc)
@@ -378,7 +379,7 @@ def _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlen
                          float(softmax_scale), bool(causal), int(window_left), int(window_right),
                          float(softcap), q_descale, k_descale, v_descale, alibi_slopes, s_aux, softmax_lse,
                          int(num_splits), call.plans)
-    backend = call.select("flash_attn_varlen_func")
+    backend = call.select("flash_attn_varlen_func", q.dtype)
     if checks_values(backend):
         check_attention_values(args, desc, q.shape[0])
     paged = block_table is not None

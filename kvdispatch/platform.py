@@ -1,8 +1,8 @@
 """Platform detection: the one place that answers "what is this device?".
 
 Everything is read from torch alone (no subprocess, no vendor CLI), once per device, and cached.
-Kernels and backends ask a :class:`Platform` (is it ROCm, which fp8 e4m3 type, which arch)
-instead of looking at ``torch.version.hip`` themselves.
+Kernels and backends ask a :class:`Platform` (is it ROCm, which fp8 type, does the hardware convert
+it, are Triton kernels interpreted) instead of looking at ``torch.version.hip`` themselves.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Platform", "platform_of", "cpu_platform", "as_device", "getenv"]
+__all__ = ["Platform", "platform_of", "cpu_platform", "as_device", "getenv", "interpreting"]
 
 # os.environ.get encodes the key and decodes the value on every call (~1 us here); on POSIX
 # CPython os.environ keeps its data in a bytes dict that it updates on every assignment, so a
@@ -33,9 +33,16 @@ def getenv(name: bytes) -> "str | None":
 # Platform names, as backends declare them in ``Backend.platforms``.
 CPU, NVIDIA, ROCM, XPU = "cpu", "nvidia", "rocm", "xpu"
 
-# gfx archs whose fp8 is the "fnuz" flavour (no negative zero, bias 8). MI300 family only;
-# gfx950 (MI350) uses the OCP float8_e4m3fn like NVIDIA.
-_FNUZ_ARCHS = ("gfx940", "gfx941", "gfx942")
+# fp8 hardware per gfx arch as Triton lowers casts (triton-lang/triton, third_party/amd/lib/
+# TritonAMDGPUToLLVM/ConvertFpCastOpToLLVM.cpp): fnuz on CDNA3 (MI300, whose fp8 is fnuz), OCP
+# e4m3fn / e5m2 on CDNA4 (gfx950) and gfx1250; every other arch emulates them.
+_FNUZ_ARCHS, _OCP_FP8_ARCHS = ("gfx940", "gfx941", "gfx942"), ("gfx950", "gfx1250")
+_FNUZ, _OCP = (torch.float8_e4m3fnuz, torch.float8_e5m2fnuz), (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def interpreting() -> bool:
+    """``TRITON_INTERPRET`` is set: Triton kernels run on CPU tensors through its interpreter."""
+    return getenv(b"TRITON_INTERPRET") not in (None, "", "0")
 
 
 @dataclass(frozen=True)
@@ -73,23 +80,40 @@ class Platform:
         return self.name == NVIDIA
 
     @property
+    def gfx(self) -> str | None:
+        return (self.arch or "").split(":")[0] if self.name == ROCM else None
+
+    @property
+    def fnuz(self) -> bool:
+        """The MI300 family: its fp8 is "fnuz" (no negative zero, bias 8)."""
+        return self.gfx in _FNUZ_ARCHS
+
+    def fp8_dtype(self, kind: str) -> torch.dtype:
+        """The fp8 type of ``kind`` ("e4m3" / "e5m2", or "fp8_e4m3" ...): e4m3 is fnuz on MI300 (what
+        ``kv_cache_dtype="fp8"`` means), e5m2 always float8_e5m2."""
+        if kind.endswith("e5m2"):
+            return torch.float8_e5m2
+        return torch.float8_e4m3fnuz if self.fnuz else torch.float8_e4m3fn
+
+    @property
     def fp8_e4m3_dtype(self) -> torch.dtype:
-        """The e4m3 type this platform's hardware uses (what ``kv_cache_dtype="fp8"`` means)."""
-        if self.name == ROCM and (self.arch or "").split(":")[0] in _FNUZ_ARCHS:
-            return torch.float8_e4m3fnuz
-        return torch.float8_e4m3fn
+        return self.fp8_dtype("e4m3")
+
+    def native_fp8(self, dtype: torch.dtype) -> bool:
+        """Does the hardware convert fp8 ``dtype`` (one instruction in Triton's lowering; elsewhere
+        Triton emulates the cast, or has no such type: e4m3fnuz on NVIDIA)?"""
+        if self.name == NVIDIA:
+            return dtype in _OCP and (self.capability or (0, 0)) >= (8, 9)
+        return dtype in _FNUZ if self.fnuz else self.gfx in _OCP_FP8_ARCHS and dtype in _OCP
+
+    interpreting = staticmethod(interpreting)
 
     @property
     def warp_size(self) -> int:
         return int(self.extra.get("warp_size", 64 if self.name == ROCM else 32))
 
     def __str__(self) -> str:
-        parts = [self.name]
-        if self.arch:
-            parts.append(self.arch)
-        if self.device_name:
-            parts.append(f"({self.device_name})")
-        return " ".join(parts)
+        return " ".join(p for p in (self.name, self.arch, self.device_name and f"({self.device_name})") if p)
 
 
 def as_device(tensor_or_device) -> torch.device:
@@ -112,27 +136,14 @@ def cpu_platform() -> Platform:
 
 def _detect_cuda(index: int) -> Platform:
     props = torch.cuda.get_device_properties(index)
+    common = dict(device_type="cuda", capability=(props.major, props.minor),
+                  multiprocessors=props.multi_processor_count, device_name=props.name)
     if torch.version.hip:
-        arch = getattr(props, "gcnArchName", None) or "gfx"
-        return Platform(
-            name=ROCM,
-            device_type="cuda",
-            arch=arch.split(":")[0],
-            capability=(props.major, props.minor),
-            multiprocessors=props.multi_processor_count,
-            device_name=props.name,
-            extra={"warp_size": getattr(props, "warp_size", 64), "hip": torch.version.hip},
-        )
-    return Platform(
-        name=NVIDIA,
-        device_type="cuda",
-        arch=f"sm{props.major}{props.minor}",
-        capability=(props.major, props.minor),
-        multiprocessors=props.multi_processor_count,
-        device_name=props.name,
-        extra={"warp_size": 32, "cuda": torch.version.cuda,
-               "l2_bytes": getattr(props, "L2_cache_size", None)},
-    )
+        return Platform(name=ROCM, arch=(getattr(props, "gcnArchName", None) or "gfx").split(":")[0],
+                        extra={"warp_size": getattr(props, "warp_size", 64), "hip": torch.version.hip}, **common)
+    return Platform(name=NVIDIA, arch=f"sm{props.major}{props.minor}", **common,
+                    extra={"warp_size": 32, "cuda": torch.version.cuda,
+                           "l2_bytes": getattr(props, "L2_cache_size", None)})
 
 
 def _detect_xpu(index: int) -> Platform:

@@ -37,17 +37,13 @@ def dequantize_fp8(x: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tens
     return y if scale is None else y * scale
 
 
-def _head_scale(scale: torch.Tensor, heads: int) -> torch.Tensor:
-    """A per-tensor or per-head scale shaped to broadcast over ``[tokens, heads, dim]``."""
-    return scale.reshape(1, -1, 1) if scale.numel() == heads and heads > 1 else scale.reshape(1, 1, 1)
-
-
-def _to_cache(x: torch.Tensor, cache_view: torch.Tensor, desc: KVCacheDescriptor,
-              scale: Optional[torch.Tensor]) -> torch.Tensor:
-    """Convert rows of key/value/latents to what the cache stores, as the cache's own dtype."""
+def _to_cache(x: torch.Tensor, cache_view: torch.Tensor, desc: KVCacheDescriptor, side: int) -> torch.Tensor:
+    """Convert rows of key (side 0) / value (1) / latents (0) to what the cache stores, as the cache's
+    own dtype; a per-head scale broadcasts over ``[tokens, heads, dim]``."""
     if desc.kv_cache_dtype != "auto" and x.dtype != desc.cache_dtype:
-        x = quantize_fp8(x, _head_scale(scale, x.shape[1]) if x.dim() == 3 else scale.reshape(1, 1),
-                         desc.cache_dtype)
+        scale = desc.v_scale if side else desc.k_scale
+        shape = (1, -1, 1) if desc.scale_kinds[side] == "head" else (1,) * x.dim()
+        x = quantize_fp8(x, scale.reshape(shape), desc.cache_dtype)
     return x.view(cache_view.dtype) if x.dtype != cache_view.dtype else x
 
 
@@ -101,8 +97,8 @@ class ReferenceBackend(Backend):
         vc = _cache_view(value_cache, desc)
         n, h = k.shape[0], desc.num_kv_heads
         # Convert everything before the first store: a failure leaves both caches untouched.
-        k = _to_cache(k, kc, desc, desc.k_scale)
-        v = _to_cache(v, vc, desc, desc.v_scale)
+        k = _to_cache(k, kc, desc, 0)
+        v = _to_cache(v, vc, desc, 1)
         if desc.layout == "head-major":
             x = desc.k.x
             # key [blocks, H, D // x, bs, x]: separated advanced indices put the token dim first
@@ -118,7 +114,7 @@ class ReferenceBackend(Backend):
         tokens, blk, off = _valid_slots(slot_mapping, desc)
         cache = _cache_view(kv_cache, desc)
         rows = torch.cat([kv_c[tokens], k_pe[tokens]], dim=-1)
-        cache[blk, off] = _to_cache(rows, cache, desc, desc.k_scale)
+        cache[blk, off] = _to_cache(rows, cache, desc, 0)
 
     # -- attention ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -83,6 +83,10 @@ class Backend:
       automatically; ``"*"`` means any. ``KVDISPATCH_BACKEND`` may force it elsewhere, where
       ``available()`` still decides.
     * ``ops``: the public op names it implements.
+    * What it takes, checked by selection before ``supports()``; None (the default) takes anything,
+      a container is asked ``in`` (tuple, frozenset, range), a dict maps op names to containers:
+      ``dtypes`` (q's / key's / kv_c's dtype), ``kv_cache_dtypes`` (``desc.cache_dtype``),
+      ``block_sizes``, ``head_sizes`` (K's and V's), ``layouts`` (``desc.layout``).
 
     Op methods receive validated arguments and the descriptor; they write into the given caches /
     ``out`` and return None. They must not re-check what the public API already checked.
@@ -96,6 +100,7 @@ class Backend:
     # the public call runs the value checks (kvdispatch.checks) before every call of this backend,
     # not only under KVDISPATCH_DEBUG=1: the reference, and lanes that would write outside buffers
     always_check_values: bool = False
+    dtypes = kv_cache_dtypes = block_sizes = head_sizes = layouts = None
 
     def available(self, platform: Platform) -> Optional[str]:
         """None when this backend can run on ``platform`` now, else the reason it cannot."""
@@ -226,8 +231,9 @@ class Registry:
 
     # -- selection --------------------------------------------------------------------------------
     def explain(self, op: str, platform: Platform, desc: Optional[KVCacheDescriptor] = None,
-                forced: Optional[str] = None) -> list:
-        """[(backend, reason or None)] for every backend, in the order selection considers them."""
+                forced: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> list:
+        """[(backend, reason or None)] for every backend, in the order selection considers them.
+        ``dtype``: q's (attention) or key's / kv_c's (writes), when known."""
         rows = []
         for b in self.backends:
             if forced is not None and b.name != forced:
@@ -239,13 +245,14 @@ class Registry:
             else:
                 reason = b.available(platform)
                 if reason is None:
-                    reason = b.supports(op, desc, platform)
+                    reason = _declined(b, op, desc, dtype) or b.supports(op, desc, platform)
             rows.append((b, reason))
         return rows
 
-    def select(self, op: str, platform: Platform, desc: Optional[KVCacheDescriptor] = None) -> Backend:
+    def select(self, op: str, platform: Platform, desc: Optional[KVCacheDescriptor] = None,
+               dtype: Optional[torch.dtype] = None) -> Backend:
         forced = getenv(b"KVDISPATCH_BACKEND") or None
-        ck = (op, platform, None if desc is None else desc.key, forced)
+        ck = (op, platform, None if desc is None else desc.key, forced, dtype)
         b = self._selection.get(ck)
         if b is not None:
             return b
@@ -254,14 +261,30 @@ class Registry:
         with self._lock:
             if forced is not None:
                 self.get(forced)  # unknown name -> clear error
-            rows = self.explain(op, platform, desc, forced)
+            rows = self.explain(op, platform, desc, forced, dtype)
             for b, reason in rows:
                 if reason is None:
                     self._selection[ck] = b
                     return b
-        what = f"{op} on {platform}" + (f" for {desc!r}" if desc is not None else "")
+        what = (f"{op} on {platform}" + (f" for {desc!r}" if desc is not None else "")
+                + (f" with {dtype} inputs" if dtype is not None else ""))
         lines = "\n".join(f"  - {b.name}: {reason}" for b, reason in rows) or "  (no backends registered)"
         raise NoBackendError(f"no backend can run {what}. Considered:\n{lines}")
+
+
+def _declined(b: Backend, op: str, desc, dtype) -> Optional[str]:
+    """Why ``b``'s declarations (``Backend.dtypes`` ...) exclude this call, or None."""
+    asked = [("dtypes", dtype)] + ([] if desc is None else [
+        ("kv_cache_dtypes", desc.cache_dtype), ("block_sizes", desc.block_size), ("layouts", desc.layout),
+        ("head_sizes", desc.head_size_k), ("head_sizes", None if desc.is_mla else desc.head_size_v)])
+    for attr, value in asked:
+        took = getattr(b, attr)
+        took = took.get(op) if isinstance(took, dict) else took
+        if value is not None and took is not None and value not in took:
+            shown = (f"{took.start}..{took.stop - 1}" + (f" step {took.step}" if took.step != 1 else "")
+                     if isinstance(took, range) else ", ".join(str(t).replace("torch.", "") for t in took))
+            return f"declares {attr.replace('_', ' ')} {shown}: not {str(value).replace('torch.', '')}"
+    return None
 
 
 registry = Registry()

@@ -17,38 +17,18 @@ from typing import Optional
 import torch
 
 import kvdispatch as kvd
-from kvdispatch.testing import (force_backend, make_kv_cache, make_mla_cache, random_block_table, random_fill,  # noqa: F401
-                                random_slots)
+from kvbench.compare import (attention_mismatch, base as _base, cache_mismatch, clone_views, force_backend,  # noqa: F401
+                             lse_mismatch)
+from kvbench.layouts import make_kv_cache, make_mla_cache, random_block_table, random_fill, random_slots  # noqa: F401
 
 FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2, "e4m3fnuz": torch.float8_e4m3fnuz}
 
 
-def _base(t: torch.Tensor) -> torch.Tensor:
-    return t if t._base is None else t._base
-
-
-def _codes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8).to(torch.int16)
-
-
 def assert_cache_equal(got: torch.Tensor, want: torch.Tensor, fp8: bool, what: str) -> None:
-    """Whole-buffer comparison; fp8 allows one rounding step (adjacent codes) on few elements."""
-    if got.dtype != want.dtype or got.shape != want.shape:
-        raise AssertionError(f"{what}: {got.dtype}{tuple(got.shape)} vs {want.dtype}{tuple(want.shape)}")
-    if not fp8:
-        g, w = got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)
-        bad = (g != w).nonzero()
-        assert bad.numel() == 0, f"{what}: {bad.shape[0]} bytes differ, first at {bad[:4].tolist()}"
-        return
-    diff = (_codes(got) - _codes(want)).abs()
-    # the sign bit differs by 128 between +0 and -0 / tiny values: compare magnitude codes then
-    far = diff > 1
-    if far.any():
-        gv, wv = got.float()[far.view(got.shape)], want.float()[far.view(want.shape)]
-        still = (gv != wv) & ~((gv.abs() < 1e-6) & (wv.abs() < 1e-6))
-        assert not still.any(), f"{what}: {int(still.sum())} fp8 values differ by more than one step"
-    frac = float((diff == 1).float().mean()) if diff.numel() else 0.0
-    assert frac < 0.02, f"{what}: {frac:.1%} of fp8 values differ by one rounding step (expected rare ties)"
+    """Whole-buffer comparison; fp8 allows one rounding step (adjacent codes) on few elements
+    (``kvbench.compare.cache_mismatch``, the rule every check uses)."""
+    why = cache_mismatch(got, want, fp8)
+    assert why is None, f"{what}: {why}"
 
 
 # -- cache writes ------------------------------------------------------------------------------
@@ -161,7 +141,7 @@ def run_write_case(case: WriteCase, backend: str, device="cpu", seed: int = 0) -
                            case.head_size_v, dtype=cache_dtype, device=device)
     key, value, slots = _write_inputs(case, device, gen)
     ks, vs = _scales(case, case.num_heads, device, gen)
-    ref_k, ref_v = _clone_pair(kc, vc)
+    ref_k, ref_v = clone_views(kc, vc)
     with force_backend("reference"):
         kvd.reshape_and_cache_flash(key, value, ref_k, ref_v, slots, case.kv_cache_dtype, ks, vs)
     with force_backend(backend):
@@ -171,15 +151,6 @@ def run_write_case(case: WriteCase, backend: str, device="cpu", seed: int = 0) -
     fp8 = case.kv_cache_dtype != "auto" and not case.input_fp8
     assert_cache_equal(_base(kc).cpu(), _base(ref_k).cpu(), fp8, f"{case.id}: key cache buffer")
     assert_cache_equal(_base(vc).cpu(), _base(ref_v).cpu(), fp8, f"{case.id}: value cache buffer")
-
-
-def _clone_pair(kc: torch.Tensor, vc: torch.Tensor):
-    """Clone a K/V view pair keeping their strides and sharing a base if they shared one."""
-    kb, vb = _base(kc), _base(vc)
-    kb2 = kb.clone()
-    vb2 = kb2 if vb is kb else vb.clone()
-    return (kb2.as_strided(kc.shape, kc.stride(), kc.storage_offset() - kb.storage_offset() + kb2.storage_offset()),
-            vb2.as_strided(vc.shape, vc.stride(), vc.storage_offset() - vb.storage_offset() + vb2.storage_offset()))
 
 
 # -- MLA writes --------------------------------------------------------------------------------
@@ -228,14 +199,12 @@ def run_mla_case(case: MLACase, backend: str, device="cpu", seed: int = 0) -> No
     slots = random_slots(t, case.num_blocks, case.block_size, dtype=case.slot_dtype, device=device,
                          pad_fraction=0.2, generator=gen)
     scale = None if case.kv_cache_dtype == "auto" else (torch.rand(1, generator=gen) + 0.1).to(device)
-    base = _base(cache)
-    ref_base = base.clone()
-    ref = ref_base.as_strided(cache.shape, cache.stride(), cache.storage_offset())
+    (ref,) = clone_views(cache)
     with force_backend("reference"):
         kvd.concat_and_cache_mla(kv_c, k_pe, ref, slots, case.kv_cache_dtype, scale)
     with force_backend(backend):
         kvd.concat_and_cache_mla(kv_c, k_pe, cache, slots, case.kv_cache_dtype, scale)
-    assert_cache_equal(base.cpu(), ref_base.cpu(), case.kv_cache_dtype != "auto", f"{case.id}: kv_cache buffer")
+    assert_cache_equal(_base(cache).cpu(), _base(ref).cpu(), case.kv_cache_dtype != "auto", f"{case.id}: kv_cache buffer")
 
 
 # -- attention ---------------------------------------------------------------------------------
@@ -427,16 +396,12 @@ def run_attention_case(case: AttnCase, backend: str, device="cpu", seed: int = 0
         (got, lse), (ref, ref_lse) = got, ref
         _compare_lse(case, lse, ref_lse, kw["cu_seqlens_q"])
     assert got is kw["out"], "flash_attn_varlen_func must return the out tensor it wrote"
-    got, ref = got.float().cpu(), ref.cpu()
-    assert not torch.isnan(ref).any(), f"{case.id}: reference produced NaN"
-    nan = torch.isnan(got)
-    assert not nan.any(), f"{case.id}: {int(nan.sum())} output elements unwritten or NaN"
     tol = rel_tol or TOLERANCE[kw["out"].dtype if kw["out"].dtype in TOLERANCE else torch.bfloat16]
     if case.fp8:
         tol = max(tol, 2e-2)
-    err = (got - ref).norm() / ref.norm().clamp_min(1e-6)
-    assert err < tol, f"{case.id}: relative error {float(err):.2e} >= {tol:.0e}"
-    return float(err)
+    why, err = attention_mismatch(got.cpu(), ref.cpu(), tol)
+    assert why is None, f"{case.id}: {why}"
+    return err
 
 
 @contextlib.contextmanager
@@ -456,13 +421,12 @@ def _compare_lse(case: AttnCase, lse: torch.Tensor, ref: torch.Tensor, cu_q: tor
     """LSE [Hq, total_q] float32: the same -inf rows (nothing seen, no sink), else close."""
     assert lse.dtype == torch.float32 and lse.shape == ref.shape, f"{case.id}: lse {lse.dtype}{tuple(lse.shape)}"
     rows = int(cu_q[-1])
-    lse, ref = lse[:, :rows].cpu(), ref[:, :rows].cpu()
-    assert not torch.isnan(lse).any(), f"{case.id}: lse has NaN (unwritten rows?)"
-    empty = torch.isinf(ref)
-    assert torch.equal(torch.isinf(lse), empty), f"{case.id}: lse -inf rows differ from the reference's"
-    if (~empty).any():
-        err = float((lse - ref)[~empty].abs().max())
-        assert err < (5e-2 if case.fp8 or case.dtype == torch.bfloat16 else 1e-2), f"{case.id}: lse error {err:.2e}"
+    why = lse_mismatch(lse[:, :rows].cpu(), ref[:, :rows].cpu(), _lse_tol(case))
+    assert why is None, f"{case.id}: {why}"
+
+
+def _lse_tol(case) -> float:
+    return 5e-2 if case.fp8 or case.dtype == torch.bfloat16 else 1e-2
 
 
 # -- the LSE through the custom op (the caller's own NaN-poisoned, maybe strided, lse) ----------
@@ -497,20 +461,11 @@ def run_poisoned_lse(case, device, num_splits=0, strided=False, seed=0, backend=
     with force_backend(backend):
         lse_op_call(kw, lse, num_splits)
     rows = int(kw["cu_seqlens_q"][-1])
-    got, ref = kw["out"][:rows].float().cpu(), ref_out[:rows].cpu()
-    assert not torch.isnan(got).any(), f"{case.id}: out unwritten or NaN"
     tol = max(TOLERANCE.get(kw["out"].dtype, 2e-2), 2e-2 if case.fp8 else 0.0)
-    err = float((got - ref).norm() / ref.norm().clamp_min(1e-6))
-    assert err < tol, f"{case.id}: out relative error {err:.2e}"
-    got, ref = lse[:, :rows].cpu(), ref_lse[:, :rows].cpu()
-    assert not torch.isnan(got).any(), f"{case.id}: lse unwritten or NaN"
-    assert torch.equal(torch.isinf(got), torch.isinf(ref)), f"{case.id}: lse -inf rows differ"
-    fin = ~torch.isinf(ref)
-    if fin.any():
-        lse_err = float((got - ref)[fin].abs().max())
-        assert lse_err < (5e-2 if case.fp8 or case.dtype == torch.bfloat16 else 1e-2), \
-            f"{case.id}: lse error {lse_err:.2e}"
-
+    why, _ = attention_mismatch(kw["out"][:rows].cpu(), ref_out[:rows].cpu(), tol)
+    assert why is None, f"{case.id}: out: {why}"
+    why = lse_mismatch(lse[:, :rows].cpu(), ref_lse[:, :rows].cpu(), _lse_tol(case))
+    assert why is None, f"{case.id}: {why}"
 
 
 # -- hints below the real lengths ------------------------------------------------------------
@@ -543,20 +498,14 @@ def run_with_hints(case, device, max_seqlen_q=None, max_seqlen_k=None, num_split
         lse_op_call(kw, got_lse, num_splits, **hints)
     out = kw["out"].float().cpu()
     assert torch.all(out[total_q:] == 7.0), f"{case.id}: rows past cu_seqlens_q[-1] written"
-    got = out[:total_q]
-    assert not torch.isnan(got).any(), \
-        f"{case.id}: {int(torch.isnan(got).any(-1).any(-1).sum())} rows of out unwritten (hints {hints})"
     tol = max(TOLERANCE.get(kw["out"].dtype, 2e-2), 2e-2 if case.fp8 else 0.0)
-    err = float((got - ref_out.cpu()).norm() / ref_out.norm().clamp_min(1e-6))
-    assert err < tol, f"{case.id}: relative error {err:.2e} (hints {hints}, splits {num_splits})"
+    why, err = attention_mismatch(out[:total_q], ref_out.cpu(), tol)
+    assert why is None, f"{case.id}: {why} (hints {hints}, splits {num_splits})"
     if lse:
         got_lse = got_lse.cpu()
         assert torch.isnan(got_lse[:, total_q:]).all(), f"{case.id}: lse past cu_seqlens_q[-1] written"
-        got_lse, ref_lse = got_lse[:, :total_q], ref_lse.cpu()
-        assert not torch.isnan(got_lse).any(), f"{case.id}: lse unwritten"
-        assert torch.equal(torch.isinf(got_lse), torch.isinf(ref_lse))
-        fin = ~torch.isinf(ref_lse)
-        assert float((got_lse - ref_lse)[fin].abs().max()) < 5e-2
+        why = lse_mismatch(got_lse[:, :total_q], ref_lse.cpu(), 5e-2)
+        assert why is None, f"{case.id}: {why} (hints {hints}, splits {num_splits})"
     return err
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import kvdispatch as kvd
-from kvdispatch.testing import make_kv_cache, make_mla_cache, random_slots
+from kvbench.layouts import make_kv_cache, make_mla_cache, random_slots
 
 from matrix import AttnCase, force_backend, make_attention_inputs
 

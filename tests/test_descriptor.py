@@ -5,7 +5,7 @@ import torch
 
 from kvdispatch import KVCacheDescriptor
 from kvdispatch.descriptor import INT32_MAX
-from kvdispatch.testing import LAYOUTS, make_kv_cache, make_mla_cache
+from kvbench.layouts import LAYOUTS, make_kv_cache, make_mla_cache
 
 EXPECTED_NAME = {"NHD": "NHD", "HND": "HND", "combined": "combined", "combined-HND": "HND",
                  "cross-layer": "cross-layer", "diffkv": "diffkv", "head-major": "head-major"}

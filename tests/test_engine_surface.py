@@ -12,7 +12,8 @@ import torch
 
 import kvdispatch as kvd
 from kvdispatch.integrations import flash_attn as fa
-from kvdispatch.testing import force_backend, make_kv_cache, random_block_table
+from kvbench.compare import force_backend
+from kvbench.layouts import make_kv_cache, random_block_table
 from matrix import AttnCase, make_attention_inputs
 
 

@@ -47,7 +47,7 @@ from kvdispatch import platform as kplatform
 from kvdispatch import registry as reg
 from kvdispatch.descriptor import KVCacheDescriptor
 from kvdispatch.platform import Platform
-from kvdispatch.testing import random_block_table
+from kvbench.layouts import random_block_table
 
 H100 = Platform(name="nvidia", device_type="cuda", arch="sm90", capability=(9, 0), multiprocessors=132,
                 device_name="NVIDIA H100 (mocked)")
@@ -203,7 +203,7 @@ def recorder(monkeypatch, fresh_descriptors):
     rec = _Recorder()
     monkeypatch.setattr(ops, "_WRITE_SEEN", {})
     monkeypatch.setattr(ops, "_ATTN_SEEN", {})
-    monkeypatch.setattr(type(ops.registry), "select", lambda self, op, platform, desc=None: rec)
+    monkeypatch.setattr(type(ops.registry), "select", lambda self, op, platform, desc=None, dtype=None: rec)
     monkeypatch.delenv("KVDISPATCH_DEBUG", raising=False)
     return rec
 
@@ -475,7 +475,8 @@ def test_attention_compiled_kernels_run_only_on_their_device(triton_stubs):
     preps = {opts: p for opts, p in plans.items() if opts is not None}
     assert sorted(opts[-1] for opts in preps) == [0, 1]  # one prepared launch per device
     for p in preps.values():
-        assert {c.device for c in (*p.kernels.values(), *p.merges.values())} == {p.device}
+        # each kept (launch, head): here the stand-in's bound run method, whose object knows its device
+        assert {launch.__self__.device for launch, _ in (*p.kernels.values(), *p.merges.values())} == {p.device}
     # a plan is constexprs, tile and config: nothing compiled
     assert set(attention.Plan._fields) == {"key", "tile", "constexprs", "v_factor", "k_factor", "q_factor", "config"}
 

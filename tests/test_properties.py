@@ -34,10 +34,11 @@ from hypothesis import strategies as st
 import kvdispatch as kvd
 from kvdispatch.platform import platform_of
 from kvdispatch.registry import registry
-from kvdispatch.testing import (ATTENTION_LAYOUTS, LAYOUTS, force_backend, make_kv_cache, make_mla_cache,
-                                random_block_table, random_fill, random_slots)
+from kvbench.compare import base as _base, clone_views, force_backend
+from kvbench.layouts import (ATTENTION_LAYOUTS, LAYOUTS, make_kv_cache, make_mla_cache, random_block_table,
+                             random_fill, random_slots)
 
-from matrix import TOLERANCE, _base, _clone_pair, assert_cache_equal
+from matrix import TOLERANCE, assert_cache_equal
 
 # -- sizing ------------------------------------------------------------------------------------
 PROFILE = "kvdispatch-properties"
@@ -424,10 +425,10 @@ def check_write(c: WriteCase, lane: str) -> None:
     kc, vc, key, value, slots, ks, vs = _write_inputs(c)
     args = (c.kv_cache_dtype, ks, vs)
     inputs_before = (_bytes(key), _bytes(value))
-    loop_k, loop_v = _clone_pair(kc, vc)
+    loop_k, loop_v = clone_views(kc, vc)
     quantized = c.kv_cache_dtype != "auto" and not c.input_fp8
     if lane != "reference":
-        ref_k, ref_v = _clone_pair(kc, vc)
+        ref_k, ref_v = clone_views(kc, vc)
         with force_backend("reference"):
             kvd.reshape_and_cache_flash(key, value, ref_k, ref_v, slots, *args)
     with force_backend(lane), _debug(c.debug):
@@ -521,15 +522,11 @@ def check_mla(c: MLACase, lane: str) -> None:
     slots = _slots(c.tokens, c.num_blocks, c.block_size, c.slot_dtype, c.pad, c.slots_strided, gen)
     scale = None if c.kv_cache_dtype == "auto" else torch.rand(1, generator=gen) + 0.1
 
-    def clone(t):
-        b = _base(t).clone()
-        return b.as_strided(t.shape, t.stride(), t.storage_offset())
-
-    loop = clone(cache)
+    (loop,) = clone_views(cache)
     loop_mla(kv_c, k_pe, loop, slots, c.kv_cache_dtype, scale)
     quantized = c.kv_cache_dtype != "auto" and not c.input_fp8
     if lane != "reference":
-        ref = clone(cache)
+        (ref,) = clone_views(cache)
         with force_backend("reference"):
             kvd.concat_and_cache_mla(kv_c, k_pe, ref, slots, c.kv_cache_dtype, scale)
     with force_backend(lane), _debug(c.debug):

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 import kvdispatch as kvd
-from kvdispatch.testing import (LAYOUTS, make_kv_cache, make_mla_cache, random_block_table, random_fill,
-                                random_slots)
+from kvbench.layouts import LAYOUTS, make_kv_cache, make_mla_cache, random_block_table, random_fill, random_slots
 
 from matrix import FP8, force_backend
 

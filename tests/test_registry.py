@@ -6,7 +6,7 @@ import torch
 import kvdispatch as kvd
 from kvdispatch import registry as reg
 from kvdispatch.platform import Platform
-from kvdispatch.testing import make_kv_cache
+from kvbench.layouts import make_kv_cache
 
 from matrix import force_backend
 

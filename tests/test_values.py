@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import kvdispatch as kvd
-from kvdispatch.testing import force_backend, make_kv_cache, random_block_table
+from kvbench.compare import force_backend
+from kvbench.layouts import make_kv_cache, random_block_table
 
 def _lanes():
     from kvdispatch.platform import platform_of

@@ -42,36 +42,35 @@ split) and the natural-log LSE of every row (written by the epilogue or the merg
 from __future__ import annotations
 
 import dataclasses
+from functools import reduce
+from operator import or_
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from kvdispatch.platform import getenv
+from kvdispatch.descriptor import FP8_DTYPES as _FP8, INT32_MAX as _INT32_MAX
+from kvdispatch.platform import interpreting as _interpreting  # the platform's answer; tests patch it
 
 from .attention_configs import AttentionConfig, TileConfig, config_for
-from .write import _no_launch_hooks, unit_stride
+from .backend import MAX_HEAD as _MAX_HEAD  # widest head (padded) one tile holds; MLA's 576 fits
+from .launch import keep as _keep, no_launch_hooks as _no_launch_hooks, stream as _stream
+from .write import unit_stride
 
 __all__ = ["supports", "flash_attn_varlen_func", "plan_for"]
 
 _LOG2E = 1.4426950408889634
-_MAX_HEAD = 1024  # widest head (padded) one tile holds; MLA's 576 fits
 
 # KV_MODE / Q_MODE: how a loaded element becomes the compute type
 PLAIN, FP8_NATIVE, FP8_E4M3_BITS, FP8_E5M2_BITS, FP8_E4M3FNUZ_BITS = 0, 1, 2, 3, 4
 # an fp8 value over the fp16 pattern its bits are moved into: 2^(15 - bias)
 _BITS_FACTOR = {FP8_E4M3_BITS: 2.0 ** 8, FP8_E5M2_BITS: 1.0, FP8_E4M3FNUZ_BITS: 2.0 ** 7}
-_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz)
 _BITS_MODE = {torch.float8_e4m3fn: FP8_E4M3_BITS, torch.float8_e5m2: FP8_E5M2_BITS,
               torch.float8_e4m3fnuz: FP8_E4M3FNUZ_BITS}
 _PTXAS_ERRORS = tuple(e for e in (getattr(getattr(triton.runtime, "errors", None), "PTXASError", None),)
                       if e is not None)
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-
-
-def _interpreting() -> bool:
-    return getenv(b"TRITON_INTERPRET") not in (None, "", "0")
 
 
 def _pow2_floor(n: int) -> int:
@@ -107,6 +106,14 @@ def _to_compute(x, MODE: tl.constexpr, COMPUTE: tl.constexpr):
                 # u ^ 0x80 is 0 only for 0x80: minus 1 wraps to 0xFFFF there, below 0x100 elsewhere
                 h |= ((u ^ 0x80) - 1) & 0x7E00
         return h.to(tl.float16, bitcast=True).to(COMPUTE)
+
+
+@triton.jit
+def _host_int(x):
+    """Interpreter only (called under ``if INTERPRET``): a loop bound as a Python int. The
+    interpreter's scalars are 1-element arrays, which ``range`` cannot take with numpy 2; so both
+    modes share one ``for`` loop (compiled: an ``scf.for``, which Triton pipelines)."""
+    return x.handle.data.item()
 
 
 @triton.jit
@@ -237,167 +244,6 @@ def _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, 
     return acc, l_i, m_new
 
 
-@triton.jit
-def _key_tiles(acc, l_i, m_i, lo, hi, qa, qb, k_ptr, v_ptr, bt_row, k_start, kvh, lk, p_row,
-               window_left, window_right, qk_scale, softcap, slope2,
-               K_SB: tl.constexpr, K_ST: tl.constexpr, K_SH: tl.constexpr,
-               V_SB: tl.constexpr, V_ST: tl.constexpr, V_SH: tl.constexpr,
-               PAGE: tl.constexpr, NUM_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr,
-               DA: tl.constexpr, DB: tl.constexpr, DB_VALID: tl.constexpr,
-               DV: tl.constexpr, DV_VALID: tl.constexpr,
-               PAGED: tl.constexpr, INT64: tl.constexpr, KV_MODE: tl.constexpr,
-               COMPUTE: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
-               SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-               HAS_ALIBI: tl.constexpr, MASKED: tl.constexpr, INTERPRET: tl.constexpr):
-    """The key tiles ``[lo, hi)``, ``BLOCK_N`` at a time: a ``for`` loop (inlined into the kernel,
-    so Triton pipelines it), under the interpreter a ``while`` loop (its loaded bounds are
-    1-element arrays, which ``range`` cannot take with numpy 2)."""
-    if INTERPRET:
-        start = lo
-        while start < hi:
-            acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, p_row,
-                                  window_left, window_right, qk_scale, softcap, slope2, K_SB, K_ST, K_SH, V_SB,
-                                  V_ST, V_SH, PAGE, NUM_BLOCKS, BLOCK_N, DA, DB, DB_VALID, DV, DV_VALID, PAGED,
-                                  INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP, HAS_LEFT, HAS_RIGHT, HAS_ALIBI,
-                                  MASKED)
-            start += BLOCK_N
-    else:
-        for start in range(lo, hi, BLOCK_N):
-            acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, p_row,
-                                  window_left, window_right, qk_scale, softcap, slope2, K_SB, K_ST, K_SH, V_SB,
-                                  V_ST, V_SH, PAGE, NUM_BLOCKS, BLOCK_N, DA, DB, DB_VALID, DV, DV_VALID, PAGED,
-                                  INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP, HAS_LEFT, HAS_RIGHT, HAS_ALIBI,
-                                  MASKED)
-    return acc, l_i, m_i
-
-
-@triton.jit
-def _q_tile(
-    q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_ml_ptr, alibi_ptr, sink_ptr, lse_ptr,
-    tile, b, kvh, split, q_start, lq, k_start, lk, split_hi, bt_row, qk_scale, out_scale,
-    softcap, window_left, window_right, total_q, split_keys,
-    s_qt, s_qh, s_ot, s_oh, al_sb, al_sh, s_lh, s_lt,
-    K_SB: tl.constexpr, K_ST: tl.constexpr, K_SH: tl.constexpr,
-    V_SB: tl.constexpr, V_ST: tl.constexpr, V_SH: tl.constexpr,
-    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr, NUM_BLOCKS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DA: tl.constexpr, DB: tl.constexpr, DB_VALID: tl.constexpr,
-    DV: tl.constexpr, DV_VALID: tl.constexpr,
-    PAGED: tl.constexpr, INT64: tl.constexpr,
-    KV_MODE: tl.constexpr, Q_MODE: tl.constexpr, COMPUTE: tl.constexpr, Q_PRE: tl.constexpr,
-    DOT_F32: tl.constexpr, IEEE: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_LSE: tl.constexpr,
-    SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
-):
-    """Rows ``[tile * BLOCK_M, tile * BLOCK_M + BLOCK_M)`` of sequence ``b`` (``lq`` query tokens,
-    ``tile * BLOCK_M < lq * GROUP``), kv head ``kvh``, over its keys (with SPLIT: this split's,
-    ``[split * split_keys, split_hi)``): the q tile, the three key loops, the epilogue."""
-    row0 = tile * BLOCK_M
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < lq * GROUP
-    q_tok = rows // GROUP
-    head = kvh * GROUP + rows % GROUP
-    p_row = q_tok + lk - lq  # key position each row is aligned to (bottom-right)
-    p_min = row0 // GROUP + lk - lq
-    p_max = tl.minimum((row0 + BLOCK_M - 1) // GROUP, lq - 1) + lk - lq
-
-    # the keys this tile can see, cut to this program's split
-    lo = 0
-    hi = lk
-    if HAS_RIGHT:
-        hi = tl.minimum(hi, p_max + window_right + 1)
-    if HAS_LEFT:
-        lo = tl.maximum(p_min - window_left, 0) // BLOCK_N * BLOCK_N
-    if SPLIT:
-        lo = tl.maximum(lo, split * split_keys)
-        hi = tl.minimum(hi, split_hi)
-    hi = tl.maximum(hi, lo)
-    # [full_lo, full_hi): tiles every row sees whole (no mask needed)
-    full_lo = lo
-    if HAS_LEFT:
-        full_lo = tl.maximum(lo, tl.cdiv(tl.maximum(p_max - window_left, 0), BLOCK_N) * BLOCK_N)
-    full_lo = tl.minimum(full_lo, hi)
-    vis_end = lk
-    if HAS_RIGHT:
-        vis_end = tl.minimum(vis_end, p_min + window_right + 1)
-    full_hi = vis_end // BLOCK_N * BLOCK_N
-    if SPLIT:
-        full_hi = tl.minimum(full_hi, split_hi)
-    full_hi = tl.maximum(full_hi, full_lo)
-
-    # q tile, in two column parts (power of two + remainder)
-    q_rows = (q_start + q_tok).to(tl.int64) * s_qt + head * s_qh
-    offs_da = tl.arange(0, DA)
-    qa = tl.load(q_ptr + q_rows[:, None] + offs_da[None, :], mask=row_ok[:, None], other=0.0)
-    if Q_PRE != 1.0:
-        qa = qa.to(tl.float32) * Q_PRE
-    qa = _to_compute(qa, Q_MODE, COMPUTE)
-    if DB > 0:
-        offs_db = DA + tl.arange(0, DB)
-        qb = tl.load(q_ptr + q_rows[:, None] + offs_db[None, :],
-                     mask=row_ok[:, None] & (offs_db[None, :] < DA + DB_VALID), other=0.0)
-        if Q_PRE != 1.0:
-            qb = qb.to(tl.float32) * Q_PRE
-        qb = _to_compute(qb, Q_MODE, COMPUTE)
-    else:
-        qb = qa
-
-    if HAS_ALIBI:
-        slope2 = tl.load(alibi_ptr + b * al_sb + head * al_sh, mask=row_ok, other=0.0).to(tl.float32) \
-            * 1.4426950408889634
-    else:
-        slope2 = qk_scale  # unused
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, DV], tl.float32)
-
-    # the three key regions: masked edge tiles, whole tiles (no masks), masked tiles at the end
-    for region in tl.static_range(3):
-        acc, l_i, m_i = _key_tiles(
-            acc, l_i, m_i, lo if region == 0 else (full_lo if region == 1 else full_hi),
-            full_lo if region == 0 else (full_hi if region == 1 else hi), qa, qb, k_ptr, v_ptr, bt_row, k_start, kvh, lk, p_row, window_left, window_right, qk_scale,
-                softcap, slope2, K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, PAGE, NUM_BLOCKS, BLOCK_N, DA, DB, DB_VALID,
-                DV, DV_VALID, PAGED, INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP, HAS_LEFT, HAS_RIGHT,
-                HAS_ALIBI,
-            region != 1, INTERPRET)
-
-    offs_dv = tl.arange(0, DV)
-    dv_ok = offs_dv[None, :] < DV_VALID
-    if SPLIT:
-        ws_row = (split * total_q + q_start + q_tok).to(tl.int64) * (NUM_KV_HEADS * GROUP) + head
-        tl.store(ws_o_ptr + ws_row[:, None] * DV_VALID + offs_dv[None, :], acc * out_scale,
-                 mask=row_ok[:, None] & dv_ok)
-        tl.store(ws_ml_ptr + ws_row * 2, m_i, mask=row_ok)
-        tl.store(ws_ml_ptr + ws_row * 2 + 1, l_i, mask=row_ok)
-    else:
-        o_scale = out_scale
-        if HAS_SINKS:
-            # the sink joins the denominator with no value: rescale (l, m) to max(m, sink) so a
-            # row that saw no key (m = -inf) gets l = 1 at m = sink (out 0, lse = sink)
-            sink2 = tl.load(sink_ptr + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
-            m_s = tl.maximum(m_i, sink2)
-            m_s_use = tl.where(m_s == float("-inf"), 0.0, m_s)
-            alpha = tl.math.exp2(m_i - m_s_use)
-            l_i = l_i * alpha + tl.math.exp2(sink2 - m_s_use)
-            o_scale = out_scale * alpha
-            m_i = m_s
-        # rows that saw no key (and have no sink) have acc == 0 and l == 0: they come out 0
-        o = acc * (o_scale / tl.where(l_i > 0.0, l_i, 1.0))[:, None]
-        o_rows = (q_start + q_tok).to(tl.int64) * s_ot + head * s_oh
-        tl.store(out_ptr + o_rows[:, None] + offs_dv[None, :], o.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & dv_ok)
-        if HAS_LSE:
-            # natural log: (m + log2(l)) / log2(e); -inf for a row with an empty denominator
-            lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0))) * 0.6931471805599453,
-                           float("-inf"))
-            tl.store(lse_ptr + head.to(tl.int64) * s_lh + (q_start + q_tok).to(tl.int64) * s_lt, lse,
-                     mask=row_ok)
-
-
-
-
 # Values that change from step to step are not specialized on, so one compiled kernel serves every
 # step of a plan and can be launched directly (see ``_launch``).
 @triton.jit(do_not_specialize=["total_q", "kv_limit", "split_keys", "s_bt", "al_sb", "al_sh", "s_lh", "s_lt"])
@@ -490,27 +336,115 @@ def _attention_kernel(
     bt_row = bt_ptr + b.to(tl.int64) * s_bt
 
     if INTERPRET:
-        tile = first
-        while tile < n_tiles:
-            _q_tile(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_ml_ptr, alibi_ptr, sink_ptr, lse_ptr,
-                    tile, b, kvh, split, q_start, lq, k_start, lk, split_hi, bt_row, qk_scale, out_scale,
-                    softcap, window_left, window_right, total_q, split_keys,
-                    s_qt, s_qh, s_ot, s_oh, al_sb, al_sh, s_lh, s_lt,
-                    K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, NUM_KV_HEADS, GROUP, PAGE, NUM_BLOCKS, BLOCK_M, BLOCK_N,
-                    DA, DB, DB_VALID, DV, DV_VALID, PAGED, INT64, KV_MODE, Q_MODE, COMPUTE, Q_PRE,
-                    DOT_F32, IEEE, SOFTCAP, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, HAS_SINKS, HAS_LSE,
-                    SPLIT, INTERPRET)
-            tile += programs
-    else:
-        for tile in range(first, n_tiles, programs):
-            _q_tile(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_ml_ptr, alibi_ptr, sink_ptr, lse_ptr,
-                    tile, b, kvh, split, q_start, lq, k_start, lk, split_hi, bt_row, qk_scale, out_scale,
-                    softcap, window_left, window_right, total_q, split_keys,
-                    s_qt, s_qh, s_ot, s_oh, al_sb, al_sh, s_lh, s_lt,
-                    K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, NUM_KV_HEADS, GROUP, PAGE, NUM_BLOCKS, BLOCK_M, BLOCK_N,
-                    DA, DB, DB_VALID, DV, DV_VALID, PAGED, INT64, KV_MODE, Q_MODE, COMPUTE, Q_PRE,
-                    DOT_F32, IEEE, SOFTCAP, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, HAS_SINKS, HAS_LSE,
-                    SPLIT, INTERPRET)
+        first, n_tiles, programs = _host_int(first), _host_int(n_tiles), _host_int(programs)
+    for tile in range(first, n_tiles, programs):
+        # rows [tile * BLOCK_M, tile * BLOCK_M + BLOCK_M) of sequence b (tile * BLOCK_M < lq * GROUP),
+        # kv head kvh, over its keys (with SPLIT: this split's, [split * split_keys, split_hi)):
+        # the q tile, the three key regions, the epilogue
+        row0 = tile * BLOCK_M
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < lq * GROUP
+        q_tok = rows // GROUP
+        head = kvh * GROUP + rows % GROUP
+        p_row = q_tok + lk - lq  # key position each row is aligned to (bottom-right)
+        p_min = row0 // GROUP + lk - lq
+        p_max = tl.minimum((row0 + BLOCK_M - 1) // GROUP, lq - 1) + lk - lq
+
+        # the keys this tile can see, cut to this program's split
+        lo = 0
+        hi = lk
+        if HAS_RIGHT:
+            hi = tl.minimum(hi, p_max + window_right + 1)
+        if HAS_LEFT:
+            lo = tl.maximum(p_min - window_left, 0) // BLOCK_N * BLOCK_N
+        if SPLIT:
+            lo = tl.maximum(lo, split * split_keys)
+            hi = tl.minimum(hi, split_hi)
+        hi = tl.maximum(hi, lo)
+        # [full_lo, full_hi): tiles every row sees whole (no mask needed)
+        full_lo = lo
+        if HAS_LEFT:
+            full_lo = tl.maximum(lo, tl.cdiv(tl.maximum(p_max - window_left, 0), BLOCK_N) * BLOCK_N)
+        full_lo = tl.minimum(full_lo, hi)
+        vis_end = lk
+        if HAS_RIGHT:
+            vis_end = tl.minimum(vis_end, p_min + window_right + 1)
+        full_hi = vis_end // BLOCK_N * BLOCK_N
+        if SPLIT:
+            full_hi = tl.minimum(full_hi, split_hi)
+        full_hi = tl.maximum(full_hi, full_lo)
+
+        # q tile, in two column parts (power of two + remainder)
+        q_rows = (q_start + q_tok).to(tl.int64) * s_qt + head * s_qh
+        offs_da = tl.arange(0, DA)
+        qa = tl.load(q_ptr + q_rows[:, None] + offs_da[None, :], mask=row_ok[:, None], other=0.0)
+        if Q_PRE != 1.0:
+            qa = qa.to(tl.float32) * Q_PRE
+        qa = _to_compute(qa, Q_MODE, COMPUTE)
+        if DB > 0:
+            offs_db = DA + tl.arange(0, DB)
+            qb = tl.load(q_ptr + q_rows[:, None] + offs_db[None, :],
+                         mask=row_ok[:, None] & (offs_db[None, :] < DA + DB_VALID), other=0.0)
+            if Q_PRE != 1.0:
+                qb = qb.to(tl.float32) * Q_PRE
+            qb = _to_compute(qb, Q_MODE, COMPUTE)
+        else:
+            qb = qa
+
+        if HAS_ALIBI:
+            slope2 = tl.load(alibi_ptr + b * al_sb + head * al_sh, mask=row_ok, other=0.0).to(tl.float32) \
+                * 1.4426950408889634
+        else:
+            slope2 = qk_scale  # unused
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, DV], tl.float32)
+
+        # the three key regions: masked edge tiles, whole tiles (no masks), masked tiles at the end
+        for region in tl.static_range(3):
+            r_lo = lo if region == 0 else (full_lo if region == 1 else full_hi)
+            r_hi = full_lo if region == 0 else (full_hi if region == 1 else hi)
+            if INTERPRET:
+                r_lo, r_hi = _host_int(r_lo), _host_int(r_hi)
+            for start in range(r_lo, r_hi, BLOCK_N):
+                acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, p_row,
+                                      window_left, window_right, qk_scale, softcap, slope2, K_SB, K_ST, K_SH, V_SB,
+                                      V_ST, V_SH, PAGE, NUM_BLOCKS, BLOCK_N, DA, DB, DB_VALID, DV, DV_VALID, PAGED,
+                                      INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP, HAS_LEFT, HAS_RIGHT, HAS_ALIBI,
+                                      region != 1)
+
+        offs_dv = tl.arange(0, DV)
+        dv_ok = offs_dv[None, :] < DV_VALID
+        if SPLIT:
+            ws_row = (split * total_q + q_start + q_tok).to(tl.int64) * (NUM_KV_HEADS * GROUP) + head
+            tl.store(ws_o_ptr + ws_row[:, None] * DV_VALID + offs_dv[None, :], acc * out_scale,
+                     mask=row_ok[:, None] & dv_ok)
+            tl.store(ws_ml_ptr + ws_row * 2, m_i, mask=row_ok)
+            tl.store(ws_ml_ptr + ws_row * 2 + 1, l_i, mask=row_ok)
+        else:
+            o_scale = out_scale
+            if HAS_SINKS:
+                # the sink joins the denominator with no value: rescale (l, m) to max(m, sink) so a
+                # row that saw no key (m = -inf) gets l = 1 at m = sink (out 0, lse = sink)
+                sink2 = tl.load(sink_ptr + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+                m_s = tl.maximum(m_i, sink2)
+                m_s_use = tl.where(m_s == float("-inf"), 0.0, m_s)
+                alpha = tl.math.exp2(m_i - m_s_use)
+                l_i = l_i * alpha + tl.math.exp2(sink2 - m_s_use)
+                o_scale = out_scale * alpha
+                m_i = m_s
+            # rows that saw no key (and have no sink) have acc == 0 and l == 0: they come out 0
+            o = acc * (o_scale / tl.where(l_i > 0.0, l_i, 1.0))[:, None]
+            o_rows = (q_start + q_tok).to(tl.int64) * s_ot + head * s_oh
+            tl.store(out_ptr + o_rows[:, None] + offs_dv[None, :], o.to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & dv_ok)
+            if HAS_LSE:
+                # natural log: (m + log2(l)) / log2(e); -inf for a row with an empty denominator
+                lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0))) * 0.6931471805599453,
+                               float("-inf"))
+                tl.store(lse_ptr + head.to(tl.int64) * s_lh + (q_start + q_tok).to(tl.int64) * s_lt, lse,
+                         mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["total_q", "batch", "s_lh", "s_lt"])
@@ -587,14 +521,7 @@ class Plan(NamedTuple):
 def _mode(dtype: torch.dtype, platform, interpreting: bool) -> int:
     if dtype not in _FP8:
         return PLAIN
-    if interpreting:
-        return _BITS_MODE[dtype]
-    if platform.name == "nvidia" and dtype != torch.float8_e4m3fnuz and \
-            (platform.capability or (0, 0)) >= (8, 9):
-        return FP8_NATIVE
-    if platform.name == "rocm" and dtype == platform.fp8_e4m3_dtype:
-        return FP8_NATIVE
-    return _BITS_MODE[dtype]
+    return FP8_NATIVE if not interpreting and platform.native_fp8(dtype) else _BITS_MODE[dtype]
 
 
 def plan_for(q: torch.Tensor, out: torch.Tensor, desc, args, decode: bool) -> Plan:
@@ -655,13 +582,6 @@ def plan_for(q: torch.Tensor, out: torch.Tensor, desc, args, decode: bool) -> Pl
     return Plan(key, tile, constexprs, kv_factor, kv_factor, _BITS_FACTOR.get(q_mode, 1.0) / q_pre, cfg)
 
 
-def _keep_compiled(cache: dict, key, compiled) -> None:
-    """Remember a compiled kernel for direct launches (when this triton returns one that has them)."""
-    if hasattr(compiled, "packed_metadata") and hasattr(compiled, "function"):
-        cache[key] = compiled
-
-
-_INT32_MAX = (1 << 31) - 1
 
 
 def _descale_strides(t: Optional[torch.Tensor]):
@@ -710,13 +630,14 @@ class _Prepared:
     others (total_q and split_keys are checked per call) and on 16-byte pointer alignment (checked
     per call: a misaligned pointer takes Triton's own launch)."""
 
-    __slots__ = ("plan", "decode", "device", "direct", "statics", "kv_limit", "tail", "group", "hkv",
+    __slots__ = ("plan", "decode", "device", "direct", "statics", "kv_limit", "tails", "group", "hkv", "scale_factor",
                  "block_m", "block_n", "sms", "strided", "kernels", "merges", "merge_tail", "merge_statics")
 
     def __init__(self, plan: Plan, decode: bool, device: int, direct: bool):
         self.plan, self.decode, self.device, self.direct = plan, decode, device, direct
-        self.kernels: dict = {}
-        self.merges: dict = {}
+        self.kernels: dict = {}  # split -> (launch, head) of the compiled kernel (launch.direct)
+        self.merges: dict = {}  # num_splits -> the same for the merge kernel
+        self.tails: dict = {}  # split -> the launch's last arguments (static ints, constexprs, SPLIT, INTERPRET)
 
 
 def _prepare(q, k, out, desc, args, decode: bool, device: int) -> _Prepared:
@@ -743,7 +664,7 @@ def _prepare(q, k, out, desc, args, decode: bool, device: int) -> _Prepared:
     p.kv_limit = bt.shape[1] * desc.block_size if args.paged else k.shape[1]
     if max(abs(x) for x in (p.kv_limit, s_bt, al_sb, al_sh, s_lh, s_lt)) > _INT32_MAX:
         p.direct = False  # do_not_specialize ints wider than int32: Triton's launch types them
-    p.tail = tuple(c.values())
+    p.scale_factor = plan.k_factor * plan.q_factor
     p.group = c["GROUP"]
     p.hkv = desc.num_kv_heads
     p.block_m, p.block_n = c["BLOCK_M"], c["BLOCK_N"]
@@ -821,38 +742,31 @@ def _launch(prep: _Prepared, q, k, v, out, args, total_q: int, batch: int) -> No
         ws_ml = torch.empty((num_splits, total_q, q.shape[1], 2), dtype=torch.float32, device=q.device)
     else:
         ws_o = ws_ml = out
-    # fp8 bit decoding leaves a power-of-two factor on K (scores) and V (output): folded here
-    runtime_args = (args.softmax_scale * plan.k_factor * plan.q_factor, args.softcap, plan.v_factor,
-                    args.window_left, args.window_right, total_q, prep.kv_limit, split_keys, *prep.statics)
-    grid = (q_tiles, batch * prep.hkv, num_splits)
     cu = args.cu_seqlens_q
+    keep = False
     if prep.direct and total_q <= _INT32_MAX and split_keys <= _INT32_MAX:
         d = cu.data_ptr()
         cuk, used, bt, qd, kd, vd, al, sk, lse = (args.cu_seqlens_k, args.seqused_k, args.block_table,
                                                  args.q_descale, args.k_descale, args.v_descale,
                                                  args.alibi_slopes, args.s_aux, args.softmax_lse)
-        ptrs = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), ws_o.data_ptr(), ws_ml.data_ptr(), d,
-                d if cuk is None else cuk.data_ptr(), d if used is None else used.data_ptr(),
-                d if bt is None else bt.data_ptr(), d if qd is None else qd.data_ptr(),
-                d if kd is None else kd.data_ptr(), d if vd is None else vd.data_ptr(),
-                d if al is None else al.data_ptr(), d if sk is None else sk.data_ptr(),
-                d if lse is None else lse.data_ptr())
-        align = 0
-        for ptr in ptrs:
-            align |= ptr
-        kernel = prep.kernels.get(split) if align & 15 == 0 else None
-        if kernel is not None and _no_launch_hooks():
-            # the compiled kernel of exactly this specialization (see _Prepared), launched with
-            # raw arguments: skips Triton's per-call binding (about 60 us of host time for this
-            # many arguments); the order is the kernel's signature, constexpr slots passed and ignored
-            kernel.run(grid[0], grid[1], grid[2], torch._C._cuda_getCurrentRawStream(prep.device), kernel.function,
-                       kernel.packed_metadata, None, None, None, *ptrs, *runtime_args, *prep.tail, split, False)
+        o = out.data_ptr()
+        ptrs = (q.data_ptr(), k.data_ptr(), v.data_ptr(), o, ws_o.data_ptr() if split else o,
+                ws_ml.data_ptr() if split else o, d, d if cuk is None else cuk.data_ptr(),
+                d if used is None else used.data_ptr(), d if bt is None else bt.data_ptr(),
+                d if qd is None else qd.data_ptr(), d if kd is None else kd.data_ptr(),
+                d if vd is None else vd.data_ptr(), d if al is None else al.data_ptr(),
+                d if sk is None else sk.data_ptr(), d if lse is None else lse.data_ptr())
+        keep = reduce(or_, ptrs) & 15 == 0  # every pointer 16-byte aligned, as the kernel was compiled
+        direct = prep.kernels.get(split) if keep else None
+        if direct is not None and _no_launch_hooks():
+            # the compiled kernel of exactly this specialization (see _Prepared), with raw arguments
+            launch, head = direct
+            launch(q_tiles, batch * prep.hkv, num_splits, _stream(prep.device), *head, *ptrs,
+                   args.softmax_scale * prep.scale_factor, args.softcap, plan.v_factor, args.window_left,
+                   args.window_right, total_q, prep.kv_limit, split_keys, *prep.tails[split])
             if split:
-                _merge(prep, ws_o, ws_ml, out, cu, sk, lse, total_q, batch, num_splits, align & 15 == 0)
+                _merge(prep, ws_o, ws_ml, out, cu, sk, lse, total_q, batch, num_splits, True)
             return
-        keep = align & 15 == 0
-    else:
-        keep = False
     c = plan.constexprs
     dummy = cu
     bits = c["KV_MODE"] >= FP8_E4M3_BITS
@@ -861,6 +775,10 @@ def _launch(prep: _Prepared, q, k, v, out, args, total_q: int, batch: int) -> No
     tensors += tuple(dummy if t is None else t for t in (
         args.cu_seqlens_k, args.seqused_k, args.block_table if args.paged else None, args.q_descale,
         args.k_descale, args.v_descale, args.alibi_slopes, args.s_aux, args.softmax_lse))
+    # fp8 bit decoding leaves a power-of-two factor on K (scores) and V (output): folded here
+    runtime_args = (args.softmax_scale * prep.scale_factor, args.softcap, plan.v_factor, args.window_left,
+                    args.window_right, total_q, prep.kv_limit, split_keys, *prep.statics)
+    grid = (q_tiles, batch * prep.hkv, num_splits)
     while True:
         try:
             compiled = _attention_kernel[grid](
@@ -876,7 +794,8 @@ def _launch(prep: _Prepared, q, k, v, out, args, total_q: int, batch: int) -> No
                 raise
             plan = prep.plan = plan._replace(tile=dataclasses.replace(plan.tile, num_stages=plan.tile.num_stages - 1))
     if keep:
-        _keep_compiled(prep.kernels, split, compiled)
+        _keep(prep.kernels, split, compiled)
+        prep.tails[split] = (*prep.statics, *tuple(plan.constexprs.values()), split, False)
     if split:
         _merge(prep, ws_o, ws_ml, out, cu, args.s_aux, args.softmax_lse, total_q, batch, num_splits, keep)
 
@@ -888,14 +807,14 @@ def _merge(prep: _Prepared, ws_o, ws_ml, out, cu_q, sink, lse, total_q: int, bat
     launched directly on later calls (Triton's generic launcher costs about 60 us of host time)."""
     hq, dv, dv_valid, has_sinks, has_lse = prep.merge_tail
     s_ot, s_oh, s_lh, s_lt = prep.merge_statics
-    kernel = prep.merges.get(num_splits) if direct_ok else None
-    if kernel is not None:
+    direct = prep.merges.get(num_splits) if direct_ok else None
+    if direct is not None:
         d = cu_q.data_ptr()
-        kernel.run(total_q, hq, 1, torch._C._cuda_getCurrentRawStream(prep.device), kernel.function,
-                   kernel.packed_metadata, None, None, None, ws_o.data_ptr(), ws_ml.data_ptr(), out.data_ptr(), d,
-                   d if sink is None else sink.data_ptr(), d if lse is None else lse.data_ptr(),
-                   total_q, batch, s_ot, s_oh, s_lh, s_lt, hq, num_splits, _pow2_ceil(num_splits), dv, dv_valid,
-                   has_sinks, has_lse)
+        launch, head = direct
+        launch(total_q, hq, 1, _stream(prep.device), *head, ws_o.data_ptr(), ws_ml.data_ptr(), out.data_ptr(), d,
+               d if sink is None else sink.data_ptr(), d if lse is None else lse.data_ptr(),
+               total_q, batch, s_ot, s_oh, s_lh, s_lt, hq, num_splits, _pow2_ceil(num_splits), dv, dv_valid,
+               has_sinks, has_lse)
         return
     compiled = _merge_splits_kernel[(total_q, hq)](
         ws_o, ws_ml, out, cu_q, cu_q if sink is None else sink, cu_q if lse is None else lse,
@@ -903,4 +822,4 @@ def _merge(prep: _Prepared, ws_o, ws_ml, out, cu_q, sink, lse, total_q: int, bat
         NUM_HEADS=hq, NUM_SPLITS=num_splits, SPLITS_P2=_pow2_ceil(num_splits), DV=dv, DV_VALID=dv_valid,
         HAS_SINKS=has_sinks, HAS_LSE=has_lse)
     if direct_ok:
-        _keep_compiled(prep.merges, num_splits, compiled)
+        _keep(prep.merges, num_splits, compiled)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .tables import lookup
+
 __all__ = ["TileConfig", "AttentionConfig", "NVIDIA", "ROCM", "INTERPRETER", "DEFAULT", "config_for"]
 
 
@@ -51,9 +53,10 @@ class AttentionConfig:
 
 
 # NVIDIA, by compute capability ------------------------------------------------------------------
-# H100 (sm90), measured with benchmarks/attention_perf.py (2026-11-22/23, torch 2.11, triton 3.6;
-# the numbers and sweeps are in benchmarks/results/attention_h100.md). Decode: 128-key tiles,
-# 4 warps, 2 stages (194 us at batch 32 x 4096 vs 200 us for 64-key tiles and 201-208 us for 256;
+# H100 (sm90), measured with `kvdispatch bench --tune attention` (2026-11-22/23, then named
+# benchmarks/attention_perf.py; torch 2.11, triton 3.6; the numbers and sweeps are in
+# benchmarks/results/attention_h100.md). Decode: 128-key tiles, 4 warps, 2 stages (194 us at batch
+# 32 x 4096 vs 200 us for 64-key tiles and 201-208 us for 256;
 # fp8 e4m3 b32: 108 us, vs 114-178 us for 8 warps, 3 stages, 256-key tiles or 2-4 splits).
 # Prefill head 128: 128x32, 4 warps, 3 stages (8 x 2048 causal: 326 TFLOP/s, against 306 for
 # 128x64/8 warps/2 stages, 317 for 128x128/8/3, 224-310 for the other swept tiles; ptxas of
@@ -77,7 +80,7 @@ _H100 = AttentionConfig(
     ),
     split_programs_per_sm=2,
     split_min_keys=512,
-    source="H100 80GB HBM3 (sm90): benchmarks/attention_perf.py, see benchmarks/results/attention_h100.md",
+    source="H100 80GB HBM3 (sm90): kvdispatch bench --tune attention, see benchmarks/results/attention_h100.md",
 )
 
 NVIDIA = {
@@ -138,14 +141,4 @@ DEFAULT = _H100
 
 def config_for(platform, interpreting: bool = False) -> AttentionConfig:
     """The attention configuration for ``platform`` (a :class:`kvdispatch.Platform`)."""
-    if interpreting or platform.name == "cpu":
-        return INTERPRETER
-    if platform.name == "nvidia" and platform.capability is not None:
-        cap = tuple(platform.capability)
-        if cap in NVIDIA:
-            return NVIDIA[cap]
-        lower = [c for c in NVIDIA if c <= cap]
-        return NVIDIA[max(lower)] if lower else DEFAULT
-    if platform.name == "rocm":
-        return ROCM.get((platform.arch or "").split(":")[0], _CDNA3)
-    return DEFAULT
+    return lookup(platform, interpreting, NVIDIA, ROCM, _CDNA3, INTERPRETER, DEFAULT)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import types
 from typing import Optional
 
 import torch
 
+from kvdispatch.descriptor import FP8_DTYPES, LAYOUTS_4D
+from kvdispatch.platform import interpreting
 from kvdispatch.registry import OPS, Backend
 
-INTERPRET = "TRITON_INTERPRET"
+# the widest row the write kernel holds (elements); the attention kernel's widest head
+MAX_ROW, MAX_HEAD = 1 << 14, 1024
+ELEMENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32) + FP8_DTYPES
 
 
 @functools.lru_cache(maxsize=None)
@@ -34,18 +37,16 @@ def _intel_triton_xpu() -> bool:
         return False
 
 
-def interpreting() -> bool:
-    return os.environ.get(INTERPRET, "0") not in ("", "0")
-
-
 _NO_GUARD = contextlib.nullcontext()
+_cuda_get_device = getattr(torch._C, "_cuda_getDevice", None)
 
 
 def device_guard(t: torch.Tensor):
     """Launch under the tensor's device (tensors on cuda:1 while cuda:0 is current)."""
     if t.is_cuda:
         index = t.get_device()
-        if index != torch.cuda.current_device():
+        # a CUDA tensor exists, so CUDA is initialized: the raw getter skips current_device's lazy init
+        if index != (_cuda_get_device() if _cuda_get_device is not None else torch.cuda.current_device()):
             return torch.cuda.device(index)
     elif t.device.type == "xpu" and t.device.index != torch.xpu.current_device():
         return torch.xpu.device(t.device.index)
@@ -58,6 +59,11 @@ class TritonBackend(Backend):
     platforms = ("nvidia", "rocm", "xpu")
     ops = OPS
     description = "Triton kernels; launch configs per compute capability / gfx arch"
+    dtypes = kv_cache_dtypes = ELEMENT_DTYPES
+    head_sizes = {"flash_attn_varlen_func": range(1, MAX_HEAD + 1), "reshape_and_cache_flash": range(1, MAX_ROW + 1),
+                  "concat_and_cache_mla": range(1, MAX_ROW + 1)}
+    layouts = {"flash_attn_varlen_func": LAYOUTS_4D, "reshape_and_cache_flash": LAYOUTS_4D + ("head-major",),
+               "concat_and_cache_mla": ("mla",)}
 
     def available(self, platform) -> Optional[str]:
         err = _triton_import_error()

@@ -19,11 +19,11 @@ stored ``kv_lora_rank`` elements into the cache row.
 
 Offsets are int32 when the descriptor proves the cache fits (and the inputs do), else int64.
 FP8: ``x * (1 / scale)`` clamped to the type's largest finite value (so a finite input never
-becomes NaN/inf), rounded to nearest-even by the hardware conversion where Triton has one for the
-platform and type (e4m3fnuz on NVIDIA has none: a shortcut through e4m3fn stored wrong codes on
-the H100, 2026-11-22),
-otherwise by an exact integer encoder (``_fp8_encode``), which also serves the CPU interpreter
-(whose own fp8 casts do not round to nearest-even).
+becomes NaN/inf), rounded to nearest-even by the hardware conversion where the platform has one
+for the type (``Platform.native_fp8``; e4m3fnuz on NVIDIA has none: a shortcut through e4m3fn
+stored wrong codes on the H100, 2026-11-22), otherwise by an exact integer encoder
+(``_fp8_encode``), which also serves the CPU interpreter (whose own fp8 casts do not round to
+nearest-even).
 
 Per-call Python is kept small: everything derived from the descriptor, the input strides, the
 pointer alignments and the token-count bucket is cached; on NVIDIA the cached compiled kernel is
@@ -38,13 +38,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kvdispatch.platform import getenv
+from kvdispatch.descriptor import INT32_MAX
+from kvdispatch.platform import interpreting as _interpreting  # tests patch this name
 
+from .backend import ELEMENT_DTYPES, MAX_ROW as _MAX_ROW
+from .launch import direct, no_launch_hooks as _no_launch_hooks, stream as _stream
 from .write_configs import WriteConfig, config_for
 
 __all__ = ["supports", "reshape_and_cache_flash", "concat_and_cache_mla", "plan_for"]
-
-INT32_MAX = 2**31 - 1
 
 # fp8 type -> (exponent bias, mantissa bits, fnuz) for the integer encoder
 _FP8_FORMAT = {
@@ -58,15 +59,9 @@ _FP8 = tuple(_FP8_FORMAT)
 # type; the integer encoder
 COPY, NATIVE_FP8, SOFT_FP8 = 0, 1, 2
 
-# the widest head row a program holds (elements, padded)
-_MAX_ROW = 1 << 14
 # whole-token rows only up to this width (elements, padded): wider rows gain nothing (a 2 KB
 # token row is already a long burst) and would only grow the per-program tile
 _MAX_MERGED_ROW = 1 << 12
-
-
-def _interpreting() -> bool:
-    return getenv(b"TRITON_INTERPRET") not in (None, "", "0")
 
 
 # -- kernels ----------------------------------------------------------------------------------------
@@ -191,20 +186,9 @@ def _write_kv_kernel(
 
 # -- planning (cached per descriptor, input strides, alignment and batch bucket) -------------------
 def _fp8_mode(platform, fp8_dtype: torch.dtype) -> int:
-    """How this platform converts fp32 -> ``fp8_dtype``: in hardware where Triton has the type
-    for the target, else with the exact integer encoder (e4m3fnuz on NVIDIA)."""
-    if _interpreting():
-        return SOFT_FP8
-    if platform.name == "nvidia" and (platform.capability or (0, 0)) >= (8, 9):
-        if fp8_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            return NATIVE_FP8
-    if platform.name == "rocm":
-        arch = (platform.arch or "").split(":")[0]
-        if arch in ("gfx940", "gfx941", "gfx942") and fp8_dtype == torch.float8_e4m3fnuz:
-            return NATIVE_FP8
-        if arch == "gfx950" and fp8_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            return NATIVE_FP8
-    return SOFT_FP8
+    """fp32 -> ``fp8_dtype`` in hardware where the platform has the conversion, else (and under the
+    interpreter, whose casts do not round to nearest even) with the exact integer encoder."""
+    return NATIVE_FP8 if not _interpreting() and platform.native_fp8(fp8_dtype) else SOFT_FP8
 
 
 def _pow2(n: int) -> int:
@@ -320,16 +304,6 @@ def _view(t: torch.Tensor, dtype) -> torch.Tensor:
     return t if dtype is None or t.dtype == dtype else t.view(dtype)
 
 
-def _no_launch_hooks() -> bool:
-    """No profiler hook is installed (triton >= 3.5 keeps an empty HookChain, older ones None):
-    the direct launch may skip the launch metadata the hooks would receive."""
-    knobs = triton.knobs.runtime
-    for hook in (knobs.launch_enter_hook, knobs.launch_exit_hook):
-        if hook is not None and getattr(hook, "calls", True):
-            return False
-    return True
-
-
 def unit_stride(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """``t`` itself when its last dimension is contiguous, else a contiguous copy: the kernels
     read index vectors, block-table rows and per-head scales as contiguous arrays (the public API
@@ -344,18 +318,17 @@ def _launch(plan: _Plan, n: int, k_src, v_src, k_dst, v_dst, slot_mapping, k_sca
     """Launch ``plan`` over ``n`` tokens; ``v_dst_offset`` shifts V's destination (MLA's k_pe)."""
     n_rows = n * plan.heads
     grid = -(-n_rows // plan.rows)
-    kernel = plan.kernel
-    if kernel is not None and _no_launch_hooks():
+    if plan.kernel is not None and _no_launch_hooks():
         # The compiled kernel of exactly this specialization (the plan key holds everything
-        # Triton specializes on), launched with raw pointers; constexpr positions are skipped.
+        # Triton specializes on), launched with raw pointers (launch.direct); constexpr slots last.
+        launch, head = plan.kernel
         ia = plan.int_args
-        kernel.run(grid, 1, 1, torch._C._cuda_getCurrentRawStream(plan.device), kernel.function,
-                   kernel.packed_metadata, None, None, None,
-                   k_src.data_ptr(), v_src.data_ptr(), k_dst.data_ptr(),
-                   v_dst.data_ptr() + plan.v_dst_offset_bytes, slot_mapping.data_ptr(),
-                   None if k_scale is None else k_scale.data_ptr(),
-                   None if v_scale is None else v_scale.data_ptr(),
-                   n_rows, ia[0], ia[1], ia[2], ia[3], *plan.tail)
+        launch(grid, 1, 1, _stream(plan.device), *head,
+               k_src.data_ptr(), v_src.data_ptr(), k_dst.data_ptr(),
+               v_dst.data_ptr() + plan.v_dst_offset_bytes, slot_mapping.data_ptr(),
+               None if k_scale is None else k_scale.data_ptr(),
+               None if v_scale is None else v_scale.data_ptr(),
+               n_rows, ia[0], ia[1], ia[2], ia[3], *plan.tail)
         return
     v_dst_t = v_dst[..., v_dst_offset:] if v_dst_offset else v_dst
     ia = plan.int_args
@@ -367,11 +340,7 @@ def _launch(plan: _Plan, n: int, k_src, v_src, k_dst, v_dst, slot_mapping, k_sca
     if (plan.kernel is None and not _interpreting() and k_dst.is_cuda and plan.desc.platform.is_nvidia
             and not hasattr(compiled, "result")):
         plan.device = k_dst.get_device()
-        plan.kernel = compiled
-
-
-def _scale_is_head(scale: Optional[torch.Tensor]) -> bool:
-    return scale is not None and scale.numel() > 1
+        plan.kernel = direct(compiled)
 
 
 def _alignment(*ptrs: int):
@@ -417,14 +386,13 @@ def _plan_kv(ck, n, key, value, key_cache, value_cache, desc, config, merge, for
     quant = desc.kv_cache_dtype != "auto" and quant_in != desc.cache_dtype
     ks, vs = key.stride(), value.stride()
     h, dk, dv = desc.num_kv_heads, desc.head_size_k, desc.head_size_v
-    mergeable = (h > 1 and desc.k.x == dk and desc.v.x == dv and desc.k.head == dk
-                 and desc.v.head == dv and ks[1] == dk and vs[1] == dv
+    mergeable = (h > 1 and desc.heads_contiguous and ks[1] == dk and vs[1] == dv
                  and _pow2(h * max(dk, dv)) <= _MAX_MERGED_ROW)
     off64 = not desc.int32_offsets or in64
     if force_off64 is not None:
         off64 = force_off64
     plan = _make_plan(desc, desc.k, desc.v, dk, dv, h, quant_in, mergeable, _floor_pow2(n), off64,
-                      quant and _scale_is_head(desc.k_scale), quant and _scale_is_head(desc.v_scale),
+                      quant and desc.scale_kinds[0] == "head", quant and desc.scale_kinds[1] == "head",
                       config, merge)
     return _remember(ck, _finish_plan(plan, key, value, key_cache, 0, off64))
 
@@ -436,8 +404,7 @@ def supports(op: str, desc, platform) -> Optional[str]:
         return f"write.py does not implement {op}"
     if desc is None:
         return None
-    if desc.cache_dtype not in _FP8 and desc.cache_dtype not in (torch.float16, torch.bfloat16,
-                                                                 torch.float32):
+    if desc.cache_dtype not in ELEMENT_DTYPES:
         return f"cache element type {desc.cache_dtype} is not float16/bfloat16/float32/fp8"
     if op == "concat_and_cache_mla":
         if not desc.is_mla:

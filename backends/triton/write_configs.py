@@ -22,7 +22,8 @@ measured them), or the vendor reference it follows when no such device was avail
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
+
+from .tables import lookup
 
 __all__ = ["WriteConfig", "NVIDIA", "ROCM", "INTERPRETER", "DEFAULT", "config_for"]
 
@@ -41,13 +42,13 @@ class WriteConfig:
 
 # NVIDIA, by compute capability ------------------------------------------------------------------
 NVIDIA = {
-    # H100 80GB HBM3 (sm90): measured. `python benchmarks/write_perf.py --sections sweep` (2026-11-22,
-    # torch 2.11, triton 3.6; table in benchmarks/results/write_h100_sweep.md): tiles of 2-32 KB with
-    # 4 or 8 warps all land within ~1.5% of each other (93.1-95.0% of copy at 32768 tokens, 81-83%
-    # at 4096, 2.9 us at 256 in steady state); 4 KB x 8 warps is among the best for NHD (94.7%) and
+    # H100 80GB HBM3 (sm90): measured. `kvdispatch bench --tune write --sections sweep` (2026-11-22, then
+    # named benchmarks/write_perf.py; torch 2.11, triton 3.6; table in
+    # benchmarks/results/write_h100_sweep.md): tiles of 2-32 KB with 4 or 8 warps all land within ~1.5%
+    # of each other (93.1-95.0% of copy at 32768 tokens, 81-83% at 4096, 2.9 us at 256 in steady state); 4 KB x 8 warps is among the best for NHD (94.7%) and
     # HND (95.0%). Streaming hints gained nothing in steady state and cost ~2% cold.
     (9, 0): WriteConfig(num_warps=8, tile_bytes=4096, min_programs_per_sm=4, streaming=False,
-                        source="measured: H100 80GB HBM3, benchmarks/write_perf.py --sections sweep (2026-11-22)"),
+                        source="measured: H100 80GB HBM3, kvdispatch bench --tune write --sections sweep (2026-11-22)"),
     # A100 (sm80): not measured here. NVIDIA's Ampere tuning guide gives the same advice for
     # memory-bound kernels as for Hopper (16-byte accesses, enough independent loads per SM to
     # cover the latency); the write is flat in the tile size on H100, so the H100 entry.
@@ -91,20 +92,4 @@ DEFAULT = NVIDIA[(9, 0)]
 
 def config_for(platform, interpreting: bool = False) -> WriteConfig:
     """The write configuration for ``platform`` (a :class:`kvdispatch.Platform`)."""
-    if interpreting or platform.name == "cpu":
-        return INTERPRETER
-    if platform.name == "nvidia" and platform.capability is not None:
-        cap = tuple(platform.capability)
-        if cap in NVIDIA:
-            return NVIDIA[cap]
-        # same major: the closest lower minor (sm86 -> sm80, sm87 -> sm80, sm120 -> sm100 below)
-        lower = [c for c in NVIDIA if c[0] == cap[0] and c <= cap]
-        if lower:
-            return NVIDIA[max(lower)]
-        older = [c for c in NVIDIA if c <= cap]
-        return NVIDIA[max(older)] if older else DEFAULT
-    if platform.name == "rocm":
-        arch = (platform.arch or "").split(":")[0]
-        cfg: Optional[WriteConfig] = ROCM.get(arch)
-        return cfg if cfg is not None else ROCM["gfx942"]
-    return DEFAULT
+    return lookup(platform, interpreting, NVIDIA, ROCM, ROCM["gfx942"], INTERPRETER, DEFAULT)

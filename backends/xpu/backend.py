@@ -23,45 +23,34 @@ from kvdispatch.registry import OPS, Backend
 from . import kernels
 
 
+_ELEMENTS = tuple(kernels.PLAIN) + tuple(kernels.FP8)
+
+
 class _SyclKernels(Backend):
     """Ops in terms of ``kernels.py`` launches; subclasses say where a launch runs."""
 
     ops = OPS
     esimd = False  # may this backend launch ESIMD variants (Intel GPUs only)
+    # attention reads q and the cache as float/half/bf16 or fp8 (out is float/half/bf16, as the public
+    # call checks); writes copy any 1/2/4-byte element (supports) or quantize float/half/bf16 to fp8
+    dtypes = kv_cache_dtypes = {"flash_attn_varlen_func": _ELEMENTS}
 
     def _run(self, launch: kernels.Launch) -> None:
         raise NotImplementedError
 
     def supports(self, op, desc, platform) -> Optional[str]:
-        if desc is None:
-            return None
-        if op == "flash_attn_varlen_func":
-            if desc.cache_dtype not in kernels.PLAIN and desc.cache_dtype not in kernels.FP8:
-                return f"no attention kernel reads a cache of {desc.cache_dtype}"
-            return None
-        if desc.cache_dtype.itemsize not in kernels.RAW:
+        if desc is not None and op != "flash_attn_varlen_func" and desc.cache_dtype.itemsize not in kernels.RAW:
             return f"no {desc.cache_dtype.itemsize}-byte element copy"
-        if desc.kv_cache_dtype != "auto" and desc.cache_dtype not in kernels.FP8:
-            return f"no fp8 encoder for {desc.cache_dtype}"
         return None
 
     def reshape_and_cache_flash(self, key, value, key_cache, value_cache, slot_mapping, desc) -> None:
-        why = kernels.element_support(key.dtype, desc)
-        if why:
-            raise TypeError(f"key: {why} ({self.name})")
         self._run(kernels.cache_write_launch(key, value, key_cache, value_cache, slot_mapping, desc,
                                              esimd=self.esimd))
 
     def concat_and_cache_mla(self, kv_c, k_pe, kv_cache, slot_mapping, desc) -> None:
-        why = kernels.element_support(kv_c.dtype, desc)
-        if why:
-            raise TypeError(f"kv_c: {why} ({self.name})")
         self._run(kernels.mla_write_launch(kv_c, k_pe, kv_cache, slot_mapping, desc))
 
     def flash_attn_varlen_func(self, q, k, v, out, desc, args) -> None:
-        why = kernels.attention_support(q.dtype, out.dtype, desc)
-        if why:
-            raise TypeError(f"{why} ({self.name})")
         self._run(kernels.attention_launch(q, k, v, out, desc, args))
 
 

@@ -6,7 +6,7 @@ A :class:`Spec` names one instantiation of a kernel template (element types, hea
 width) and can write the tiny translation unit that exposes it as a free-function kernel. A
 :class:`Launch` is everything one call needs: the spec, the arguments in the order of the
 kernel's ``KVX_*_PARAMS`` macro, and the nd-range. The descriptor decides what is static
-(element types, 32/64-bit offsets, head sizes); per-call values (strides of key/q, lengths) are
+(element types, 32/64-bit offsets, head sizes, scale kinds); per-call values (strides of key/q, lengths) are
 arguments.
 """
 
@@ -20,11 +20,10 @@ from typing import Optional
 
 import torch
 
-from kvdispatch.descriptor import KVCacheDescriptor
+from kvdispatch.descriptor import INT32_MAX, KVCacheDescriptor, max_offset
 from kvdispatch.registry import AttentionArgs
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-INT32_MAX = 2**31 - 1
 
 PLAIN = {
     torch.float32: "kvx::Plain<float>",
@@ -121,12 +120,9 @@ def _storage(policy: str) -> str:
     return f"{policy}::storage"
 
 
-def _max_offset(t: torch.Tensor) -> int:
-    return sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if n > 0)
-
-
 def _fits32(desc: KVCacheDescriptor, *tensors: torch.Tensor) -> bool:
-    return desc.int32_offsets and all(_max_offset(t) <= INT32_MAX for t in tensors)
+    """32-bit offsets: the descriptor's caches and ``tensors`` (a write's inputs) fit."""
+    return desc.int32_offsets and all(max_offset(t) <= INT32_MAX for t in tensors)
 
 
 def _elements(in_dtype: torch.dtype, desc: KVCacheDescriptor):
@@ -137,26 +133,10 @@ def _elements(in_dtype: torch.dtype, desc: KVCacheDescriptor):
     return raw, raw, False
 
 
-def element_support(in_dtype: torch.dtype, desc: KVCacheDescriptor) -> Optional[str]:
-    """None when a write of ``in_dtype`` rows into ``desc``'s cache has a kernel, else why not."""
-    if desc.kv_cache_dtype != "auto" and in_dtype != desc.cache_dtype:
-        if in_dtype not in PLAIN:
-            return f"no fp8 quantization from {in_dtype}"
-        if desc.cache_dtype not in FP8:
-            return f"no fp8 encoder for {desc.cache_dtype}"
-    elif desc.cache_dtype.itemsize not in RAW:
-        return f"no {desc.cache_dtype.itemsize}-byte element copy"
-    return None
-
-
 def _dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Index vectors and scales are read as dense arrays by the kernels; the public API accepts
     any strides for them, so a strided one (rare) is copied."""
     return t if t is None or t.is_contiguous() else t.contiguous()
-
-
-def _scale_step(scale: Optional[torch.Tensor]) -> int:
-    return 1 if scale is not None and scale.numel() > 1 else 0
 
 
 def _write_group(elements: int) -> int:
@@ -173,11 +153,10 @@ def write_spec(family: str, in_p: str, cache_p: str, quant: bool, slot: str, idx
 
 
 @functools.lru_cache(maxsize=None)  # one Spec per instantiation: its name is hashed once
-def attention_spec(qe: str, kve: str, oe: str, dk: int, dv: int, heads_per_group: int) -> Spec:
-    # 64-bit offsets always: per key the kernel does a few integer ops against DK loads, and one
-    # index width halves the AOT table
+def attention_spec(qe: str, kve: str, oe: str, dk: int, dv: int, heads_per_group: int, idx: str) -> Spec:
+    # ``idx``: the cache offsets' type (the descriptor's int32_offsets); q/out/LSE use 64-bit steps
     return Spec("paged_attention", (qe, kve, oe, str(dk), str(dv), str(heads_per_group), str(ATTENTION_WG),
-                                    "int64_t"),
+                                    idx),
                 (_storage(qe), _storage(kve), _storage(oe)))
 
 
@@ -247,7 +226,7 @@ def cache_write_launch(key, value, key_cache, value_cache, slot_mapping,
         ("i64", desc.num_kv_heads, False), ("i64", desc.head_size_k, False), ("i64", desc.head_size_v, False),
         ("i64", desc.block_size, False), ("i64", desc.num_blocks, False),  # slots past the cache: dropped
         *[("i64", s, False) for s in k.as_tuple()], *[("i64", s, False) for s in v.as_tuple()],
-        ("i64", _scale_step(ks), False), ("i64", _scale_step(vs), False),
+        *[("i64", int(quant and kind == "head"), False) for kind in desc.scale_kinds],
     ]
     wg = _write_group(desc.num_kv_heads * max(desc.head_size_k, desc.head_size_v))
     return Launch(spec, args, slot_mapping.shape[0], wg)
@@ -266,15 +245,6 @@ def mla_write_launch(kv_c, k_pe, kv_cache, slot_mapping, desc: KVCacheDescriptor
         ("i64", desc.num_blocks, False), ("i64", desc.k.block, False), ("i64", desc.k.token, False),
     ]
     return Launch(spec, args, slot_mapping.shape[0], _write_group(desc.head_size_k))
-
-
-def attention_support(q_dtype, out_dtype, desc: KVCacheDescriptor) -> Optional[str]:
-    for what, dt in (("q", q_dtype), ("out", out_dtype)):
-        if dt not in PLAIN and not (what == "q" and dt in FP8):
-            return f"no kernel for {what} of dtype {dt}"
-    if desc.cache_dtype not in PLAIN and desc.cache_dtype not in FP8:
-        return f"no kernel reads a cache of {desc.cache_dtype}"
-    return None
 
 
 def _elem(dtype: torch.dtype) -> str:
@@ -296,10 +266,10 @@ def attention_launch(q, k, v, out, desc: KVCacheDescriptor, args: AttentionArgs)
     """One group per (row of q, kv head, GT of its query heads); rows past ``cu_seqlens_q[-1]``
     return at once. ``args.num_splits`` needs nothing: the kernel never splits a row's keys, which
     satisfies every value (0 automatic, 1 none, n at most n)."""
-    dk, dv = q.shape[2], out.shape[2]
     hq, hkv = q.shape[1], desc.num_kv_heads
     gt = heads_per_group(hq // hkv)
-    spec = attention_spec(_elem(q.dtype), _elem(desc.cache_dtype), _elem(out.dtype), dk, dv, gt)
+    spec = attention_spec(_elem(q.dtype), _elem(desc.cache_dtype), _elem(out.dtype), desc.head_size_k,
+                          desc.head_size_v, gt, "int32_t" if _fits32(desc) else "int64_t")
     bt = args.block_table
     if bt is not None and bt.stride(1) != 1:
         bt = bt.contiguous()
@@ -355,7 +325,8 @@ def aot_specs(head_sizes=DEFAULT_AOT_HEAD_SIZES) -> list:
     elements, or quantization from float/half/bf16 to each fp8 kind; int32/int64 slots; 32/64-bit
     offsets) and their ESIMD twins per head-size pair, and attention for q = out in
     float/half/bf16 over a cache of the same type, bf16/half q over any fp8 kind, fp8 q (the
-    cache's kind) with a bf16/half out, for each head-size pair and heads-per-group size."""
+    cache's kind) with a bf16/half out, for each head-size pair, heads-per-group size and offset
+    width."""
     specs = []
     writes = [(RAW[n], RAW[n], False) for n in sorted(RAW)]
     writes += [(PLAIN[i], FP8[f], True) for i in PLAIN for f in FP8]
@@ -379,7 +350,8 @@ def aot_specs(head_sizes=DEFAULT_AOT_HEAD_SIZES) -> list:
         # MLA (Dv < Dk, one kv head) always has many query heads per kv head
         for gt in ((8,) if (dk, dv) == (576, 512) else (1, 4, 8)):
             for qe, kve, oe in combos:
-                specs.append(attention_spec(qe, kve, oe, dk, dv, gt))
+                for idx in ("int32_t", "int64_t"):
+                    specs.append(attention_spec(qe, kve, oe, dk, dv, gt, idx))
     return specs
 
 

@@ -379,7 +379,7 @@ def test_out_strided_in_place():
 
 
 def test_supports_declines_what_it_cannot_address():
-    from kvdispatch.testing import make_kv_cache, make_mla_cache
+    from kvbench.layouts import make_kv_cache, make_mla_cache
     plat = kvd.KVCacheDescriptor.from_tensors(*make_kv_cache("NHD", 2, 16, 1, 64)).platform
     k, v = make_kv_cache("head-major", 2, 16, 1, 64)
     assert "head-major" in attention.supports("flash_attn_varlen_func",

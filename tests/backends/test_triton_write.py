@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import kvdispatch as kvd
-from kvdispatch.testing import make_kv_cache, random_slots
+from kvbench.layouts import make_kv_cache, random_slots
 from kvdispatch.backends.triton import write
 from kvdispatch.backends.triton.write_configs import INTERPRETER
 

@@ -12,9 +12,9 @@ import torch
 
 import kvdispatch
 import kvdispatch.cli
-from kvdispatch.bench import main, run
-from kvdispatch.bench.cases import Case, Workload, default_suite, quick_suite, select_cases
-from kvdispatch.bench.vendors import Unsupported, Vendor, discover_vendors
+from kvbench.cases import Case, Workload, default_suite, quick_suite, select_cases
+from kvbench.cli import bench as main, run_bench as run
+from kvbench.vendors import Unsupported, Vendor, discover_vendors
 from kvdispatch.registry import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -50,7 +50,7 @@ def test_cli_quick_json(tmp_path):
     assert "## write" in text and "## decode" in text and "## Dispatch overhead" in text
 
 
-def test_vendor_discovery_through_entry_points():
+def test_vendor_discovery():
     names = {v.name for v in discover_vendors()}
     assert {"flag_gems", "vllm-C", "vllm-triton", "flashinfer", "flash-attn", "ipex", "torch naive write",
             "torch SDPA (pre-gathered K/V)"} <= names
@@ -118,25 +118,34 @@ class _CorrectVendor(Vendor):
         return lambda: kvdispatch.flash_attn_varlen_func(**kw)
 
 
-class _FakePlugin:
-    @kvdispatch.hookimpl
-    def kvdispatch_vendors(self):
-        return [_WrongSlotWrite(), _ScaledAttention(), _Unwritten(), _Declines(), _Crashes(), _CorrectVendor()]
+def _fake_vendors():
+    return [_WrongSlotWrite(), _ScaledAttention(), _Unwritten(), _Declines(), _Crashes(), _CorrectVendor()]
 
 
-@pytest.fixture
-def fake_vendors():
-    plugin = _FakePlugin()
-    registry.register(plugin, name="fake-bench-vendors")
-    try:
-        yield
-    finally:
-        registry.unregister(plugin)
+def test_third_party_vendors_through_entry_points(monkeypatch):
+    """A package adds adapters through the harness's own ``kvbench.vendors`` entry-point group."""
+    import importlib.metadata
+
+    from kvbench import vendors
+
+    class _EP:
+        name, value = "fake", "fake_pkg:vendors"
+
+        def load(self):
+            return _fake_vendors
+
+    real = importlib.metadata.entry_points
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda **kw: [_EP()] if kw.get("group") == vendors.ENTRY_POINTS else real(**kw))
+    names = {v.name for v in discover_vendors()}
+    assert {v.name for v in _fake_vendors()} <= names and "flag_gems" in names
+    with pytest.raises(ValueError, match="two benchmark vendors"):
+        discover_vendors([_Crashes()])
 
 
-def test_wrong_vendors_are_reported_and_never_timed(fake_vendors):
+def test_wrong_vendors_are_reported_and_never_timed():
     res = run(["--device", "cpu", "--quick", "--ops", "write,decode", "--layouts", "NHD", "--dtypes", "bf16",
-               "--impls", "fake,kvdispatch", "--rep-ms", "1", "--no-overhead"])
+               "--impls", "fake,kvdispatch", "--rep-ms", "1", "--no-overhead"], extra_vendors=_fake_vendors())
     rows = {(r["case"], r["impl"]): r for r in res["rows"]}
     write = next(c.id for c in quick_suite() if c.op == "write" and c.layout == "NHD" and c.dtype == "bf16")
     decode = next(c.id for c in quick_suite() if c.op == "decode" and c.layout == "NHD" and c.dtype == "bf16")
@@ -160,7 +169,7 @@ def test_wrong_vendors_are_reported_and_never_timed(fake_vendors):
 
 def test_main_fails_when_kvdispatch_is_wrong(monkeypatch):
     """Exit status 1 when a kvdispatch backend's own result is WRONG (what CI lanes rely on)."""
-    from kvdispatch.bench import cases as bench_cases
+    from kvbench import cases as bench_cases
 
     real = bench_cases.Workload.check
 
@@ -171,6 +180,33 @@ def test_main_fails_when_kvdispatch_is_wrong(monkeypatch):
     monkeypatch.setattr(bench_cases.Workload, "check", flaky)
     assert main(["--device", "cpu", "--quick", "--ops", "write", "--layouts", "NHD", "--dtypes", "bf16",
                  "--tokens", "16", "--impls", "kvdispatch", "--rep-ms", "1", "--no-overhead"]) == 1
+
+
+def test_overhead_only_mode(tmp_path, monkeypatch):
+    """``--overhead-only``: the dispatch-overhead table alone, as JSON and markdown."""
+    from kvbench import runner
+
+    monkeypatch.setattr(runner, "overhead_cases", lambda quick, more: [
+        Case("write", num_kv_heads=1, head_size=16, block_size=16, tokens=4)])
+    out, md = tmp_path / "oh.json", tmp_path / "oh.md"
+    assert main(["--overhead-only", "--device", "cpu", "--quick", "--impls", "kvdispatch", "--json", str(out),
+                 "--markdown", str(md)]) == 0
+    data = json.loads(out.read_text())
+    assert data["rows"] == [] and data["overhead"]
+    assert all(o["op"] == "write" and o["us"] > 0 for o in data["overhead"]), data["overhead"]
+    assert "## Dispatch overhead" in md.read_text()
+
+
+def test_tune_attention_smoke(tmp_path):
+    """``--tune attention --quick``: the sweep's machinery at tiny sizes on the CPU (every row checked
+    against the reference before it is timed)."""
+    out = tmp_path / "tune.json"
+    assert main(["--tune", "attention", "--quick", "--device", "cpu", "--sections", "copy,tiles",
+                 "--tiles", "decode:16,64,4,2", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["info"]["copy_GBps"] > 0 and data["info"]["command"].startswith("kvdispatch bench --tune attention")
+    (row,) = data["results"]
+    assert row["section"] == "tiles" and "error" not in row and row["us"] > 0 and row["rel_err"] < 3e-2
 
 
 def test_byte_and_flop_counts():
@@ -219,9 +255,9 @@ def test_gpu_check_and_lane_scripts_parse():
 def test_ipex_backend_declares_what_it_serves():
     """IPEX as a kvdispatch backend: XPU only, below our own XPU and Triton backends, and it
     declines (with a reason) every cache its PagedAttention cannot address."""
-    from kvdispatch.backends.vendors.ipex import IpexBackend
+    from kvbench.layouts import make_kv_cache
+    from kvdispatch.backends.xpu.ipex import IpexBackend
     from kvdispatch.platform import Platform
-    from kvdispatch.testing import make_kv_cache
 
     xpu = Platform(name="xpu", device_type="xpu", arch="Intel(R) Data Center GPU Max 1550")
     b = IpexBackend()

@@ -49,7 +49,7 @@ extend_attention = pytest.importorskip("sglang.kernels.ops.attention.extend_atte
 decode_attention = pytest.importorskip("sglang.kernels.ops.attention.decode_attention")
 
 import kvdispatch as kvd  # noqa: E402
-from kvdispatch.testing import force_backend  # noqa: E402
+from kvbench.compare import force_backend  # noqa: E402
 
 pytestmark = [pytest.mark.engines, pytest.mark.interpret]
 

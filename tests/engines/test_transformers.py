@@ -24,7 +24,7 @@ import kvdispatch as kvd  # noqa: E402
 from kvdispatch.integrations import transformers as kvd_tf  # noqa: E402
 from kvdispatch.platform import platform_of  # noqa: E402
 from kvdispatch.registry import registry  # noqa: E402
-from kvdispatch.testing import force_backend  # noqa: E402
+from kvbench.compare import force_backend  # noqa: E402
 
 try:
     kvd_tf._check_version(transformers.__version__)

@@ -41,7 +41,7 @@ transformers = pytest.importorskip("transformers")
 import kvdispatch as kvd  # noqa: E402
 from kvdispatch.integrations import transformers as kvd_tf  # noqa: E402
 from kvdispatch.registry import registry  # noqa: E402
-from kvdispatch.testing import force_backend  # noqa: E402
+from kvbench.compare import force_backend  # noqa: E402
 
 try:
     kvd_tf._check_version(transformers.__version__)

@@ -334,7 +334,8 @@ def test_impl_one_call_per_op(feature, layout, backend):
 
     import kvdispatch as kvd
     import kvdispatch.integrations.vllm as kvd_vllm
-    from kvdispatch.testing import force_backend, random_fill
+    from kvbench.compare import force_backend
+    from kvbench.layouts import random_fill
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
     f = FEATURES[feature]

@@ -30,6 +30,7 @@ DEV = "cuda"
 @pytest.mark.parametrize("case", attention_cases(big=True), ids=lambda c: c.id)
 def test_matrix_attention_big(case):
     run_attention_case(case, "triton", device=DEV)
+    run_attention_case(case, "triton", device=DEV, seed=1)  # cached launch: the direct path
 
 
 _D = AttnCase(num_q_heads=32, num_kv_heads=8, head_size=128, block_size=16)

@@ -15,7 +15,7 @@ import torch
 
 import kvdispatch as kvd
 from kvdispatch.backends.triton import write
-from kvdispatch.testing import make_kv_cache, make_mla_cache, random_slots
+from kvbench.layouts import make_kv_cache, make_mla_cache, random_slots
 
 from matrix import (MLACase, WriteCase, assert_cache_equal, force_backend, mla_cases, run_mla_case,
                     run_write_case, write_cases)

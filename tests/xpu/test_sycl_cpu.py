@@ -14,7 +14,7 @@ import torch
 
 import kvdispatch as kvd
 from kvdispatch.backends.xpu.cpu_lane.runtime import missing
-from kvdispatch.testing import make_kv_cache, random_slots
+from kvbench.layouts import make_kv_cache, random_slots
 
 from matrix import (AttnCase, MLACase, WriteCase, attention_cases, force_backend, mla_cases,
                     run_attention_case, run_mla_case, run_strided_index_case, run_write_case, write_cases)
@@ -218,6 +218,28 @@ def test_int64_offsets_specialization():
     small = torch.empty((4, 16, 8, 128), dtype=torch.bfloat16, device="meta")
     d2 = kvd.KVCacheDescriptor.from_tensors(small, small)
     assert kernels.cache_write_launch(key, key, small, small, slots, d2).spec.template_args[-1] == "int32_t"
+
+
+def test_attention_specialization_from_the_descriptor():
+    """Attention takes its head sizes and its cache offset width from the descriptor (int32 where
+    ``desc.int32_offsets``), checked on the launch plan of meta tensors."""
+    from kvdispatch.backends.xpu import kernels
+    from kvdispatch.registry import AttentionArgs
+
+    def i32(*shape):
+        return torch.zeros(shape, dtype=torch.int32, device="meta")
+
+    def spec(blocks):
+        cache = torch.empty((blocks, 16, 2, 128), dtype=torch.bfloat16, device="meta")
+        desc = kvd.KVCacheDescriptor.from_tensors(cache, cache)
+        q = torch.empty(3, 8, 128, dtype=torch.bfloat16, device="meta")
+        args = AttentionArgs(i32(4), 1, None, i32(3), 16, i32(3, 4), 0.125, True, -1, 0, 0.0, None, None, None)
+        return desc, kernels.attention_launch(q, cache, cache, q, desc, args).spec.template_args
+
+    desc, small = spec(4)
+    assert desc.int32_offsets and small[3:5] == ("128", "128") and small[-1] == "int32_t"
+    desc, big = spec(2**21)
+    assert not desc.int32_offsets and big[-1] == "int64_t"
 
 
 @pytest.mark.parametrize("case", [write_cases()[1], write_cases()[5], mla_cases()[3]] + attention_cases()[3:5],

@@ -91,7 +91,7 @@ def test_esimd_kernels_compile_with_the_runtime_compiler():
 
 def test_esimd_only_where_block_messages_apply():
     import kvdispatch as kvd
-    from kvdispatch.testing import make_kv_cache
+    from kvbench.layouts import make_kv_cache
     key = torch.randn(4, 2, 64, dtype=torch.bfloat16)
     slots = torch.arange(4)
     for layout, expect in (("NHD", True), ("HND", True), ("cross-layer", True), ("head-major", False)):

@@ -14,7 +14,7 @@ from kvdispatch.backends.triton import backend as triton_backend
 from kvdispatch.backends.xpu import extension, kernels
 from kvdispatch.descriptor import KVCacheDescriptor
 from kvdispatch.platform import Platform
-from kvdispatch.testing import make_kv_cache
+from kvbench.layouts import make_kv_cache
 
 from matrix import WriteCase, attention_cases, force_backend, run_attention_case, run_write_case
 
@@ -95,6 +95,28 @@ def test_head_sizes_missing_from_the_build_fall_through(xpu, monkeypatch):
     assert "64/64" in why and "KVDISPATCH_XPU_HEAD_SIZES" in why
     assert reg.registry.select("flash_attn_varlen_func", XPU, desc).name == "reference"
     assert reg.registry.select("reshape_and_cache_flash", XPU, desc).name == "xpu-sycl"
+
+
+def test_what_sycl_does_not_take_is_declined_at_selection(xpu, monkeypatch):
+    """A q dtype or cache element type outside xpu-sycl's declarations is declined at selection with
+    the reason (the next backend serves the call) instead of a TypeError at call time."""
+    monkeypatch.setattr(triton_backend, "_intel_triton_xpu", lambda: True)
+    _extension_built(monkeypatch)
+    op = "flash_attn_varlen_func"
+    k = torch.zeros(4, 16, 2, 128, dtype=torch.bfloat16)
+    desc = KVCacheDescriptor.from_tensors(k, k.clone())
+    assert reg.registry.select(op, XPU, desc, dtype=torch.bfloat16).name == "xpu-sycl"
+    assert reg.registry.select(op, XPU, desc, dtype=torch.float8_e4m3fn).name == "xpu-sycl"
+    why = {b.name: r for b, r in reg.registry.explain(op, XPU, desc, dtype=torch.float64)}
+    assert "declares dtypes" in why["xpu-sycl"] and why["xpu-sycl"].endswith("not float64")
+    assert reg.registry.select(op, XPU, desc, dtype=torch.float64).name == "reference"  # triton declines too
+    k16 = torch.zeros(4, 16, 2, 128, dtype=torch.int16)
+    d16 = KVCacheDescriptor.from_tensors(k16, k16.clone())
+    why = {b.name: r for b, r in reg.registry.explain(op, XPU, d16)}
+    assert why["xpu-sycl"].startswith("declares kv cache dtypes") and why["xpu-sycl"].endswith("not int16")
+    assert reg.registry.select(op, XPU, d16, dtype=torch.int16).name == "reference"
+    # the writes copy any 2-byte element: an int16 cache is still written by xpu-sycl
+    assert reg.registry.select("reshape_and_cache_flash", XPU, d16, dtype=torch.int16).name == "xpu-sycl"
 
 
 def test_aot_names_cover_every_launch_the_matrix_makes():

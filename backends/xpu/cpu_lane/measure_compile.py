@@ -26,7 +26,7 @@ def main() -> None:
     import torch
 
     import kvdispatch as kvd
-    from kvdispatch.testing import make_kv_cache, random_block_table, random_slots
+    from kvbench.layouts import make_kv_cache, random_block_table, random_slots
 
     from . import runtime as rt_mod
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kvdispatch.bench.vendors import Unsupported, Vendor
+from . import Unsupported, Vendor
 
 from .common import require_4d
 
@@ -84,9 +84,15 @@ def _layout_independent(w):
         raise Unsupported("pre-gathered K/V: layout-independent, see the NHD row")
 
 
-def _equal_lengths(w):
+def _gathered(w):
+    """(batch, q_len, kv_len, K, V) with K/V ``[B, Hkv, L, D]`` gathered out of the pages, for an
+    equal-length batch on the NHD case."""
+    _layout_independent(w)
     if len(set(w.q_lens)) != 1 or len(set(w.kv_lens)) != 1:
         raise Unsupported("unequal sequence lengths (needs padding and masks)")
+    require_4d(w)
+    ks, vs = w.gathered_kv()
+    return len(w.q_lens), w.q_lens[0], w.kv_lens[0], torch.stack(ks), torch.stack(vs)
 
 
 class SdpaGathered(Vendor):
@@ -99,13 +105,7 @@ class SdpaGathered(Vendor):
         return torch.__version__
 
     def prepare(self, op, w):
-        _layout_independent(w)
-        _equal_lengths(w)
-        require_4d(w)
-        B, lq = len(w.q_lens), w.q_lens[0]
-        lk = w.kv_lens[0]
-        ks, vs = w.gathered_kv()
-        k, v = torch.stack(ks), torch.stack(vs)  # [B, Hkv, L, D]
+        B, lq, lk, k, v = _gathered(w)
         q = w.q.view(B, lq, w.q.shape[1], w.q.shape[2]).transpose(1, 2)  # [B, Hq, lq, D]
         causal = w.causal and lq > 1
         if causal and lq != lk:
@@ -136,12 +136,7 @@ class FlexAttentionGathered(Vendor):
     def prepare(self, op, w):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        _layout_independent(w)
-        _equal_lengths(w)
-        require_4d(w)
-        B, lq, lk = len(w.q_lens), w.q_lens[0], w.kv_lens[0]
-        ks, vs = w.gathered_kv()
-        k, v = torch.stack(ks), torch.stack(vs)
+        B, lq, lk, k, v = _gathered(w)
         if k.shape[-1] != v.shape[-1]:
             raise Unsupported("head_size_v != head_size")
         q = w.q.view(B, lq, w.q.shape[1], w.q.shape[2]).transpose(1, 2).contiguous()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvdispatch.bench.vendors import Unsupported
+from . import Unsupported
 
 
 def base(t: torch.Tensor) -> torch.Tensor:
@@ -59,3 +59,18 @@ def paged_kv_indptr(w):
 def vllm_cache(cache: torch.Tensor) -> torch.Tensor:
     """vLLM's convention (which FlagGems follows): an fp8 cache is handed over as a uint8 view."""
     return cache.view(torch.uint8) if cache.element_size() == 1 and cache.dtype != torch.uint8 else cache
+
+
+def vllm_write_args(w) -> tuple:
+    """vLLM's ``reshape_and_cache_flash`` arguments for a write workload (FlagGems takes the same):
+    4-D caches as given (fp8 as uint8 views), the scales always passed (ones for "auto")."""
+    require_4d(w)
+    one = ones(w.device)
+    return (w.key, w.value, vllm_cache(w.key_cache), vllm_cache(w.value_cache), w.slot_mapping, w.kv_cache_dtype,
+            one if w.k_scale is None else w.k_scale, one if w.v_scale is None else w.v_scale)
+
+
+def vllm_mla_args(w) -> tuple:
+    """vLLM's ``concat_and_cache_mla`` arguments for an MLA write workload."""
+    return (w.kv_c, w.k_pe, vllm_cache(w.kv_cache), w.slot_mapping, w.kv_cache_dtype,
+            ones(w.device) if w.scale is None else w.scale)

@@ -20,9 +20,10 @@ from typing import Optional
 
 import torch
 
-from ..testing import force_backend, make_kv_cache, make_mla_cache, random_block_table, random_slots  # noqa: F401
+from .compare import attention_mismatch, base, bases, caches_mismatch, clone_views, force_backend
+from .layouts import device_fill, make_kv_cache, make_mla_cache, random_block_table, random_slots
 
-__all__ = ["OPS", "Case", "Workload", "default_suite", "quick_suite", "select_cases", "force_backend",
+__all__ = ["OPS", "Case", "Workload", "default_suite", "quick_suite", "select_cases",
            "ATTENTION_OPS", "WRITE_OPS", "DTYPES"]
 
 WRITE_OPS = ("write", "mla-write")
@@ -211,44 +212,6 @@ def select_cases(cases: list, ops=None, layouts=None, dtypes=None, sizes=None, t
 
 
 # -- workloads -----------------------------------------------------------------------------------
-def _base(t: torch.Tensor) -> torch.Tensor:
-    return t if t._base is None else t._base
-
-
-def _device_fill(t: torch.Tensor) -> None:
-    """Random finite values straight on the device (a 2 GB cache filled through the CPU is slow)."""
-    if t.dtype.is_floating_point and t.element_size() >= 2:
-        t.normal_()
-    elif t.dtype.is_floating_point:  # fp8: from bf16 normals, finite by construction
-        t.copy_(torch.randn(t.shape, device=t.device, dtype=torch.bfloat16).mul_(4)
-                .clamp_(-torch.finfo(t.dtype).max, torch.finfo(t.dtype).max).to(t.dtype))
-    else:
-        t.view(torch.uint8).random_(0, 0x7C)
-
-
-def _clone_like(view: torch.Tensor, base: torch.Tensor, new_base: torch.Tensor) -> torch.Tensor:
-    return new_base.as_strided(view.shape, view.stride(),
-                               view.storage_offset() - base.storage_offset() + new_base.storage_offset())
-
-
-def fp8_codes_close(got: torch.Tensor, want: torch.Tensor, fp8_dtype=torch.float8_e4m3fn) -> Optional[str]:
-    """None when two fp8 buffers agree within one rounding step on few elements, else why not."""
-    g = got.contiguous().view(torch.uint8).to(torch.int16)
-    w = want.contiguous().view(torch.uint8).to(torch.int16)
-    diff = (g - w).abs()
-    far = diff > 1
-    if bool(far.any()):
-        gv = got.contiguous().view(torch.uint8)[far].view(fp8_dtype).float()
-        wv = want.contiguous().view(torch.uint8)[far].view(fp8_dtype).float()
-        bad = (gv != wv) & ~((gv.abs() < 1e-6) & (wv.abs() < 1e-6))
-        if bool(bad.any()):
-            return f"{int(bad.sum())} fp8 values differ by more than one rounding step"
-    frac = float((diff == 1).float().mean()) if diff.numel() else 0.0
-    if frac >= 0.02:
-        return f"{frac:.1%} of fp8 values differ by one rounding step"
-    return None
-
-
 @dataclass
 class Workload:
     """The tensors of one :class:`Case` on one device, its reference result and its costs.
@@ -298,8 +261,8 @@ class Workload:
         nb = max(2 * -(-t // c.block_size) + 8, 64)
         kc, vc = make_kv_cache(c.layout, nb, c.block_size, h, dk, c.head_size_v, dtype=c.cache_dtype(self.fp8_dtype),
                                device=dev, fill=False)
-        for b in {id(_base(kc)): _base(kc), id(_base(vc)): _base(vc)}.values():
-            _device_fill(b)
+        for b in bases(kc, vc):
+            device_fill(b)
         act = c.act_dtype
         self.t.update(key=torch.randn(t, h, dk, device=dev, dtype=act), value=torch.randn(t, h, dv, device=dev, dtype=act),
                       key_cache=kc, value_cache=vc,
@@ -309,20 +272,20 @@ class Workload:
             self.t.update(k_scale=torch.tensor([0.02], device=dev), v_scale=torch.tensor([0.03], device=dev))
         in_b, cache_b = torch.empty((), dtype=act).element_size(), kc.element_size()
         self.bytes = t * h * (dk + dv) * (in_b + cache_b) + t * 8
-        self._snapshot_caches()
-        from .. import reshape_and_cache_flash
-        ref_k, ref_v, ref_bases = self._fresh_caches()
+        self._snapshot(kc, vc)
+        from kvdispatch import reshape_and_cache_flash
+        ref_k, ref_v = clone_views(kc, vc)
         with force_backend("reference"):
             reshape_and_cache_flash(self.key, self.value, ref_k, ref_v, self.slot_mapping, c.kv_cache_dtype,
                                     self.k_scale, self.v_scale)
-        self.ref = ref_bases
+        self.ref = [ref_k, ref_v]
 
     def _build_mla(self):
         c, dev = self.case, self.device
         t, r, p = c.tokens, c.kv_lora_rank, c.rope_dim
         nb = max(2 * -(-t // c.block_size) + 8, 16)
         cache = make_mla_cache(nb, c.block_size, r, p, dtype=c.cache_dtype(self.fp8_dtype), device=dev, fill=False)
-        _device_fill(_base(cache))
+        device_fill(base(cache))
         act = c.act_dtype
         self.t.update(kv_c=torch.randn(t, r, device=dev, dtype=act), k_pe=torch.randn(t, p, device=dev, dtype=act),
                       kv_cache=cache, slot_mapping=random_slots(t, nb, c.block_size, dtype=torch.int64).to(dev),
@@ -330,12 +293,12 @@ class Workload:
                       kv_cache_dtype=c.kv_cache_dtype)
         in_b, cache_b = torch.empty((), dtype=act).element_size(), cache.element_size()
         self.bytes = t * (r + p) * (in_b + cache_b) + t * 8
-        self._snapshot_caches()
-        from .. import concat_and_cache_mla
-        (ref_cache,), ref_bases = self._fresh_caches_mla()
+        self._snapshot(cache)
+        from kvdispatch import concat_and_cache_mla
+        (ref_cache,) = clone_views(cache)
         with force_backend("reference"):
             concat_and_cache_mla(self.kv_c, self.k_pe, ref_cache, self.slot_mapping, c.kv_cache_dtype, self.scale)
-        self.ref = ref_bases
+        self.ref = [ref_cache]
 
     def _build_attention(self):
         c, dev = self.case, self.device
@@ -349,8 +312,8 @@ class Workload:
         nb = need + max(8, need // 8)
         kc, vc = make_kv_cache(c.layout, nb, c.block_size, hk, dk, c.head_size_v, dtype=c.cache_dtype(self.fp8_dtype),
                                device=dev, fill=False)
-        for b in {id(_base(kc)): _base(kc), id(_base(vc)): _base(vc)}.values():
-            _device_fill(b)
+        for b in bases(kc, vc):
+            device_fill(b)
         act = c.act_dtype
         total_q = sum(q_lens)
         cu_q = [0]
@@ -378,7 +341,7 @@ class Workload:
             else:
                 pairs += lq * lk
         self.flops = 2 * pairs * hq * (dk + dv)
-        from .. import flash_attn_varlen_func
+        from kvdispatch import flash_attn_varlen_func
         with force_backend("reference"):
             self.ref = flash_attn_varlen_func(**self.public_attention_kwargs()).float()
 
@@ -412,26 +375,11 @@ class Workload:
             vs.append(v.to(dtype).transpose(0, 1).contiguous())
         return ks, vs
 
-    def _snapshot_caches(self):
-        names = ("kv_cache",) if self.case.op == "mla-write" else ("key_cache", "value_cache")
-        bases = {}
-        for n in names:
-            b = _base(self.t[n])
-            bases.setdefault(id(b), b)
-        self._bases = list(bases.values())
+    def _snapshot(self, *caches):
+        """Remember the caches' buffers and their initial contents (``reset`` restores them)."""
+        self._caches = caches
+        self._bases = bases(*caches)
         self._initial = [b.clone() for b in self._bases]
-
-    def _fresh_caches(self):
-        """Copies of key/value cache views (same strides), from the initial cache contents."""
-        news = {id(b): init.clone() for b, init in zip(self._bases, self._initial)}
-        kc, vc = self.key_cache, self.value_cache
-        kb, vb = _base(kc), _base(vc)
-        return (_clone_like(kc, kb, news[id(kb)]), _clone_like(vc, vb, news[id(vb)]), list(news.values()))
-
-    def _fresh_caches_mla(self):
-        news = {id(b): init.clone() for b, init in zip(self._bases, self._initial)}
-        c = self.kv_cache
-        return (_clone_like(c, _base(c), news[id(_base(c))]),), list(news.values())
 
     def reset(self) -> None:
         """Restore the caches' initial contents (before checking an implementation)."""
@@ -447,28 +395,12 @@ class Workload:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         if self.case.op in WRITE_OPS:
-            fp8 = self.case.dtype == "fp8"
-            for i, (got, want) in enumerate(zip(self._bases, self.ref)):
-                if fp8:
-                    why = fp8_codes_close(got, want, self.fp8_dtype)
-                    if why:
-                        return f"cache buffer {i}: {why}"
-                else:
-                    g, w = got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)
-                    if not torch.equal(g, w):
-                        n = int((g != w).sum())
-                        return f"cache buffer {i}: {n} of {g.numel()} bytes differ from the reference"
-            return None
+            return caches_mismatch(self._caches, self.ref, self.case.dtype == "fp8", self.fp8_dtype)
         if not isinstance(result, torch.Tensor):
             return f"returned {type(result).__name__}, expected the output tensor"
-        if tuple(result.shape) != tuple(self.ref.shape):
-            return f"output shape {tuple(result.shape)}, expected {tuple(self.ref.shape)}"
-        out = result.float()
-        if bool(torch.isnan(out).any()):
-            return f"{int(torch.isnan(out).sum())} output elements are NaN (unwritten or invalid)"
-        rel = float((out - self.ref).norm() / self.ref.norm().clamp_min(1e-30))
         tol = 3e-2 if self.case.dtype in ("bf16", "fp8") else 1e-2 if self.case.dtype == "fp16" else 1e-4
-        if rel > tol:
-            return f"relative error {rel:.2e} > {tol:.0e}"
+        why, rel = attention_mismatch(result, self.ref, tol)
+        if why:
+            return why
         self.last_error = rel
         return None

@@ -5,7 +5,7 @@ needs blocks of a multiple of 256 tokens) and ``flash_attn_with_kvcache`` for de
 
 from __future__ import annotations
 
-from kvdispatch.bench.vendors import Unsupported, Vendor
+from . import Unsupported, Vendor
 
 from .common import cu_seqlens_k, require_4d
 

@@ -1,105 +1,61 @@
-"""Paged attention on one GPU: kvdispatch's Triton kernel vs torch SDPA on pre-gathered contiguous
-K/V (the "no paging" ceiling), FlagGems' paged ``flash_attn_varlen_func`` and the device copy
-bandwidth, all in the same process.
+"""``kvdispatch bench --tune attention``: paged attention on one GPU, kvdispatch's Triton kernel
+against torch SDPA on pre-gathered contiguous K/V (the "no paging" ceiling), FlagGems' paged
+``flash_attn_varlen_func`` and the device copy bandwidth, all in the same process; and the tile
+and split-count sweeps ``backends/triton/attention_configs.py`` was chosen from.
 
-    python benchmarks/attention_perf.py --out benchmarks/results/attention_h100 [--sections ...]
+    kvdispatch bench --tune attention --json attention_h100.json [--sections ...] [--tiles ...]
+    kvdispatch bench --tune attention --quick --device cpu     # smoke run (TRITON_INTERPRET=1)
 
-writes ``<out>.json`` (every number) and prints the tables (markdown). Every implementation's
-output is checked against the reference backend (float32) before it is timed. Times are
-in microseconds: "graph" is the GPU time per call with 10 calls captured in one CUDA graph (no
-host time; how an engine runs decode steps), "do_bench" the ``triton.testing.do_bench`` median
-(L2 cleared before every call, CUDA events around the Python call, so it includes host launch
-time whenever that exceeds the GPU time). Bandwidth and TFLOP/s use the graph time.
-Decode bandwidth counts the K/V bytes that must be read (every key of every kv head once);
-prefill TFLOP/s counts ``4 * Hq * D * (visible q-k pairs)``.
+writes every number as JSON and prints the tables (markdown). Every implementation's output is
+checked against the reference backend (float32, ``compare.attention_mismatch``) before it is
+timed. Times are in microseconds: "graph" is the GPU time per call with 10 calls captured in one
+CUDA graph (no host time; how an engine runs decode steps), "do_bench" the
+``triton.testing.do_bench`` median (L2 cleared before every call, CUDA events around the Python
+call, so it includes host launch time whenever that exceeds the GPU time). Bandwidth and TFLOP/s
+use the graph time. Decode bandwidth counts the K/V bytes that must be read (every key of every
+kv head once); prefill TFLOP/s counts ``4 * Hq * D * (visible q-k pairs)``.
 
-Sections: copy, host (per-call host time), decode (the issue's anchors), layouts, fp8, mla, prefill, splits (split-count
-sweep), tiles (launch-config sweep).
+Sections: copy, host (per-call host time), decode (the issue's anchors), layouts, fp8, mla,
+prefill, splits (split-count sweep), tiles (launch-config sweep).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import kvdispatch as kvd
+from kvdispatch import ops
 
-import kvdispatch as kvd  # noqa: E402
-from kvdispatch import ops  # noqa: E402
-from kvdispatch.testing import make_kv_cache, random_block_table  # noqa: E402
+from .compare import attention_mismatch, bases, force_backend
+from .layouts import device_fill, make_kv_cache, random_block_table
+from .timing import copy_bandwidth, graph_replay_us, host_us_per_call, sync, time_us
 
 HQ, HKV, D, BS = 32, 8, 128, 16
+DEFAULT_SECTIONS = "copy,host,decode,layouts,fp8,mla,prefill,splits,tiles"
 DEV = "cuda"
-SMOKE = False  # --smoke: tiny sizes on CPU through the Triton interpreter (checks the script)
-
-
-def _force(name):
-    if name is None:
-        os.environ.pop("KVDISPATCH_BACKEND", None)
-    else:
-        os.environ["KVDISPATCH_BACKEND"] = name
+SMOKE = False  # --quick: tiny sizes (on the CPU through the Triton interpreter: checks the sweep)
 
 
 def bench(fn, rep=50):
-    if SMOKE:
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e6
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=5, rep=rep, return_mode="median") * 1e3
+    """do_bench median, us (smoke: one host-timed call after a warm-up)."""
+    return time_us(fn, DEV, warmup_ms=5, rep_ms=rep, min_calls=1 if SMOKE else 5)
 
 
-def bench_graph(fn, calls=10, reps=10):
-    """GPU time per call (us): ``calls`` calls captured in one CUDA graph, replayed ``reps`` times.
-    No host time (an engine replays decode steps as graphs); the K/V of every decode case
-    here is larger than the 50 MB L2, so back-to-back calls do not serve each other from it."""
-    if SMOKE:
+def bench_graph(fn):
+    """GPU time per call (us): 10 calls captured in one CUDA graph, replayed 10 times. No host
+    time (an engine replays decode steps as graphs); the K/V of every decode case here is larger
+    than the 50 MB L2, so back-to-back calls do not serve each other from it. None off CUDA."""
+    if torch.device(DEV).type != "cuda":
         return None
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (calls * reps)
+    return graph_replay_us(fn, DEV, calls_per_graph=10, replays=10, repeats=1)
 
 
 def host_overhead_us(kw, n=200):
-    """Wall time per call of the public op on a tiny decode step (host-bound: the per-call cost)."""
-    fn = kvd_call(kw)
-    fn()
-    if not SMOKE:
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    if not SMOKE:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e6
-
-
-def copy_bandwidth():
-    n = 1 << (20 if SMOKE else 30)
-    src = torch.empty(n, dtype=torch.uint8, device=DEV).random_(0, 255)
-    dst = torch.empty_like(src)
-    t = bench(lambda: dst.copy_(src))
-    return 2 * n / (t * 1e-6) / 1e9  # GB/s, read + write
+    """Host time per call of the public op on a tiny decode step (host-bound: the per-call cost)."""
+    return host_us_per_call(kvd_call(kw), DEV, n)
 
 
 def make_case(batch, q_len, k_len, layout="NHD", dtype=torch.bfloat16, fp8=None, hq=HQ, hkv=HKV, d=D,
@@ -111,15 +67,8 @@ def make_case(batch, q_len, k_len, layout="NHD", dtype=torch.bfloat16, fp8=None,
     k_lens = [k_len] * batch
     nb = sum(-(-k // bs) for k in k_lens) + 8
     k, v = make_kv_cache(layout, nb, bs, hkv, d, dv, dtype=fp8 or dtype, device=DEV, fill=False)
-    bases = {t.untyped_storage().data_ptr(): (t if t._base is None else t._base) for t in (k, v)}
-    for base in bases.values():
-        if fp8 is not None:
-            # random fp8 codes, all finite (e4m3 and e5m2 inf/NaN codes start at 0x7c)
-            bits = torch.randint(0, 0x7C, base.shape, dtype=torch.uint8, device=DEV)
-            bits |= torch.randint(0, 2, base.shape, dtype=torch.uint8, device=DEV) << 7
-            base.view(torch.uint8).copy_(bits)
-        else:
-            base.normal_()
+    for b in bases(k, v):
+        device_fill(b)
     q = torch.randn(batch * q_len, hq, d, dtype=dtype, device=DEV)
     kw = dict(q=q, k=k, v=v, max_seqlen_q=q_len,
               cu_seqlens_q=torch.arange(0, batch + 1, dtype=torch.int32, device=DEV) * q_len,
@@ -150,16 +99,9 @@ def gathered(kw):
 
 
 def reference(kw):
-    _force("reference")
-    try:
-        out = torch.empty(kw["out"].shape, dtype=torch.float32, device=DEV)
+    out = torch.empty(kw["out"].shape, dtype=torch.float32, device=DEV)
+    with force_backend("reference"):
         return kvd.flash_attn_varlen_func(**{**kw, "out": out})
-    finally:
-        _force(None)
-
-
-def rel_err(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-6))
 
 
 def measure(results, section, name, fn, ref, check, extra=None):
@@ -167,12 +109,10 @@ def measure(results, section, name, fn, ref, check, extra=None):
     row = dict(section=section, name=name)
     try:
         out = fn()
-        if not SMOKE:
-            torch.cuda.synchronize()
-        err = rel_err(check(out), ref)
-        row["rel_err"] = err
-        if not err < 3e-2:
-            row["error"] = f"wrong result: relative error {err:.2e}"
+        sync(DEV)
+        why, row["rel_err"] = attention_mismatch(check(out), ref, 3e-2)
+        if why:
+            row["error"] = f"wrong result: {why}"
         else:
             row["us_bench"] = bench(fn)
             try:
@@ -267,21 +207,18 @@ def prefill_flops(kw):
     return 2 * kw["q"].shape[1] * (kw["q"].shape[2] + kw["out"].shape[2]) * pairs * b  # QK^T + PV
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="benchmarks/results/attention_h100")
-    ap.add_argument("--sections", default="copy,host,decode,layouts,fp8,mla,prefill,splits,tiles")
-    ap.add_argument("--tiles", default="", help="tiles section: 'kind:bm,bn,warps,stages[,splits[,fp16]] ...' "
-                    "(kind: decode, fp8, prefill, mla128) instead of the default sweep")
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (TRITON_INTERPRET=1)")
-    a = ap.parse_args()
+def run_tune_attention(args, argv) -> dict:
+    """``kvdispatch bench --tune attention [--sections ...] [--tiles ...] [--json PATH] [--quick]``."""
     global DEV, SMOKE
-    if a.smoke:
-        DEV, SMOKE = "cpu", True
-    sections = set(a.sections.split(","))
+    from kvdispatch.cli import default_device
+
+    DEV = str(torch.device(args.device) if args.device else default_device())
+    SMOKE = bool(args.quick)
+    sections = set((args.sections or DEFAULT_SECTIONS).split(","))
     results = []
-    info = dict(device="cpu (smoke)" if SMOKE else torch.cuda.get_device_name(), torch=torch.__version__,
-                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), command=" ".join(sys.argv))
+    name = torch.cuda.get_device_name(DEV) if DEV.startswith("cuda") else DEV
+    info = dict(device=name + (" (smoke)" if SMOKE else ""), torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                command=" ".join(["kvdispatch bench"] + list(argv)))
     import triton
     info["triton"] = triton.__version__
     try:
@@ -290,7 +227,7 @@ def main():
     except Exception as e:
         info["flag_gems"] = f"unavailable: {type(e).__name__}: {e}"
     print(json.dumps(info), flush=True)
-    copy_bw = copy_bandwidth()
+    copy_bw = copy_bandwidth(DEV, (1 << 20) if SMOKE else 0)["GBps"]
     info["copy_GBps"] = round(copy_bw, 1)
     print(json.dumps({"copy_GBps": copy_bw}), flush=True)
 
@@ -352,9 +289,9 @@ def main():
         }
         refs = {k: reference(kw) for k, kw in cases.items()}
         T = ac.TileConfig
-        if a.tiles:  # kind:bm,bn,warps,stages[,splits[,fp16]] separated by spaces
+        if args.tiles:  # kind:bm,bn,warps,stages[,splits[,fp16]] separated by spaces
             variants = []
-            for item in a.tiles.split():
+            for item in args.tiles.split():
                 kind, nums = item.split(":")
                 v = nums.split(",")
                 sp = int(v[4]) if len(v) > 4 and v[4] != "auto" else None
@@ -392,18 +329,20 @@ def main():
         attention.config_for = orig
         ops._ATTN_SEEN.clear()
 
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out + ".json", "w") as f:
-        json.dump(dict(info=info, results=results), f, indent=1)
-    print("\n| section | name | us (graph) | us (do_bench) | GB/s | of copy | TFLOP/s | rel err | error |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(info=info, results=results), f, indent=1)
+    table = ["| section | name | us (graph) | us (do_bench) | GB/s | of copy | TFLOP/s | rel err | error |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         us = f"{r['us']:.1f}" if "us" in r else ""
         ub = f"{r['us_bench']:.1f}" if "us_bench" in r else ""
         err = r.get("error", "") or r.get("graph_error", "")
-        print(f"| {r['section']} | {r['name']} | {us} | {ub} | {r.get('GB/s', '')} | {r.get('of_copy', '')} | "
-              f"{r.get('TFLOP/s', '')} | {r.get('rel_err', float('nan')):.1e} | {err} |")
-
-
-if __name__ == "__main__":
-    main()
+        table.append(f"| {r['section']} | {r['name']} | {us} | {ub} | {r.get('GB/s', '')} | {r.get('of_copy', '')} | "
+                     f"{r.get('TFLOP/s', '')} | {r.get('rel_err', float('nan')):.1e} | {err} |")
+    print("\n" + "\n".join(table))
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("\n".join([f"# Attention tuning: {info['device']}", "", f"Command: `{info['command']}`  ",
+                                f"Date: {info['date']}", ""] + table) + "\n")
+    return dict(info=info, results=results)

@@ -87,9 +87,10 @@ def markdown(info: dict, vendors: list, rows: list, overhead: list) -> str:
              f"Device: {info['device']} = {info.get('device_name', '')} ({info.get('platform', '')})"
              + (f", driver {info['driver']}" if info.get("driver") else "") + "  ",
              "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + "  ",
-             f"Ceilings measured in the same run: device copy {info['copy']['GBps']:.0f} GB/s "
-             f"(read+write of a {info['copy']['bytes'] >> 20} MiB copy), {info['matmul']['dtype']} matmul "
-             f"{info['matmul']['m']}^3 {info['matmul']['TFLOPs']:.0f} TFLOP/s.", "",
+             (f"Ceilings measured in the same run: device copy {info['copy']['GBps']:.0f} GB/s "
+              f"(read+write of a {info['copy']['bytes'] >> 20} MiB copy), {info['matmul']['dtype']} matmul "
+              f"{info['matmul']['m']}^3 {info['matmul']['TFLOPs']:.0f} TFLOP/s." if "copy" in info else
+              "Dispatch overhead only (`--overhead-only`): no ceilings, no cases."), "",
              "Every implementation's result was checked against kvdispatch's reference backend (whole cache "
              "buffers for writes; NaN-poisoned output vs float32 reference for attention) before it was timed; "
              "`WRONG` rows were never timed. Times: " + info.get("timer", "") + ". `vs best vendor` = fastest correct vendor time / this time "

@@ -14,10 +14,12 @@ from typing import Callable
 
 import torch
 
-__all__ = ["sync", "time_us", "copy_bandwidth", "matmul_tflops", "graph_replay_us", "host_us_per_call"]
+__all__ = ["sync", "time_us", "copy_bandwidth", "matmul_tflops", "graph_replay_us", "host_us_per_call",
+           "empty_triton_launch"]
 
 
-def sync(device: torch.device) -> None:
+def sync(device) -> None:
+    device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "xpu":
@@ -46,8 +48,10 @@ def _cuda_events_median(fn: Callable, device, warmup_ms: float, rep_ms: float) -
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e3
 
 
-def time_us(fn: Callable, device: torch.device, warmup_ms: float = 25, rep_ms: float = 100) -> float:
-    """Median time of one call of ``fn`` in microseconds (device time on cuda, cold L2)."""
+def time_us(fn: Callable, device: torch.device, warmup_ms: float = 25, rep_ms: float = 100,
+            min_calls: int = 5) -> float:
+    """Median time of one call of ``fn`` in microseconds (device time on cuda, cold L2). Other
+    devices: host time of synchronized calls, at least ``min_calls`` of them after one warm-up."""
     device = torch.device(device)
     if device.type == "cuda":
         with torch.cuda.device(device):
@@ -60,7 +64,7 @@ def time_us(fn: Callable, device: torch.device, warmup_ms: float = 25, rep_ms: f
     sync(device)
     times = []
     deadline = time.perf_counter() + rep_ms / 1e3
-    while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 1000):
+    while len(times) < min_calls or (time.perf_counter() < deadline and len(times) < 1000):
         t0 = time.perf_counter()
         fn()
         sync(device)
@@ -68,10 +72,11 @@ def time_us(fn: Callable, device: torch.device, warmup_ms: float = 25, rep_ms: f
     return statistics.median(times) * 1e6
 
 
-def copy_bandwidth(device: torch.device) -> dict:
-    """Device copy ``dst.copy_(src)`` of a large buffer; bytes counted read + written."""
+def copy_bandwidth(device: torch.device, nbytes: int = 0) -> dict:
+    """Device copy ``dst.copy_(src)`` of a large buffer (default 1 GiB on GPUs, 64 MiB on the CPU);
+    bytes counted read + written. The ceiling every "% copy" column divides by."""
     device = torch.device(device)
-    n = (1 << 30) if device.type in ("cuda", "xpu") else (64 << 20)
+    n = nbytes or ((1 << 30) if device.type in ("cuda", "xpu") else (64 << 20))
     src = torch.empty(n // 2, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
     us = time_us(lambda: dst.copy_(src), device)
@@ -104,30 +109,50 @@ def host_us_per_call(fn: Callable, device: torch.device, calls: int = 2000) -> f
     return (time.perf_counter() - t0) / calls * 1e6
 
 
-def graph_replay_us(fn: Callable, device: torch.device, calls_per_graph: int = 20, replays: int = 20) -> float:
-    """Per-call device time of ``fn`` captured ``calls_per_graph`` times into one CUDA graph."""
+def graph_replay_us(fn, device: torch.device, calls_per_graph: int = 20, replays: int = 20,
+                    repeats: int = 5) -> float:
+    """Per-call device time (us) of calls captured back to back into one CUDA graph, replayed
+    ``replays`` times; the median of ``repeats`` such timings. No host time between launches.
+
+    ``fn``: one callable, or a list of them (one per input set, rotated so that the inputs are not
+    served from L2), cycled to ``calls_per_graph`` calls (at least one of each).
+    """
     device = torch.device(device)
+    fns = list(fn) if isinstance(fn, (list, tuple)) else [fn]
+    calls = [fns[i % len(fns)] for i in range(max(calls_per_graph, len(fns)))]
     s = torch.cuda.Stream(device)
     s.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
+        for c in (fns * 3)[:max(3, len(fns))]:  # warm-up (compiles, plans) outside the capture
+            c()
     torch.cuda.current_stream(device).wait_stream(s)
     torch.cuda.synchronize(device)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for _ in range(calls_per_graph):
-            fn()
+        for c in calls:
+            c()
     g.replay()
     torch.cuda.synchronize(device)
     times = []
-    for _ in range(5):
+    for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(replays):
             g.replay()
         end.record()
         torch.cuda.synchronize(device)
-        times.append(start.elapsed_time(end) * 1e3 / (replays * calls_per_graph))
+        times.append(start.elapsed_time(end) * 1e3 / (replays * len(calls)))
     del g
     return statistics.median(times)
+
+
+def empty_triton_launch(device) -> Callable[[], None]:
+    """A launch of an empty Triton kernel: the floor of any kernel's host and device time."""
+    import triton
+
+    @triton.jit
+    def _empty(x):
+        pass
+
+    dummy = torch.empty(1, device=device)
+    return lambda: _empty[(1,)](dummy)

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from kvdispatch.bench.vendors import Unsupported, Vendor
+from . import Unsupported, Vendor
 
-from .common import ones, require_4d, vllm_cache
+from .common import vllm_mla_args, vllm_write_args
 
 
 class FlagGems(Vendor):
@@ -19,14 +19,10 @@ class FlagGems(Vendor):
         import flag_gems
 
         if op == "write":
-            require_4d(w)
-            one = ones(w.device)
-            a = (w.key, w.value, vllm_cache(w.key_cache), vllm_cache(w.value_cache), w.slot_mapping, w.kv_cache_dtype,
-                 one if w.k_scale is None else w.k_scale, one if w.v_scale is None else w.v_scale)
+            a = vllm_write_args(w)
             return lambda: flag_gems.reshape_and_cache_flash(*a)
         if op == "mla-write":
-            a = (w.kv_c, w.k_pe, vllm_cache(w.kv_cache), w.slot_mapping, w.kv_cache_dtype,
-                 ones(w.device) if w.scale is None else w.scale)
+            a = vllm_mla_args(w)
             return lambda: flag_gems.concat_and_cache_mla(*a)
         if w.key_cache.dim() != 4:
             raise Unsupported("attention needs 4-D caches")

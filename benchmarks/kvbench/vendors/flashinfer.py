@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kvdispatch.bench.vendors import Unsupported, Vendor
+from . import Unsupported, Vendor
 
 from .common import nhd_or_hnd, paged_kv_indptr, require_4d, uniform_descale
 

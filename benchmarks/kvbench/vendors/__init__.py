@@ -1,14 +1,27 @@
 """The one small interface every benchmarked implementation has: kvdispatch's own backends and
 vendor adapters (FlagGems, vLLM, FlashInfer, flash-attn, IPEX, torch baselines) alike.
 
-An implementation turns a :class:`~kvdispatch.bench.cases.Workload` into a zero-argument callable
+An implementation turns a :class:`~kvbench.cases.Workload` into a zero-argument callable
 (``prepare``), or raises :class:`Unsupported` saying why it cannot run that case. The callable
 performs the op on the workload's tensors: writes update the workload's caches, attention returns
 its output. Anything an adapter must precompute (plans, gathered K/V, converted tables) happens in
 ``prepare``, outside the timed region, and is stated in the adapter's docstring.
 
-Vendor adapters are found through the ``kvdispatch_vendors`` plugin hook (see
-``kvdispatch.hookspecs``); the built-in ones live in ``kvdispatch.backends.vendors``.
+The built-in adapters are the modules of this package; every one is listed whether or not its
+package is installed (``Vendor.available()`` says which are usable here, and nothing is imported
+until then). A third-party package adds its own through the ``kvbench.vendors`` entry-point group
+(the entry point names a Vendor class, an instance, or a function returning a list of them).
+
+| adapter | package | ops |
+| --- | --- | --- |
+| flag_gems | flag_gems | write, mla-write, decode, prefill, mixed |
+| vllm-C | vllm (``_custom_ops``, CUDA/HIP) | write, mla-write |
+| vllm-triton | vllm (Triton ops) | write, decode, prefill, mixed |
+| vllm-flash-attn | vllm (``vllm_flash_attn``) | decode, prefill, mixed |
+| flashinfer | flashinfer | write, decode, prefill, mixed |
+| flash-attn / flash-attn3 | flash_attn / flash_attn_interface | decode, prefill, mixed |
+| ipex | intel_extension_for_pytorch (XPU) | write, decode, prefill, mixed |
+| torch baselines | torch | naive write, SDPA / FlexAttention on pre-gathered contiguous K/V |
 """
 
 from __future__ import annotations
@@ -18,11 +31,14 @@ import importlib
 import importlib.metadata
 from typing import Callable, Optional
 
+from kvdispatch.platform import Platform
 
-from ..platform import Platform
-from .cases import PUBLIC_OP, Workload, force_backend
+from ..cases import PUBLIC_OP, Workload
+from ..compare import force_backend
 
-__all__ = ["Unsupported", "Vendor", "KvdispatchImpl", "discover_vendors", "kvdispatch_impls"]
+__all__ = ["Unsupported", "Vendor", "KvdispatchImpl", "discover_vendors", "kvdispatch_impls", "ENTRY_POINTS"]
+
+ENTRY_POINTS = "kvbench.vendors"
 
 
 class Unsupported(Exception):
@@ -102,7 +118,7 @@ class KvdispatchImpl(Vendor):
         return self.backend.available(platform)
 
     def version(self) -> str:
-        from .. import __version__
+        from kvdispatch import __version__
         extra = self.backend.versions()
         return __version__ + ("".join(f" {k} {v}" for k, v in extra.items()) if extra else "")
 
@@ -111,7 +127,7 @@ class KvdispatchImpl(Vendor):
 
     def prepare(self, op, w):
         import kvdispatch as kvd
-        from ..registry import NoBackendError
+        from kvdispatch.registry import NoBackendError
 
         public = PUBLIC_OP[op]
         if public not in self.backend.ops:
@@ -143,7 +159,7 @@ def kvdispatch_impls(platform: Platform, include_reference: bool = False) -> lis
     The reference backend is always the truth; it is also timed on platforms where it is what
     kvdispatch selects (CPU), or when ``include_reference``.
     """
-    from ..registry import registry
+    from kvdispatch.registry import registry
 
     out = []
     for b in registry.backends:
@@ -163,17 +179,37 @@ def kvdispatch_impls(platform: Platform, include_reference: bool = False) -> lis
     return out
 
 
-def discover_vendors() -> list:
-    """Vendor adapters from every plugin's ``kvdispatch_vendors`` hook (installed or not)."""
-    from ..registry import registry
+def builtin_vendors() -> list:
+    """One instance of every adapter in this package."""
+    from .flaggems import FlagGems
+    from .flash_attn import FlashAttn2, FlashAttn3
+    from .flashinfer import FlashInfer
+    from .ipex import IpexVendor
+    from .torch_baselines import FlexAttentionGathered, SdpaGathered, TorchNaiveWrite
+    from .vllm import VllmC, VllmFlashAttn, VllmTriton
+    return [FlagGems(), VllmC(), VllmTriton(), VllmFlashAttn(), FlashInfer(), FlashAttn2(), FlashAttn3(),
+            IpexVendor(), TorchNaiveWrite(), SdpaGathered(), FlexAttentionGathered()]
 
+
+def _entry_point_vendors() -> list:
+    found = []
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINTS):
+        obj = ep.load()
+        if isinstance(obj, type):
+            obj = obj()
+        found += [obj] if isinstance(obj, Vendor) else list(obj())
+    return found
+
+
+def discover_vendors(extra=()) -> list:
+    """The built-in adapters, then those of the ``kvbench.vendors`` entry points, then ``extra``
+    (installed or not: ``available()`` says)."""
     found, names = [], set()
-    for group in registry.plugin_manager.hook.kvdispatch_vendors():
-        for v in group or ():
-            if not isinstance(v, Vendor) or not v.name:
-                raise TypeError(f"kvdispatch_vendors() returned {v!r}: expected a named bench Vendor")
-            if v.name in names:
-                raise ValueError(f"two benchmark vendors are named {v.name!r}")
-            names.add(v.name)
-            found.append(v)
+    for v in builtin_vendors() + _entry_point_vendors() + list(extra):
+        if not isinstance(v, Vendor) or not v.name:
+            raise TypeError(f"{v!r} is not a named kvbench Vendor")
+        if v.name in names:
+            raise ValueError(f"two benchmark vendors are named {v.name!r}")
+        names.add(v.name)
+        found.append(v)
     return found

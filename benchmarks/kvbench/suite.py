@@ -1,9 +1,6 @@
-"""``kvdispatch bench``: compare kvdispatch's backends with every installed vendor kernel on one
-device, with each result checked against the reference BEFORE it is timed.
-
-    kvdispatch bench                                  # default device, standard suite
-    kvdispatch bench --device cpu --quick --json out.json
-    kvdispatch bench --ops write,decode --layouts NHD,HND --tokens 4096,32768 --plot out.png
+"""The suite mode of ``kvdispatch bench``: kvdispatch's backends against every installed vendor
+kernel on one device, each result checked against the reference BEFORE it is timed; and the
+``--overhead-only`` mode (the dispatch-overhead table alone).
 
 Rows report time, GB/s (and TFLOP/s for attention), the fraction of the device copy bandwidth
 (and matmul peak) measured in the same run, and the ratio to the best vendor. Vendors that cannot
@@ -12,7 +9,6 @@ run a case are "unsupported"; those that compute something else are "WRONG" and 
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import platform as _py_platform
@@ -23,36 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..cli import default_device
-
-__all__ = ["main", "run"]
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvdispatch bench", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, xpu (default: cuda, else xpu, else cpu)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes (seconds on CPU); no vendor ceilings needed")
-    p.add_argument("--json", metavar="PATH", help="write every row, the ceilings and versions as JSON")
-    p.add_argument("--plot", metavar="PATH", help="write a PNG: %% of ceiling per case and implementation")
-    p.add_argument("--markdown", metavar="PATH", help="write the tables as markdown")
-    p.add_argument("--ops", help="comma list of: write, mla-write, decode, prefill, mixed")
-    p.add_argument("--layouts", help="comma list, e.g. NHD,HND,combined,cross-layer,head-major,diffkv,MLA,mla-slices")
-    p.add_argument("--dtypes", help="comma list of: bf16, fp16, fp8")
-    p.add_argument("--sizes", help="keep cases whose size label is listed, e.g. T4096,B32xL4096")
-    p.add_argument("--tokens", help="write sizes (tokens) replacing the suite's, e.g. 256,4096,32768")
-    p.add_argument("--decode", help="decode sizes BATCHxKVLEN replacing the suite's, e.g. 32x4096,128x4096")
-    p.add_argument("--prefill", help="prefill sizes BATCHxLEN replacing the suite's, e.g. 8x2048")
-    p.add_argument("--impls", help="comma list of substrings: only implementations whose name contains one")
-    p.add_argument("--include-reference", action="store_true",
-                   help="also time the reference backend where it is not what kvdispatch selects")
-    p.add_argument("--no-overhead", action="store_true", help="skip the dispatch-overhead measurements")
-    p.add_argument("--graph", action="store_true",
-                   help="also time each correct row as CUDA-graph replays (device time without host gaps)")
-    p.add_argument("--rep-ms", type=float, default=None, help="timing budget per row (default 100, quick 20)")
-    p.add_argument("--list", action="store_true", help="list implementations and cases, run nothing")
-    p.add_argument("--debug", action="store_true", help="print tracebacks of implementations that raise")
-    return p
+__all__ = ["run_suite", "run_overhead", "bench_info", "device_of"]
 
 
 def _driver() -> Optional[str]:
@@ -64,8 +31,19 @@ def _driver() -> Optional[str]:
         return None
 
 
-def _info(device: torch.device, platform, argv) -> dict:
-    from ..cli import versions
+def device_of(args) -> torch.device:
+    """``--device`` (default: cuda if present, else xpu, else cpu), with its index."""
+    from kvdispatch.cli import default_device
+
+    device = torch.device(args.device) if args.device else default_device()
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def bench_info(device: torch.device, platform, argv) -> dict:
+    """What a result depends on: device, versions, timer, the command, the date."""
+    from kvdispatch.cli import versions
     v = versions()
     info = dict(device=str(device), platform=str(platform), versions=v,
                 timer="median of CUDA-event-timed calls, L2 cleared before each (triton.testing.do_bench)"
@@ -85,30 +63,18 @@ def _info(device: torch.device, platform, argv) -> dict:
     return info
 
 
-def run(argv: list, console=None) -> dict:
-    """Run the benchmark; returns ``{"info", "implementations", "rows", "overhead"}``."""
+def _console():
     from rich.console import Console
-    from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..platform import platform_of
-    from . import report
-    from .cases import Workload, default_suite, quick_suite, select_cases
-    from .runner import dispatch_overhead, finish_rows, run_case
-    from .timing import copy_bandwidth, matmul_tflops
+    # logs of CI and device runs are not terminals: rich would wrap the tables at 80 columns
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
+def _implementations(args, platform, extra_vendors=()):
+    """(usable implementations, a row per implementation: available or why not, version)."""
     from .vendors import discover_vendors, kvdispatch_impls
 
-    args = _parser().parse_args(argv)
-    if console is None:
-        # logs of CI and device runs are not terminals: rich would wrap the tables at 80 columns
-        console = Console() if sys.stdout.isatty() else Console(width=200)
-    device = torch.device(args.device) if args.device else default_device()
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    platform = platform_of(device)
-    cases = select_cases(quick_suite() if args.quick else default_suite(), args.ops, args.layouts, args.dtypes,
-                         args.sizes, args.tokens, args.decode, args.prefill)
-    impls = kvdispatch_impls(platform, args.include_reference) + discover_vendors()
+    impls = kvdispatch_impls(platform, args.include_reference) + discover_vendors(extra_vendors)
     if args.impls:
         keep = [s.strip() for s in args.impls.split(",") if s.strip()]
         impls = [i for i in impls if any(k in i.name for k in keep)]
@@ -120,8 +86,54 @@ def run(argv: list, console=None) -> dict:
                                 version=impl.version() if why is None else None))
         if why is None:
             usable.append(impl)
+    return usable, vendor_rows
 
-    info = _info(device, platform, argv)
+
+def run_overhead(args, argv: list, console=None, extra_vendors=()) -> dict:
+    """``--overhead-only``: the dispatch-overhead table alone (host time per public call, the
+    backend method without checks or dispatch, CUDA-graph replays), with a decode step at a real
+    size and a split-KV decode besides the tiny cases."""
+    from kvdispatch.platform import platform_of
+
+    from . import report
+    from .runner import dispatch_overhead
+
+    console = console or _console()
+    device = device_of(args)
+    platform = platform_of(device)
+    usable, vendor_rows = _implementations(args, platform, extra_vendors)
+    info = bench_info(device, platform, argv)
+    console.print(f"[bold]kvdispatch bench --overhead-only[/bold] on {device} ({info.get('device_name', '')}, {platform})")
+    overhead = dispatch_overhead(device, usable, quick=args.quick, more=True)
+    report.print_tables(console, info, [], overhead)
+    if args.json:
+        report.write_json(args.json, info, vendor_rows, [], overhead)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(report.markdown(info, vendor_rows, [], overhead))
+    return dict(info=info, implementations=vendor_rows, rows=[], overhead=overhead)
+
+
+def run_suite(args, argv: list, console=None, extra_vendors=()) -> dict:
+    """The suite; returns ``{"info", "implementations", "rows", "overhead"}``."""
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from kvdispatch.platform import platform_of
+
+    from . import report
+    from .cases import Workload, default_suite, quick_suite, select_cases
+    from .runner import dispatch_overhead, finish_rows, run_case
+    from .timing import copy_bandwidth, matmul_tflops
+
+    console = console or _console()
+    device = device_of(args)
+    platform = platform_of(device)
+    cases = select_cases(quick_suite() if args.quick else default_suite(), args.ops, args.layouts, args.dtypes,
+                         args.sizes, args.tokens, args.decode, args.prefill)
+    usable, vendor_rows = _implementations(args, platform, extra_vendors)
+
+    info = bench_info(device, platform, argv)
     for vr in vendor_rows:
         if vr["available"] and vr["kind"] == "vendor":
             info["versions"][vr["name"]] = vr["version"]
@@ -188,10 +200,3 @@ def run(argv: list, console=None) -> dict:
         console.print(f"[bold red]{len(bad)} kvdispatch rows are WRONG or failed[/bold red]")
     return dict(info=info, implementations=vendor_rows, rows=rows, overhead=overhead)
 
-
-def main(argv: Optional[list] = None) -> int:
-    """Entry of ``kvdispatch bench ARGS``. Exit status 1 when a kvdispatch backend is WRONG or fails."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    result = run(argv)
-    bad = [r for r in result["rows"] if r["kind"] == "kvdispatch" and r["status"] in ("WRONG", "error")]
-    return 1 if bad else 0

@@ -1,10 +1,13 @@
-"""Intel Extension for PyTorch on XPU: a benchmark adapter AND a low-priority kvdispatch backend.
+"""Intel Extension for PyTorch on XPU as a low-priority kvdispatch backend ("ipex").
 
 IPEX's ``ipex.llm.modules.PagedAttention`` offers ``reshape_and_cache_flash`` and
 ``flash_attn_varlen_func`` for packed NHD caches ``[blocks, block_size, heads, dim]``. As a
-kvdispatch backend ("ipex", priority 50: below our SYCL kernels at 200 and Triton at 100) it serves
-what it can when those are not built, and declines everything else with a reason. Unverified:
-no XPU or IPEX was available where this was written; the CPU lane tests only the declining logic.
+kvdispatch backend (priority 50: below our SYCL kernels at 200 and Triton at 100) it serves
+what it can when those are not built, and declines everything else with a reason. Registered
+through the ``kvdispatch`` entry-point group (``ipex = "kvdispatch.backends.xpu.ipex"``); the
+benchmark harness times the same kernels as its ``ipex`` vendor (``kvbench/vendors/ipex.py``).
+Unverified: no XPU or IPEX was available where this was written; the CPU lane tests only the
+declining logic.
 """
 
 from __future__ import annotations
@@ -14,14 +17,12 @@ from typing import Optional
 
 import torch
 
-from kvdispatch.bench.vendors import Unsupported, Vendor
+from kvdispatch.hookspecs import hookimpl
 from kvdispatch.registry import Backend
-
-from .common import cu_seqlens_k
 
 
 @functools.lru_cache(maxsize=None)
-def _paged_attention():
+def paged_attention_module():
     """IPEX's PagedAttention module, or the reason it cannot be imported."""
     try:
         import intel_extension_for_pytorch as ipex  # noqa: F401
@@ -41,7 +42,7 @@ class IpexBackend(Backend):
     def available(self, platform) -> Optional[str]:
         if platform.name != "xpu":
             return "IPEX's paged kernels run on Intel XPU only"
-        return _paged_attention()[1]
+        return paged_attention_module()[1]
 
     def supports(self, op, desc, platform) -> Optional[str]:
         if desc is None:
@@ -62,42 +63,21 @@ class IpexBackend(Backend):
             return {}
 
     def reshape_and_cache_flash(self, key, value, key_cache, value_cache, slot_mapping, desc):
-        PagedAttention = _paged_attention()[0]
+        PagedAttention = paged_attention_module()[0]
         PagedAttention.reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping)
 
     def flash_attn_varlen_func(self, q, k, v, out, desc, args):
         if args.softcap or args.q_descale is not None or args.k_descale is not None or args.block_table is None:
             # reached only if selection picked IPEX for something it does not do: refuse loudly
             raise NotImplementedError("ipex backend: softcap, descales and non-paged attention are not supported")
-        PagedAttention = _paged_attention()[0]
+        PagedAttention = paged_attention_module()[0]
         cu_k = torch.nn.functional.pad(torch.cumsum(args.seqused_k, 0, dtype=torch.int32), (1, 0))
         PagedAttention.flash_attn_varlen_func(out, q, k, v, args.cu_seqlens_q, cu_k, args.max_seqlen_q,
                                               args.max_seqlen_k, args.softmax_scale, args.window_right == 0,
                                               args.block_table, None, args.window_left, args.window_right)
 
 
-class IpexVendor(Vendor):
-    name = "ipex"
-    requires = ("intel_extension_for_pytorch",)
-    distribution = "intel_extension_for_pytorch"
-    platforms = ("xpu",)
-    ops = ("write", "decode", "prefill", "mixed")
 
-    def prepare(self, op, w):
-        PagedAttention, why = _paged_attention()
-        if why:
-            raise Unsupported(why)
-        if w.case.layout != "NHD" or w.case.dtype == "fp8":
-            raise Unsupported("packed NHD bf16/fp16 caches only")
-        if op == "write":
-            a = (w.key, w.value, w.key_cache, w.value_cache, w.slot_mapping)
-            return lambda: PagedAttention.reshape_and_cache_flash(*a)
-        out = w.new_out()
-        cu_k = cu_seqlens_k(w)
-
-        def run():
-            PagedAttention.flash_attn_varlen_func(out, w.q, w.key_cache, w.value_cache, w.cu_seqlens_q, cu_k,
-                                                  w.max_seqlen_q, w.max_seqlen_k, w.softmax_scale, w.causal,
-                                                  w.block_table)
-            return out
-        return run
+@hookimpl
+def kvdispatch_backends():
+    return [IpexBackend()]

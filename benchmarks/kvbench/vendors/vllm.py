@@ -5,7 +5,7 @@
   attention), looked up under ``vllm.v1.attention.ops`` and the older ``vllm.attention.ops``.
 * ``vllm-flash-attn``: its flash-attn build, ``vllm.vllm_flash_attn.flash_attn_varlen_func`` with
   ``block_table`` and ``seqused_k``.
-Known from an H100 measurement (STYLE.md): vLLM's Triton write writes to the wrong places on an
+Known from an H100 measurement: vLLM's Triton write writes to the wrong places on an
 HND cache; the harness reports that as WRONG rather than timing it.
 """
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import importlib
 
-from kvdispatch.bench.vendors import Unsupported, Vendor
+from . import Unsupported, Vendor
 
-from .common import ones, require_4d, vllm_cache
+from .common import require_4d, vllm_mla_args, vllm_write_args
 
 
 def _first(*paths):
@@ -38,13 +38,9 @@ class VllmC(Vendor):
         from vllm import _custom_ops as ops
 
         if op == "write":
-            require_4d(w)
-            one = ones(w.device)
-            a = (w.key, w.value, vllm_cache(w.key_cache), vllm_cache(w.value_cache), w.slot_mapping, w.kv_cache_dtype,
-                 one if w.k_scale is None else w.k_scale, one if w.v_scale is None else w.v_scale)
+            a = vllm_write_args(w)
             return lambda: ops.reshape_and_cache_flash(*a)
-        a = (w.kv_c, w.k_pe, vllm_cache(w.kv_cache), w.slot_mapping, w.kv_cache_dtype,
-             ones(w.device) if w.scale is None else w.scale)
+        a = vllm_mla_args(w)
         return lambda: ops.concat_and_cache_mla(*a)
 
 
@@ -59,9 +55,7 @@ class VllmTriton(Vendor):
         if op == "write":
             fn = _first(("vllm.v1.attention.ops.triton_reshape_and_cache_flash", "triton_reshape_and_cache_flash"),
                         ("vllm.attention.ops.triton_reshape_and_cache_flash", "triton_reshape_and_cache_flash"))
-            one = ones(w.device)
-            a = (w.key, w.value, vllm_cache(w.key_cache), vllm_cache(w.value_cache), w.slot_mapping, w.kv_cache_dtype,
-                 one if w.k_scale is None else w.k_scale, one if w.v_scale is None else w.v_scale)
+            a = vllm_write_args(w)
             return lambda: fn(*a)
         fn = _first(("vllm.v1.attention.ops.triton_unified_attention", "unified_attention"),
                     ("vllm.attention.ops.triton_unified_attention", "unified_attention"))

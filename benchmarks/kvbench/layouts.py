@@ -7,17 +7,15 @@ data (never zeros), so a kernel that writes to the wrong place or skips elements
 
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import Optional
 
 import torch
 
-from .descriptor import FP8_DTYPES
+from kvdispatch.descriptor import FP8_DTYPES
 
 __all__ = [
-    "LAYOUTS", "ATTENTION_LAYOUTS", "make_kv_cache", "make_mla_cache", "random_fill",
-    "random_slots", "random_block_table", "fp8_max", "force_backend",
+    "LAYOUTS", "ATTENTION_LAYOUTS", "make_kv_cache", "make_mla_cache", "random_fill", "device_fill",
+    "random_slots", "random_block_table", "fp8_max",
 ]
 
 # Layouts of a K/V cache pair (4-D views indexed [block, token, head, dim], or head-major).
@@ -48,6 +46,20 @@ def random_fill(t: torch.Tensor, generator: Optional[torch.Generator] = None) ->
         t.copy_(torch.randn(t.shape, generator=generator, device="cpu", dtype=torch.float32).to(t.device))
     else:
         t.copy_(torch.randint(-100, 100, t.shape, generator=generator, device="cpu").to(t.device))
+    return t
+
+
+def device_fill(t: torch.Tensor) -> torch.Tensor:
+    """Fill ``t`` with random finite values generated on its device (a 2 GB cache filled through
+    the CPU is slow); returns ``t``. fp8 types from bf16 normals (finite by construction), uint8
+    with codes finite as e4m3 and e5m2."""
+    if t.dtype.is_floating_point and t.element_size() >= 2:
+        t.normal_()
+    elif t.dtype.is_floating_point:
+        t.copy_(torch.randn(t.shape, device=t.device, dtype=torch.bfloat16).mul_(4)
+                .clamp_(-fp8_max(t.dtype), fp8_max(t.dtype)).to(t.dtype))
+    else:
+        t.view(torch.uint8).random_(0, 0x7C)
     return t
 
 
@@ -158,20 +170,3 @@ def random_block_table(seq_lens_k, num_blocks: int, block_size: int, device="cpu
         table[i, :n] = perm[pos:pos + n]
         pos += n
     return table.to(dtype=torch.int32, device=device)
-
-
-@contextlib.contextmanager
-def force_backend(name: Optional[str]):
-    """Set ``KVDISPATCH_BACKEND`` for the duration (None: automatic selection)."""
-    old = os.environ.get("KVDISPATCH_BACKEND")
-    if name is None:
-        os.environ.pop("KVDISPATCH_BACKEND", None)
-    else:
-        os.environ["KVDISPATCH_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("KVDISPATCH_BACKEND", None)
-        else:
-            os.environ["KVDISPATCH_BACKEND"] = old

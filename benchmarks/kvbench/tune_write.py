@@ -1,120 +1,51 @@
-"""Cache-write bandwidth on one GPU: kvdispatch's Triton kernels vs the device copy, FlagGems and a
-naive torch write, all in the same process.
+"""``kvdispatch bench --tune write``: cache-write bandwidth on one GPU, kvdispatch's Triton kernels
+against the device copy, FlagGems and a naive torch write, all in the same process, and the sweep
+of launch configs ``backends/triton/write_configs.py`` was chosen from.
 
-    python benchmarks/write_perf.py --out benchmarks/results/write_h100 [--sections main,...,sweep]
+    kvdispatch bench --tune write --json write_h100.json --markdown write_h100.md [--sections main,...,sweep]
 
-writes ``<out>.json`` (every number) and ``<out>.md`` (the tables). Each implementation's result
-is checked against the reference backend (whole caches) before it is timed. Times are
-``triton.testing.do_bench`` medians: it clears L2 before every call and times the call alone
-with CUDA events, so these are GPU times of cold-cache writes. Bandwidth counts the bytes that
-must move: every key/value element read once and written once (fp8 caches: written as 1 byte).
+writes every number as JSON and the tables as markdown. Each implementation's result is checked
+against the reference backend (whole caches, ``compare.py``) before it is timed. Cold times are
+``timing.time_us`` medians (``triton.testing.do_bench``: it clears L2 before every call and times
+the call alone with CUDA events: GPU times of cold-cache writes); steady times are CUDA-graph
+replays over rotated inputs (``timing.graph_replay_us``). Bandwidth counts the bytes that must
+move: every key/value element read once and written once (fp8 caches: written as 1 byte).
 
-Sections: device copy; bf16 NHD write at 256/4096/32768 tokens (kvdispatch public op, FlagGems
-``reshape_and_cache_flash``, torch ``index_copy_``); every layout; fp8; head sizes; MLA; host
-overhead per call; with ``sweep`` in ``--sections``, the launch-config variants the write_configs table was
-chosen from.
+Sections: calibration (empty kernel, contiguous copies of the same bytes); main: bf16 NHD write
+at 256/4096/32768 tokens (kvdispatch public op, FlagGems ``reshape_and_cache_flash``, torch
+``index_copy_``); layouts; fp8; heads; mla; host (overhead per call); with ``sweep`` in
+``--sections``, the launch-config variants.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import kvdispatch as kvd
 
-import kvdispatch as kvd  # noqa: E402
-from kvdispatch.testing import make_kv_cache, make_mla_cache  # noqa: E402
+from .compare import bases, cache_mismatch, caches_mismatch, clone_views, force_backend
+from .layouts import device_fill, make_kv_cache, make_mla_cache
+from .timing import copy_bandwidth, empty_triton_launch, graph_replay_us, host_us_per_call, time_us
 
 H, D, BS = 8, 128, 16
 SIZES = (256, 4096, 32768)
-
-
-def _force(name):
-    if name is None:
-        os.environ.pop("KVDISPATCH_BACKEND", None)
-    else:
-        os.environ["KVDISPATCH_BACKEND"] = name
-
-
-def bench(fn, rep=100):
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median") * 1e3  # us
-
-
+DEFAULT_SECTIONS = "calibration,main,layouts,fp8,heads,mla,host"
 L2_ROTATE_BYTES = 160 << 20  # rotate inputs over >3x the H100's 50 MB L2
 
 
-def bench_graph(calls, reps=20):
-    """Steady-state GPU time per call: ``calls`` (zero-argument callables, one per rotated input
-    set) captured back to back in one CUDA graph, replayed ``reps`` times, timed with events.
-    No host overhead and no launch gaps; inputs rotate so they are not served from L2."""
-    calls = list(calls) * max(1, -(-16 // len(calls)))
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            g.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / (reps * len(calls)))
-    del g
-    return sorted(times)[1]
+def bench(fn, rep=100):
+    """Cold time of one call, us."""
+    return time_us(fn, "cuda", warmup_ms=10, rep_ms=rep)
 
 
-def _fill(t):
-    base = t if t._base is None else t._base
-    if base.dtype.is_floating_point and base.element_size() >= 2:
-        base.copy_(torch.randn(base.shape, device=base.device, dtype=base.dtype))
-    else:
-        base.view(torch.uint8).random_(0, 0x7F)  # fp8 codes without NaN
-    return t
-
-
-def _base(t):
-    return t if t._base is None else t._base
-
-
-def _same(got, want, fp8):
-    g, w = _base(got), _base(want)
-    if not fp8:
-        return bool(torch.equal(g.view(torch.uint8), w.view(torch.uint8)))
-    gc, wc = g.view(torch.uint8).int(), w.view(torch.uint8).int()
-    diff = (gc - wc).abs()
-    far = diff > 1
-    if far.any():
-        gv = g.view(torch.uint8)[far].view(want.dtype if want.dtype != torch.uint8 else torch.float8_e4m3fn).float()
-        wv = w.view(torch.uint8)[far].view(want.dtype if want.dtype != torch.uint8 else torch.float8_e4m3fn).float()
-        if ((gv != wv) & ~((gv.abs() < 1e-6) & (wv.abs() < 1e-6))).any():
-            return False
-    return float((diff == 1).float().mean()) < 0.02
-
-
-def _clone_pair(kc, vc):
-    """Copies of a K/V view pair with the same strides, sharing one buffer if they did."""
-    kb, vb = _base(kc), _base(vc)
-    kb2 = kb.clone()
-    vb2 = kb2 if vb is kb else vb.clone()
-    return (kb2.as_strided(kc.shape, kc.stride(), kc.storage_offset() - kb.storage_offset()),
-            vb2.as_strided(vc.shape, vc.stride(), vc.storage_offset() - vb.storage_offset()), kb2, vb2)
+def bench_graph(calls):
+    """Steady-state GPU time per call: ``calls`` (one per rotated input set) captured back to back
+    in one CUDA graph, at least 16 calls, replayed 20 times; median of 3."""
+    return graph_replay_us(calls, "cuda", calls_per_graph=len(calls) * max(1, -(-16 // len(calls))),
+                           replays=20, repeats=3)
 
 
 def _slots(total, n, sequential):
@@ -135,9 +66,8 @@ class Writer:
         nb = num_blocks or max(2 * n // bs + 8, 32768 * 16 // bs // 4)
         cache_dtype = storage or dtype
         self.kc, self.vc = make_kv_cache(layout, nb, bs, h, d, dv, dtype=cache_dtype, device="cuda", fill=False)
-        _fill(self.kc)
-        if _base(self.vc) is not _base(self.kc):
-            _fill(self.vc)
+        for b in bases(self.kc, self.vc):
+            device_fill(b)
         in_bytes = n * h * (d + self.dv) * torch.empty((), dtype=dtype).element_size()
         self.sets = []
         for _ in range(max(2, min(64, -(-L2_ROTATE_BYTES // in_bytes)))):
@@ -153,6 +83,7 @@ class Writer:
             self.ks = torch.rand(m, device="cuda") * 0.02 + 0.01
             self.vs = torch.rand(m, device="cuda") * 0.02 + 0.01
         self.fp8 = kind != "auto"
+        self.fp8_codes = torch.float8_e4m3fn if cache_dtype == torch.uint8 else None  # a uint8 view holds e4m3
         in_size = torch.empty((), dtype=dtype).element_size()
         out_size = torch.empty((), dtype=cache_dtype).element_size()
         self.bytes = n * h * (d + self.dv) * (in_size + out_size)
@@ -163,16 +94,13 @@ class Writer:
 
     def check(self, fn):
         """Run ``fn(key, value, kc, vc, slots, kind, ks, vs)`` on copies; compare with the reference."""
-        rk, rv, rkb, rvb = _clone_pair(self.kc, self.vc)
-        gk, gv, gkb, gvb = _clone_pair(self.kc, self.vc)
-        _force("reference")
-        kvd.reshape_and_cache_flash(*self.args(rk, rv))
-        _force(None)
+        rk, rv = clone_views(self.kc, self.vc)
+        gk, gv = clone_views(self.kc, self.vc)
+        with force_backend("reference"):
+            kvd.reshape_and_cache_flash(*self.args(rk, rv))
         fn(*self.args(gk, gv))
         torch.cuda.synchronize()
-        ok = _same(gkb, rkb, self.fp8) and _same(gvb, rvb, self.fp8)
-        del rk, rkb, rv, rvb, gk, gkb, gv, gvb
-        return ok
+        return caches_mismatch([gk, gv], [rk, rv], self.fp8, self.fp8_codes) is None
 
     def time(self, fn, rep=100):
         a = self.args()
@@ -238,15 +166,9 @@ def _print_row(row):
 def calibration(results, copy_bw):
     """What the GPU does for the same bytes without any indexing: a contiguous copy of the
     key+value bytes of each size (both timings), and an empty kernel (the floor of a launch)."""
-    import triton
-
-    @triton.jit
-    def _empty(x):
-        pass
-
-    dummy = torch.empty(1, device="cuda")
+    empty = empty_triton_launch("cuda")
     results.append(dict(section="calibration", label="empty Triton kernel", tokens=0, bytes=0,
-                        us=bench(lambda: _empty[(1,)](dummy)), graph_us=bench_graph([lambda: _empty[(1,)](dummy)])))
+                        us=bench(empty), graph_us=bench_graph([empty])))
     _print_row(dict(results[-1], GBps=0, pct_copy=0, graph_pct_copy=0))
     for n in SIZES:
         elems = n * H * 2 * D
@@ -262,15 +184,6 @@ def calibration(results, copy_bw):
         results.append(row)
         _print_row(row)
         del srcs, dst
-
-
-def copy_bandwidth():
-    n = 1 << 29  # 1 GiB of bf16
-    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    us = bench(lambda: dst.copy_(src))
-    del src, dst
-    return 2 * n * 2 / us / 1e3, us
 
 
 def host_overhead(results):
@@ -290,29 +203,13 @@ def host_overhead(results):
     except Exception:
         pass
     for label, fn in fns.items():
-        for _ in range(50):
-            fn()
-        torch.cuda.synchronize()
-        reps = 2000
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-        us = (time.perf_counter() - t0) / reps * 1e6
+        us = host_us_per_call(fn, "cuda", 2000)
         results.append(dict(section="host", label=label, tokens=256, us_per_call=us))
         print(f"[host] {label:<40} {us:6.2f} us/call", flush=True)
     # GPU time of the same write replayed from a CUDA graph (no launch overhead at all)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        kvd.reshape_and_cache_flash(*a)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        kvd.reshape_and_cache_flash(*a)
-    us = bench(g.replay)
-    results.append(dict(section="host", label="CUDA graph replay (do_bench)", tokens=256, us=us))
-    print(f"[host] {'CUDA graph replay (do_bench)':<40} {us:6.2f} us", flush=True)
+    us = graph_replay_us(lambda: kvd.reshape_and_cache_flash(*a), "cuda", calls_per_graph=1)
+    results.append(dict(section="host", label="CUDA graph replay", tokens=256, us=us))
+    print(f"[host] {'CUDA graph replay':<40} {us:6.2f} us", flush=True)
 
 
 def _variants(layout):
@@ -354,17 +251,15 @@ def sweep(results, copy_bw, save):
             save()
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="path prefix: writes <out>.json and <out>.md")
-    ap.add_argument("--sections", default="calibration,main,layouts,fp8,heads,mla,host",
-                    help="comma list of: calibration, main, layouts, fp8, heads, mla, host, "
-                         "sweep (launch-config variants)")
-    args = ap.parse_args()
+def run_tune_write(args, argv) -> dict:
+    """``kvdispatch bench --tune write [--sections ...] [--json PATH] [--markdown PATH]``."""
+    if not torch.cuda.is_available():
+        raise SystemExit("kvdispatch bench --tune write needs a CUDA GPU")
     import triton
     info = dict(device=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
                 torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-                command=" ".join(["python"] + sys.argv), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+                command=" ".join(["kvdispatch bench"] + list(argv)),
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     try:
         import flag_gems
         info["flag_gems"] = getattr(flag_gems, "__version__", "?")
@@ -372,17 +267,20 @@ def main():
         info["flag_gems"] = f"unavailable: {type(e).__name__}: {e}"
     print(info, flush=True)
     results = []
-    copy_bw, copy_us = copy_bandwidth()
+    copy = copy_bandwidth("cuda")
+    copy_bw, copy_us = copy["GBps"], copy["us"]
     info["copy_GBps"] = copy_bw
     print(f"device copy: {copy_bw:.0f} GB/s (1 GiB bf16, {copy_us:.1f} us)", flush=True)
 
-    def save():
-        with open(args.out + ".json", "w") as f:
-            json.dump(dict(info=info, results=results), f, indent=1)
-        with open(args.out + ".md", "w") as f:
-            f.write(markdown(info, results))
+    def save():  # after every section: a run cut short still leaves its rows
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(info=info, results=results), f, indent=1)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(markdown(info, results))
 
-    sections = set(args.sections.split(","))
+    sections = set((args.sections or DEFAULT_SECTIONS).split(","))
     if "calibration" in sections:
         calibration(results, copy_bw)
     # 1. the headline: bf16 NHD, 8 kv heads x 128, block 16, random slots
@@ -437,6 +335,7 @@ def main():
     if "sweep" in sections:
         sweep(results, copy_bw, save)
     print(markdown(info, results), flush=True)
+    return dict(info=info, results=results)
 
 
 def mla_bench(results, n, copy_bw):
@@ -463,16 +362,15 @@ def mla_bench(results, n, copy_bw):
 
     pristine = cache.clone()  # timing writes into `cache`: every check starts from this state
     ref = cache.clone()
-    _force("reference")
-    kvd.concat_and_cache_mla(*sets[0][:2], ref, sets[0][2])
-    _force(None)
+    with force_backend("reference"):
+        kvd.concat_and_cache_mla(*sets[0][:2], ref, sets[0][2])
     for label, fn in (("kvdispatch (triton)", ours), ("flag_gems 5.0.2", gems), ("torch cat + index_copy_", naive)):
         row = dict(section="mla", label=label, tokens=n, bytes=nbytes)
         try:
             got = pristine.clone()
             fn(got, *sets[0])
             torch.cuda.synchronize()
-            row["correct"] = bool(torch.equal(got.view(torch.int16), ref.view(torch.int16)))
+            row["correct"] = cache_mismatch(got, ref) is None
             del got
             if row["correct"]:
                 row["us"] = bench(lambda: fn(cache, *sets[0]))
@@ -518,6 +416,3 @@ def markdown(info, results):
         out.append("")
     return "\n".join(out)
 
-
-if __name__ == "__main__":
-    main()

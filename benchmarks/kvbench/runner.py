@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from .cases import ATTENTION_OPS, WRITE_OPS, Case, Workload
-from .timing import graph_replay_us, host_us_per_call, sync, time_us
+from .timing import empty_triton_launch, graph_replay_us, host_us_per_call, sync, time_us
 from .vendors import Unsupported, Vendor
 
 __all__ = ["run_case", "finish_rows", "dispatch_overhead"]
@@ -100,9 +100,24 @@ def finish_rows(rows: list) -> None:
             r["vs_best_vendor"] = b / r["us"]
 
 
-def dispatch_overhead(device: torch.device, impls: list, quick: bool = False) -> list:
+def overhead_cases(quick: bool = False, more: bool = False) -> list:
+    """The cases of the dispatch-overhead measurement: a 16-token write and a small decode (tiny
+    inputs, the GPU is never the limit); ``more`` (``--overhead-only``) adds a decode step at a
+    real size and one long sequence that takes the split-KV path (two launches)."""
+    if quick:
+        return [Case("write", num_kv_heads=2, head_size=64, block_size=16, tokens=8),
+                Case("decode", num_q_heads=4, num_kv_heads=2, head_size=64, block_size=16, batch=2, kv_len=32)]
+    cases = [Case("write", num_kv_heads=8, head_size=128, block_size=16, tokens=16),
+             Case("decode", num_q_heads=32, num_kv_heads=8, head_size=128, block_size=16, batch=4, kv_len=64)]
+    if more:
+        cases += [Case("decode", num_q_heads=32, num_kv_heads=8, head_size=128, block_size=16, batch=32, kv_len=4096),
+                  Case("decode", num_q_heads=32, num_kv_heads=8, head_size=128, block_size=16, batch=1, kv_len=32768)]
+    return cases
+
+
+def dispatch_overhead(device: torch.device, impls: list, quick: bool = False, more: bool = False) -> list:
     """Per-call host time of the public API vs a bare launch of the backend's kernel, and the
-    CUDA-graph replay time of the same call (cuda only). Tiny inputs: the GPU is never the limit.
+    CUDA-graph replay time of the same call (cuda only), for :func:`overhead_cases`.
 
     Rows: op, what, us (host microseconds per call, or device microseconds per graph replay).
     """
@@ -110,17 +125,12 @@ def dispatch_overhead(device: torch.device, impls: list, quick: bool = False) ->
 
     out = []
     device = torch.device(device)
-    small_write = Case("write", num_kv_heads=8, head_size=128, block_size=16, tokens=16)
-    small_decode = Case("decode", num_q_heads=32, num_kv_heads=8, head_size=128, block_size=16, batch=4, kv_len=64)
-    if quick:
-        small_write = Case("write", num_kv_heads=2, head_size=64, block_size=16, tokens=8)
-        small_decode = Case("decode", num_q_heads=4, num_kv_heads=2, head_size=64, block_size=16, batch=2, kv_len=32)
     calls = 300 if quick else 3000
     for impl in impls:
         if impl.kind != "kvdispatch":
             continue
         backend = impl.backend
-        for case in (small_write, small_decode):
+        for case in overhead_cases(quick, more):
             try:
                 w = Workload.build(case, device, _fp8_type(device))
                 with impl.context():
@@ -160,31 +170,22 @@ def dispatch_overhead(device: torch.device, impls: list, quick: bool = False) ->
     if device.type == "cuda":
         try:
             out.append(dict(impl="(floor)", op="-", size="-", what="empty Triton kernel launch, host us/call",
-                            us=host_us_per_call(_empty_launcher(device), device, calls)))
+                            us=host_us_per_call(empty_triton_launch(device), device, calls)))
         except Exception as e:
             out.append(dict(impl="(floor)", op="-", size="-", what="error", us=None, reason=_short(e)))
     return out
 
 
 def _fp8_type(device):
-    from ..platform import platform_of
+    from kvdispatch.platform import platform_of
     return platform_of(torch.device(device)).fp8_e4m3_dtype
 
 
 def _attention_args(kvd, w: Workload):
-    from ..registry import AttentionArgs
+    from kvdispatch.registry import AttentionArgs
     return AttentionArgs(cu_seqlens_q=w.cu_seqlens_q, max_seqlen_q=w.max_seqlen_q, cu_seqlens_k=None,
                          seqused_k=w.seqused_k, max_seqlen_k=w.max_seqlen_k, block_table=w.block_table,
                          softmax_scale=w.softmax_scale, causal=False, window_left=-1, window_right=-1,
-                         softcap=0.0, q_descale=None, k_descale=None, v_descale=None)
+                         softcap=0.0, q_descale=None, k_descale=None, v_descale=None,
+                         plans={})  # the backend keeps its prepared launch here, as the public call's signature does
 
-
-def _empty_launcher(device):
-    import triton
-
-    @triton.jit
-    def _empty(x):
-        pass
-
-    dummy = torch.empty(1, device=device)
-    return lambda: _empty[(1,)](dummy)
