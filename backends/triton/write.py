@@ -232,8 +232,7 @@ def _max_tokens_int32(a: torch.Tensor, b: torch.Tensor) -> int:
 
 def _make_plan(desc, k_strides, v_strides, dk: int, dv: int, heads: int, in_dtype: torch.dtype,
                mergeable: bool, n: int, off64: bool, k_scale_head: bool, v_scale_head: bool,
-               config: Optional[WriteConfig], merge: Optional[bool]) -> _Plan:
-    cfg = config or config_for(desc.platform, _interpreting())
+               cfg: WriteConfig) -> _Plan:
     cache_dtype = desc.cache_dtype
     p = _Plan()
     p.config = cfg
@@ -251,7 +250,7 @@ def _make_plan(desc, k_strides, v_strides, dk: int, dv: int, heads: int, in_dtyp
     else:
         p.src_view = None
         p.dst_view = cache_dtype if p.quant == NATIVE_FP8 else torch.uint8
-    merged = mergeable if merge is None else (merge and mergeable)
+    merged = mergeable if cfg.merge is None else (cfg.merge and mergeable)
     heads_rows = 1 if merged else heads
     sk = _side(k_strides, dk, heads, merged)
     sv = _side(v_strides, dv, heads, merged)
@@ -351,14 +350,10 @@ def _alignment(*ptrs: int):
     return 0 if a & 15 == 0 else tuple(p & 15 for p in ptrs)
 
 
-def plan_for(key, value, key_cache, value_cache, slot_mapping, desc,
-             config: Optional[WriteConfig] = None, merge: Optional[bool] = None,
-             force_off64: Optional[bool] = None) -> _Plan:
-    """The (cached) launch plan ``reshape_and_cache_flash`` uses for these arguments.
-
-    ``config`` / ``merge`` override the platform's table and the merged-row choice (benchmarks);
-    ``force_off64`` the offset width (tests run the int64 path on small caches with it).
-    """
+def plan_for(key, value, key_cache, value_cache, slot_mapping, desc) -> _Plan:
+    """The (cached) launch plan ``reshape_and_cache_flash`` uses for these arguments. Its
+    ``WriteConfig`` comes from ``config_for(platform)`` when the plan is made (the tuning sweeps and
+    the tests replace ``config_for`` and clear ``_plans``: no knob in the kernel API)."""
     n = slot_mapping.shape[0]
     kp, vp, kcp, vcp, sp = (key.data_ptr(), value.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
                             slot_mapping.data_ptr())
@@ -368,14 +363,14 @@ def plan_for(key, value, key_cache, value_cache, slot_mapping, desc,
     # id(desc): descriptors are cached objects, and each plan holds its descriptor, so an id
     # cannot be reused while its plan exists. The device index is not part of desc.key.
     ck = (id(desc), key_cache.get_device(), key.dtype, key.stride(), value.stride(), slot_mapping.dtype,
-          align, n.bit_length(), config, merge, force_off64)
+          align, n.bit_length())
     plan = _plans.get(ck)
     if plan is not None and n <= plan.max_n32:
         return plan
-    return _plan_kv(ck, n, key, value, key_cache, value_cache, desc, config, merge, force_off64)
+    return _plan_kv(ck, n, key, value, key_cache, value_cache, desc)
 
 
-def _plan_kv(ck, n, key, value, key_cache, value_cache, desc, config, merge, force_off64) -> _Plan:
+def _plan_kv(ck, n, key, value, key_cache, value_cache, desc) -> _Plan:
     in64 = n > _max_tokens_int32(key, value)
     if in64:
         ck = ck + ("in64",)
@@ -388,12 +383,10 @@ def _plan_kv(ck, n, key, value, key_cache, value_cache, desc, config, merge, for
     h, dk, dv = desc.num_kv_heads, desc.head_size_k, desc.head_size_v
     mergeable = (h > 1 and desc.heads_contiguous and ks[1] == dk and vs[1] == dv
                  and _pow2(h * max(dk, dv)) <= _MAX_MERGED_ROW)
-    off64 = not desc.int32_offsets or in64
-    if force_off64 is not None:
-        off64 = force_off64
+    cfg = config_for(desc.platform, _interpreting())
+    off64 = not desc.int32_offsets or in64 or bool(cfg.offsets64)
     plan = _make_plan(desc, desc.k, desc.v, dk, dv, h, quant_in, mergeable, _floor_pow2(n), off64,
-                      quant and desc.scale_kinds[0] == "head", quant and desc.scale_kinds[1] == "head",
-                      config, merge)
+                      quant and desc.scale_kinds[0] == "head", quant and desc.scale_kinds[1] == "head", cfg)
     return _remember(ck, _finish_plan(plan, key, value, key_cache, 0, off64))
 
 
@@ -420,9 +413,7 @@ def supports(op: str, desc, platform) -> Optional[str]:
 
 
 def reshape_and_cache_flash(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
-                            value_cache: torch.Tensor, slot_mapping: torch.Tensor, desc,
-                            config: Optional[WriteConfig] = None, merge: Optional[bool] = None,
-                            force_off64: Optional[bool] = None) -> None:
+                            value_cache: torch.Tensor, slot_mapping: torch.Tensor, desc) -> None:
     """Write ``key`` ``(T, H, Dk)`` / ``value`` ``(T, H, Dv)`` rows ``[:n]`` (``n = len(slot_mapping)``)
     into the caches described by ``desc``; slots < 0 are skipped. Arguments are already validated.
     """
@@ -430,7 +421,7 @@ def reshape_and_cache_flash(key: torch.Tensor, value: torch.Tensor, key_cache: t
     if n == 0:
         return
     slot_mapping = unit_stride(slot_mapping)
-    plan = plan_for(key, value, key_cache, value_cache, slot_mapping, desc, config, merge, force_off64)
+    plan = plan_for(key, value, key_cache, value_cache, slot_mapping, desc)
     if plan.quant == COPY:
         _launch(plan, n, key, value, key_cache, value_cache, slot_mapping, None, None)
     else:
@@ -439,8 +430,7 @@ def reshape_and_cache_flash(key: torch.Tensor, value: torch.Tensor, key_cache: t
 
 
 def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
-                         slot_mapping: torch.Tensor, desc, config: Optional[WriteConfig] = None,
-                         force_off64: Optional[bool] = None) -> None:
+                         slot_mapping: torch.Tensor, desc) -> None:
     """Write ``cat(kv_c (T, R), k_pe (T, P))`` rows ``[:n]`` into the MLA latent cache
     ``(num_blocks, block_size, R + P)``; slots < 0 are skipped. Arguments are already validated."""
     n = slot_mapping.shape[0]
@@ -452,25 +442,24 @@ def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch
     ck = ("mla", id(desc), kv_cache.get_device(), kv_c.dtype, kv_c.stride(), k_pe.stride(), rank,
           slot_mapping.dtype,
           _alignment(kv_c.data_ptr(), k_pe.data_ptr(), cache_ptr, cache_ptr + rank * kv_cache.element_size(),
-                     slot_mapping.data_ptr()), n.bit_length(), config, force_off64)
+                     slot_mapping.data_ptr()), n.bit_length())
     plan = _plans.get(ck)
     if plan is None or n > plan.max_n32:
-        plan = _plan_mla(ck, n, kv_c, k_pe, kv_cache, desc, config, force_off64)
+        plan = _plan_mla(ck, n, kv_c, k_pe, kv_cache, desc)
     scale = None if plan.quant == COPY else desc.k_scale
     _launch(plan, n, kv_c, k_pe, kv_cache, kv_cache, slot_mapping, scale, scale, v_dst_offset=rank)
 
 
-def _plan_mla(ck, n, kv_c, k_pe, kv_cache, desc, config, force_off64) -> _Plan:
+def _plan_mla(ck, n, kv_c, k_pe, kv_cache, desc) -> _Plan:
     in64 = n > _max_tokens_int32(kv_c, k_pe)
     if in64:
         ck = ck + ("in64",)
         plan = _plans.get(ck)
         if plan is not None:
             return plan
-    off64 = not desc.int32_offsets or in64
-    if force_off64 is not None:
-        off64 = force_off64
+    cfg = config_for(desc.platform, _interpreting())
+    off64 = not desc.int32_offsets or in64 or bool(cfg.offsets64)
     rank, rope = kv_c.shape[1], k_pe.shape[1]
     plan = _make_plan(desc, desc.k, desc.k, rank, rope, 1, kv_c.dtype, False, _floor_pow2(n), off64,
-                      False, False, config, False)
+                      False, False, cfg)
     return _remember(ck, _finish_plan(plan, kv_c, k_pe, kv_cache, rank, off64))

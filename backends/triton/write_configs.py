@@ -22,6 +22,7 @@ measured them), or the vendor reference it follows when no such device was avail
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Optional
 
 from .tables import lookup
 
@@ -35,6 +36,10 @@ class WriteConfig:
     min_programs_per_sm: int
     streaming: bool
     source: str
+    # whole-token rows where the layout allows them (None: wherever it does; False: per-head rows)
+    merge: Optional[bool] = None
+    # the offset width (None: int32 where the descriptor and the inputs prove it fits; True: int64)
+    offsets64: Optional[bool] = None
 
     def with_(self, **kw) -> "WriteConfig":
         return replace(self, **kw)

@@ -19,6 +19,7 @@ at 256/4096/32768 tokens (kvdispatch public op, FlagGems ``reshape_and_cache_fla
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -228,6 +229,20 @@ def _variants(layout):
     return out
 
 
+@contextlib.contextmanager
+def write_table(cfg):
+    """The Triton write uses ``cfg`` for every platform inside (its plans made afresh, before and after)."""
+    from kvdispatch.backends.triton import write
+    real = write.config_for
+    write.config_for = lambda *a, **k: cfg
+    write._plans.clear()
+    try:
+        yield
+    finally:
+        write.config_for = real
+        write._plans.clear()
+
+
 def sweep(results, copy_bw, save):
     from kvdispatch.backends.triton import write
     from kvdispatch.backends.triton.write_configs import DEFAULT
@@ -238,14 +253,15 @@ def sweep(results, copy_bw, save):
             w = Writer(layout, n)
             desc = kvd.KVCacheDescriptor.from_tensors(w.kc, w.vc)
             for label, over, merge in _variants(layout):
-                cfg = DEFAULT.with_(**{"streaming": False, "min_programs_per_sm": 4, **over})
+                cfg = DEFAULT.with_(**{"streaming": False, "min_programs_per_sm": 4, "merge": merge, **over})
 
-                def fn(k, v, kc, vc, s, kind, ks, vs, cfg=cfg, merge=merge):
-                    write.reshape_and_cache_flash(k, v, kc, vc, s, desc, config=cfg, merge=merge)
+                def fn(k, v, kc, vc, s, kind, ks, vs):
+                    write.reshape_and_cache_flash(k, v, kc, vc, s, desc)
 
-                plan = write.plan_for(w.key, w.value, w.kc, w.vc, w.slots, desc, cfg, merge)
-                measure(results, f"sweep-{layout}", label, w, fn, copy_bw, rep=40, rows=plan.rows,
-                        merged=plan.constexprs["MERGED"], plan_warps=plan.num_warps, **over)
+                with write_table(cfg):  # the variant as the platform's table entry, fresh plans
+                    plan = write.plan_for(w.key, w.value, w.kc, w.vc, w.slots, desc)
+                    measure(results, f"sweep-{layout}", label, w, fn, copy_bw, rep=40, rows=plan.rows,
+                            merged=plan.constexprs["MERGED"], plan_warps=plan.num_warps, **over)
             del w
             torch.cuda.empty_cache()
             save()

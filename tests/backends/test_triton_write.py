@@ -79,8 +79,9 @@ def test_extra_mla(case):
     run_mla_case(case, "triton", device=DEVICE, seed=2)
 
 
-def _write_both(layout, h=4, d=64, bs=16, nb=6, t=30, dtype=torch.bfloat16, **kw):
-    """Run write.reshape_and_cache_flash directly with overrides; compare with the reference."""
+def _write_both(layout, h=4, d=64, bs=16, nb=6, t=30, dtype=torch.bfloat16, config=None, **over):
+    """Run write.reshape_and_cache_flash directly with ``config`` (or the platform's entry) and the
+    WriteConfig fields ``over`` as the table's answer; compare with the reference."""
     gen = torch.Generator().manual_seed(3)
     kc, vc = make_kv_cache(layout, nb, bs, h, d, dtype=dtype, device=DEVICE)
     key = torch.randn(t, h, d, generator=gen).to(dtype).to(DEVICE)
@@ -90,10 +91,15 @@ def _write_both(layout, h=4, d=64, bs=16, nb=6, t=30, dtype=torch.bfloat16, **kw
     with force_backend("reference"):
         kvd.reshape_and_cache_flash(key, value, rk, rv, slots)
     desc = kvd.KVCacheDescriptor.from_tensors(kc, vc)
-    write.reshape_and_cache_flash(key, value, kc, vc, slots, desc, **kw)
-    assert_cache_equal(kc.cpu(), rk.cpu(), False, f"{layout} key")
-    assert_cache_equal(vc.cpu(), rv.cpu(), False, f"{layout} value")
-    return write.plan_for(key, value, kc, vc, slots, desc, **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        if config is not None or over:
+            cfg = (config or write.config_for(desc.platform, write._interpreting())).with_(**over)
+            mp.setattr(write, "config_for", lambda *a, **k: cfg)
+            mp.setattr(write, "_plans", {})
+        write.reshape_and_cache_flash(key, value, kc, vc, slots, desc)
+        assert_cache_equal(kc.cpu(), rk.cpu(), False, f"{layout} key")
+        assert_cache_equal(vc.cpu(), rv.cpu(), False, f"{layout} value")
+        return write.plan_for(key, value, kc, vc, slots, desc)
 
 
 @pytest.mark.parametrize("layout,mergeable", [("NHD", True), ("combined", True), ("cross-layer", True),
@@ -108,7 +114,7 @@ def test_merged_rows_where_heads_are_contiguous(layout, mergeable):
 
 @pytest.mark.parametrize("layout", ["NHD", "HND", "head-major"])
 def test_int64_offsets_path(layout):
-    plan = _write_both(layout, force_off64=True)
+    plan = _write_both(layout, offsets64=True)
     assert plan.constexprs["OFF64"] is True
     assert _write_both(layout).constexprs["OFF64"] is False
 
