@@ -119,6 +119,37 @@ def test_int64_offsets_path(layout):
     assert _write_both(layout).constexprs["OFF64"] is False
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+@pytest.mark.parametrize("slots_kind", ["aligned", "unaligned", "padded", "two_sequences"])
+def test_head_major_token_runs(slots_kind, kv_cache_dtype):
+    """Head-major caches store a program's rows (consecutive tokens of one head) as contiguous runs
+    when their slots are consecutive in one block, and row by row otherwise: prefill-like slot
+    mappings (aligned to blocks, starting mid-block, with padding, two sequences) against the
+    reference, fp8 quantizing included."""
+    gen = torch.Generator().manual_seed(7)
+    h, d, bs, nb = 4, 64, 16, 12
+    dtype = torch.float8_e4m3fn if kv_cache_dtype == "fp8" else torch.bfloat16
+    kc, vc = make_kv_cache("head-major", nb, bs, h, d, dtype=dtype, device=DEVICE)
+    slots = {"aligned": torch.arange(16, 16 + 80), "unaligned": torch.arange(5, 5 + 77),
+             "padded": torch.cat([torch.arange(32, 60), torch.tensor([-1, -1]), torch.arange(60, 90)]),
+             "two_sequences": torch.cat([torch.arange(3, 40), torch.arange(96, 140)])}[slots_kind]
+    slots = slots.to(torch.int64).to(DEVICE)
+    t = slots.shape[0]
+    key = (torch.randn(t, h, d, generator=gen) * 2).bfloat16().to(DEVICE)
+    value = (torch.randn(t, h, d, generator=gen) * 2).bfloat16().to(DEVICE)
+    scale = torch.tensor([0.5], device=DEVICE) if kv_cache_dtype == "fp8" else None
+    rk, rv = kc.clone(), vc.clone()
+    with force_backend("reference"):
+        kvd.reshape_and_cache_flash(key, value, rk, rv, slots, kv_cache_dtype, scale, scale)
+    desc = kvd.KVCacheDescriptor.from_tensors(kc, vc, kv_cache_dtype, scale, scale)
+    write.reshape_and_cache_flash(key, value, kc, vc, slots, desc)
+    plan = write.plan_for(key, value, kc, vc, slots, desc)
+    assert plan.constexprs["RUNS"] is True and plan.rows <= bs
+    exact = kv_cache_dtype == "auto"
+    assert_cache_equal(kc.cpu(), rk.cpu(), not exact, "head-major key")
+    assert_cache_equal(vc.cpu(), rv.cpu(), not exact, "head-major value")
+
+
 def test_streaming_variant_and_small_tiles():
     cfg = INTERPRETER.with_(streaming=True, tile_bytes=128)
     plan = _write_both("HND", config=cfg)
