@@ -10,8 +10,8 @@ from typing import Optional
 import torch
 
 from .descriptor import KVCacheDescriptor
+from .hookspecs import AttentionArgs
 from .platform import getenv
-from .registry import AttentionArgs
 
 
 def debug() -> bool:
@@ -24,21 +24,17 @@ def checks_values(backend) -> bool:
     return backend.always_check_values or debug()
 
 
-def check_slot_values(slot_mapping: torch.Tensor, desc: KVCacheDescriptor,
-                      duplicates: Optional[bool] = None) -> None:
+def check_slot_values(slot_mapping: torch.Tensor, desc: KVCacheDescriptor, duplicates: Optional[bool] = None) -> None:
     """Slots in range; with ``duplicates`` (default: under ``KVDISPATCH_DEBUG=1``), no slot named
     twice (engines never repeat a slot in one call, so a repeat is a caller bug; without the check
     the reference keeps the last token, GPU kernels guarantee no winner)."""
     if duplicates is None:
         duplicates = debug()
     if slot_mapping.numel():
-        hi = int(slot_mapping.max())
-        total = desc.num_blocks * desc.block_size
+        hi, total = int(slot_mapping.max()), desc.num_blocks * desc.block_size
         if hi >= total:
-            raise ValueError(
-                f"slot_mapping: slot {hi} is out of range: the cache has {desc.num_blocks} blocks x "
-                f"{desc.block_size} = {total} slots (negative slots mark padding)"
-            )
+            raise ValueError(f"slot_mapping: slot {hi} is out of range: the cache has {desc.num_blocks} blocks x "
+                             f"{desc.block_size} = {total} slots (negative slots mark padding)")
         if duplicates:
             valid = slot_mapping[slot_mapping >= 0]
             uniq = torch.unique(valid)
@@ -47,44 +43,42 @@ def check_slot_values(slot_mapping: torch.Tensor, desc: KVCacheDescriptor,
                                  "(each slot takes one token per call)")
 
 
+def _offsets(cu: torch.Tensor, name: str) -> torch.Tensor:
+    cu = cu.long()
+    if cu.numel() and (int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any())):
+        raise ValueError(f"{name}: expected non-decreasing offsets starting at 0")
+    return cu
+
+
 def check_attention_values(args: AttentionArgs, desc: KVCacheDescriptor, total_q: Optional[int] = None) -> None:
     """Value checks (reference always; other backends with KVDISPATCH_DEBUG=1). Syncs."""
-    cu = args.cu_seqlens_q.long()
-    if cu.numel() and (int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any())):
-        raise ValueError("cu_seqlens_q: expected non-decreasing offsets starting at 0")
+    cu = _offsets(args.cu_seqlens_q, "cu_seqlens_q")
     if cu.numel() and total_q is not None and int(cu[-1]) > total_q:
         raise ValueError(f"cu_seqlens_q: last offset {int(cu[-1])} exceeds q's {total_q} tokens")
     longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
     if longest > args.max_seqlen_q:
         raise ValueError(f"max_seqlen_q: {args.max_seqlen_q} is below the longest query ({longest} tokens)")
     if args.block_table is None:
-        ck = args.cu_seqlens_k.long()
-        if ck.numel() and (int(ck[0]) != 0 or bool((ck[1:] < ck[:-1]).any())):
-            raise ValueError("cu_seqlens_k: expected non-decreasing offsets starting at 0")
+        ck = _offsets(args.cu_seqlens_k, "cu_seqlens_k")
         if int(ck[-1]) > desc.block_size:  # non-paged: the "cache" is one block of total_k tokens
             raise ValueError(f"cu_seqlens_k: last offset {int(ck[-1])} exceeds k's {desc.block_size} tokens")
         lens = ck[1:] - ck[:-1]
         if args.seqused_k is not None and lens.numel():
             lens = torch.minimum(lens, args.seqused_k.long())
-        _check_max_k(args, lens)
-        return
+        return _check_max_k(args, lens)
     used = args.seqused_k.long()
     capacity = args.block_table.shape[1] * desc.block_size
     if used.numel() and (int(used.min()) < 0 or int(used.max()) > capacity):
         raise ValueError(
             f"seqused_k: expected lengths in [0, {capacity}] (block_table's {args.block_table.shape[1]} "
-            f"blocks x block_size {desc.block_size}), got range [{int(used.min())}, {int(used.max())}]"
-        )
+            f"blocks x block_size {desc.block_size}), got range [{int(used.min())}, {int(used.max())}]")
     _check_max_k(args, used)
     nblk = (used + desc.block_size - 1) // desc.block_size
-    cols = torch.arange(args.block_table.shape[1], device=used.device)
-    live = cols[None, :] < nblk[:, None]
+    live = torch.arange(args.block_table.shape[1], device=used.device)[None, :] < nblk[:, None]
     ids = args.block_table.long()[live]
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= desc.num_blocks):
-        raise ValueError(
-            f"block_table: block ids must be in [0, {desc.num_blocks}) for the blocks a sequence uses, "
-            f"got range [{int(ids.min())}, {int(ids.max())}]"
-        )
+        raise ValueError(f"block_table: block ids must be in [0, {desc.num_blocks}) for the blocks a sequence uses, "
+                         f"got range [{int(ids.min())}, {int(ids.max())}]")
 
 
 def _check_max_k(args: AttentionArgs, lens: torch.Tensor) -> None:

@@ -1,9 +1,6 @@
-"""``kvdispatch`` command line: ``info``, and the subcommands other packages declare.
-
-``kvdispatch check`` and ``kvdispatch bench`` come from the benchmark harness (``benchmarks/kvbench``,
-installed as ``kvbench`` by the same ``pip install``) through the ``kvdispatch.commands``
-entry-point group; the core never imports it.
-"""
+"""``kvdispatch`` command line: ``info``, and the subcommands other packages declare in the
+``kvdispatch.commands`` entry-point group (``check`` and ``bench`` are the benchmark harness's,
+``benchmarks/kvbench``); the core never imports them."""
 
 from __future__ import annotations
 
@@ -21,9 +18,7 @@ from . import __version__
 from .platform import platform_of
 from .registry import OPS, registry
 
-
 COMMANDS = "kvdispatch.commands"
-
 _SHORT = {"reshape_and_cache_flash": "write", "concat_and_cache_mla": "mla-write",
           "flash_attn_varlen_func": "attention"}
 
@@ -48,10 +43,7 @@ def visible_devices() -> list:
 def versions() -> dict:
     """Versions of everything a result depends on (info, check, bench records)."""
     v = {"kvdispatch": __version__, "python": _py_platform.python_version(), "torch": torch.__version__}
-    if torch.version.cuda:
-        v["cuda"] = torch.version.cuda
-    if torch.version.hip:
-        v["hip"] = torch.version.hip
+    v.update({k: val for k, val in (("cuda", torch.version.cuda), ("hip", torch.version.hip)) if val})
     for mod in ("triton", "pluggy"):
         try:
             v[mod] = __import__(mod).__version__
@@ -64,64 +56,41 @@ def table(title: Optional[str], columns, rows) -> str:
     """A plain-text table: the core prints without any rendering library."""
     rows = [[str(c) for c in r] for r in rows]
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
-
-    def line(cells):
-        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-
-    return "\n".join([title] * bool(title) + [line(columns), line(["-" * w for w in widths])]
-                     + [line(r) for r in rows]) + "\n"
+    lines = [columns, ["-" * w for w in widths]] + rows
+    return "\n".join([title] * bool(title) + ["  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+                                               for cells in lines]) + "\n"
 
 
 def cmd_info(args) -> int:
-    print(f"kvdispatch {__version__}  " +
-          "  ".join(f"{k} {val}" for k, val in versions().items() if k != "kvdispatch"))
+    print(f"kvdispatch {__version__}  " + "  ".join(f"{k} {val}" for k, val in versions().items()
+                                                    if k != "kvdispatch"))
     devs = visible_devices()
     plats = {d: platform_of(d) for d in devs}
-
+    forced = os.environ.get("KVDISPATCH_BACKEND") or None
     print(table("Devices", ("device", "platform", "arch", "name", "multiprocessors", "fp8 e4m3 type"),
                 [(d, p.name, p.arch or "-", p.device_name or "-", p.multiprocessors or "-",
                   str(p.fp8_e4m3_dtype).replace("torch.", "")) for d, p in plats.items()]))
-
-    rows = []
-    for b in registry.backends:
-        cells = []
-        for d in devs:
-            reason = b.available(plats[d])
-            cells.append("available" if reason is None else reason)
-        rows.append((b.name, b.priority, ", ".join(b.platforms) or "-",
-                     ", ".join(_SHORT.get(o, o) for o in b.ops) or "-", *cells))
+    rows = [(b.name, b.priority, ", ".join(b.platforms) or "-", ", ".join(_SHORT.get(o, o) for o in b.ops) or "-",
+             *["available" if (why := b.available(plats[d])) is None else why for d in devs])
+            for b in registry.backends]
     print(table("Backends (highest priority first)",
                 ("backend", "priority", "platforms", "ops", *[f"on {d}" for d in devs]), rows))
-
     rows = []
     for op in OPS:
-        row = [op]
+        rows.append([op])
         for d in devs:
             try:
-                row.append(registry.select(op, plats[d]).name)
+                rows[-1].append(registry.select(op, plats[d]).name)
             except Exception as e:
-                row.append(f"none: {str(e).splitlines()[0]}")
-        rows.append(row)
-    print(table("Selected backend per op and device" + (" (KVDISPATCH_BACKEND set)" if _forced() else ""),
+                rows[-1].append(f"none: {str(e).splitlines()[0]}")
+    print(table("Selected backend per op and device" + (" (KVDISPATCH_BACKEND set)" if forced else ""),
                 ("op", *map(str, devs)), rows))
-    if args.verbose:
-        for d in devs:
-            for op in OPS:
-                print(f"{op} on {d}")
-                for b, reason in registry.explain(op, plats[d], forced=_forced()):
-                    print(f"  {b.name}: {reason or 'would serve'}")
+    for d in devs if args.verbose else ():
+        for op in OPS:
+            print(f"{op} on {d}")
+            for b, reason in registry.explain(op, plats[d], forced=forced):
+                print(f"  {b.name}: {reason or 'would serve'}")
     return 0
-
-
-def _forced() -> Optional[str]:
-    return os.environ.get("KVDISPATCH_BACKEND") or None
-
-
-def _commands() -> dict:
-    """name -> entry point of every subcommand another package declares in the ``kvdispatch.commands``
-    entry-point group: a function ``(argv) -> exit status`` whose docstring's first line is its help.
-    Nothing is imported until that command runs."""
-    return {ep.name: ep for ep in importlib.metadata.entry_points(group=COMMANDS) if ep.name != "info"}
 
 
 def _help(ep) -> str:
@@ -132,8 +101,10 @@ def _help(ep) -> str:
 
 
 def main(argv: Optional[list] = None) -> int:
+    """``kvdispatch``: a subcommand declared in ``kvdispatch.commands`` (a function ``(argv) -> exit
+    status`` whose docstring's first line is its help, imported only when it runs), or ``info``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = _commands()
+    commands = {ep.name: ep for ep in importlib.metadata.entry_points(group=COMMANDS) if ep.name != "info"}
     if argv and argv[0] in commands:
         return commands[argv[0]].load()(argv[1:])
     p = argparse.ArgumentParser(prog="kvdispatch", description="kvdispatch: one call per paged-KV-cache "

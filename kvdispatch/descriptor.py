@@ -1,16 +1,13 @@
-"""``KVCacheDescriptor``: one description of a paged KV cache that every backend consumes.
+"""``KVCacheDescriptor``: one description of a paged KV cache that every backend consumes. Every
+supported layout is addressed by one formula over five numbers per cache (K and V each)::
 
-Every supported layout is addressed by one formula over five numbers per cache (K and V each)::
+    offset(block, token, head, d) = block*s_block + token*s_token + head*s_head + (d // x)*s_chunk + d % x
 
-    offset(block, token, head, d) = block*s_block + token*s_token + head*s_head
-                                    + (d // x)*s_chunk + d % x
-
-* 4-D caches, indexed ``[block, token_in_block, head, dim]`` whatever their memory order (NHD,
-  HND permuted views, slices of a combined ``[blocks, 2, bs, H, D]`` buffer, one layer of a
-  cross-layer buffer, ``[..., :Dk]`` / ``[..., Dk:]`` "diffkv" slices): ``x = head_size``, so
-  ``d // x == 0`` and ``d % x == d``.
-* vLLM's classic head-major layout: key ``[blocks, H, D // x, bs, x]`` (x = 16 bytes / element),
-  value ``[blocks, H, D, bs]`` (x = 1: dims are ``s_chunk`` apart).
+* 4-D caches ``[block, token_in_block, head, dim]`` in any memory order (NHD, HND permuted views,
+  slices of a combined ``[blocks, 2, bs, H, D]`` buffer, one layer of a cross-layer buffer,
+  ``[..., :Dk]`` / ``[..., Dk:]`` "diffkv" slices): ``x = head_size``, so ``d // x == 0``.
+* vLLM's head-major layout: key ``[blocks, H, D // x, bs, x]`` (x = 16 bytes / element), value
+  ``[blocks, H, D, bs]`` (x = 1: dims are ``s_chunk`` apart).
 * the MLA latent cache ``[blocks, bs, kv_lora_rank + rope_dim]``: one head, no value cache.
 
 The strides are the tensors' REAL strides (in elements), never assumed from a layout name, so a
@@ -31,27 +28,16 @@ __all__ = ["KVCacheDescriptor", "CacheStrides", "FP8_DTYPES", "LAYOUTS_4D", "INT
            "normalize_kv_cache_dtype"]
 
 INT32_MAX = 2**31 - 1
-
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2)
-# ``layout`` names of 4-D caches (the others: "head-major", "mla")
-LAYOUTS_4D = ("NHD", "HND", "combined", "cross-layer", "diffkv", "strided")
+LAYOUTS_4D = ("NHD", "HND", "combined", "cross-layer", "diffkv", "strided")  # the others: head-major, mla
 _E4M3 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
-
-# user spelling -> canonical name
-_KV_CACHE_DTYPES = {
-    "auto": "auto",
-    "fp8": "fp8_e4m3",
-    "fp8_e4m3": "fp8_e4m3",
-    "fp8_e5m2": "fp8_e5m2",
-}
+_KV_CACHE_DTYPES = {"auto": "auto", "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
 
 
 def normalize_kv_cache_dtype(kv_cache_dtype: str) -> str:
     """``"auto"``, ``"fp8_e4m3"`` or ``"fp8_e5m2"``; raises ValueError naming the argument otherwise."""
     if not isinstance(kv_cache_dtype, str) or kv_cache_dtype not in _KV_CACHE_DTYPES:
-        raise ValueError(
-            f"kv_cache_dtype: expected one of {sorted(_KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}"
-        )
+        raise ValueError(f"kv_cache_dtype: expected one of {sorted(_KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
     return _KV_CACHE_DTYPES[kv_cache_dtype]
 
 
@@ -66,8 +52,7 @@ class CacheStrides:
     x: int
 
     def offset(self, block: int, token: int, head: int, d: int) -> int:
-        return (block * self.block + token * self.token + head * self.head
-                + (d // self.x) * self.chunk + d % self.x)
+        return block * self.block + token * self.token + head * self.head + (d // self.x) * self.chunk + d % self.x
 
     def as_tuple(self) -> tuple[int, int, int, int, int]:
         return (self.block, self.token, self.head, self.chunk, self.x)
@@ -78,11 +63,6 @@ def max_offset(t: torch.Tensor) -> int:
     return sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if n > 0)
 
 
-def _strides_4d(t: torch.Tensor) -> CacheStrides:
-    sb, st, sh, sd = t.stride()
-    return CacheStrides(block=sb, token=st, head=sh, chunk=t.shape[3], x=t.shape[3])
-
-
 def _check_sizes(name: str, block_size: int, heads: int, head_size: int) -> None:
     for what, n in (("block_size", block_size), ("num_kv_heads", heads), ("head_size", head_size)):
         if n < 1:
@@ -91,28 +71,14 @@ def _check_sizes(name: str, block_size: int, heads: int, head_size: int) -> None
 
 def _check_last_dim(t: torch.Tensor, name: str) -> None:
     if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
-        raise ValueError(
-            f"{name}: the last dimension must be contiguous (stride(-1) == 1), "
-            f"got strides {tuple(t.stride())}"
-        )
+        raise ValueError(f"{name}: the last dimension must be contiguous (stride(-1) == 1), "
+                         f"got strides {tuple(t.stride())}")
     if any(s < 0 for s in t.stride()):
         raise ValueError(f"{name}: negative strides are not supported, got {tuple(t.stride())}")
 
 
-def _fp8_dtype_for(kind: str, storage: torch.dtype, platform: Platform, name: str) -> torch.dtype:
-    """The fp8 element type for kv_cache_dtype ``kind`` given a cache stored as ``storage``."""
-    if storage == torch.uint8:
-        return platform.fp8_dtype(kind)
-    if storage in (_E4M3 if kind == "fp8_e4m3" else (torch.float8_e5m2,)):
-        return storage
-    raise TypeError(
-        f"{name}: kv_cache_dtype={kind!r} needs a cache of an fp8 {kind[4:]} dtype or a uint8 view, "
-        f"got {storage}"
-    )
-
-
 def _check_scale(scale, name: str, num_heads: int, device: torch.device) -> str:
-    """Return the scale kind ("tensor" or "head"); raise on anything unusable."""
+    """The scale kind ("tensor" or "head"); raises on anything unusable."""
     if scale is None:
         raise ValueError(f"{name}: an fp8 kv_cache_dtype needs a float32 scale tensor, got None")
     if not isinstance(scale, torch.Tensor):
@@ -121,39 +87,35 @@ def _check_scale(scale, name: str, num_heads: int, device: torch.device) -> str:
         raise TypeError(f"{name}: expected dtype torch.float32, got {scale.dtype}")
     if scale.device != device:
         raise ValueError(f"{name}: expected a tensor on {device} (the cache's device), got {scale.device}")
-    n = scale.numel()
-    if n == 1:
+    if scale.numel() == 1:
         return "tensor"
-    if n == num_heads and scale.dim() == 1:
+    if scale.numel() == num_heads and scale.dim() == 1:
         return "head"
-    raise ValueError(
-        f"{name}: expected one element (per-tensor) or shape [{num_heads}] (per kv head), "
-        f"got shape {tuple(scale.shape)}"
-    )
+    raise ValueError(f"{name}: expected one element (per-tensor) or shape [{num_heads}] (per kv head), "
+                     f"got shape {tuple(scale.shape)}")
 
 
 class KVCacheDescriptor:
     """Layout, real strides and fp8 scales of a paged KV cache.
 
-    Build it with :meth:`from_tensors` (cheap: cached by the tensors' metadata). Static fields:
+    Build it with :meth:`from_tensors` (cheap: cached by the tensors' metadata). Static fields: ``layout``
+    (a name for humans: ``"NHD"``, ``"HND"``, ``"combined"``, ``"cross-layer"``, ``"diffkv"``, ``"strided"``,
+    ``"head-major"``, ``"mla"``), ``num_blocks``, ``block_size``, ``num_kv_heads``, ``head_size_k``,
+    ``head_size_v``, ``storage_dtype`` (the tensor's dtype, maybe uint8), ``cache_dtype`` (the element
+    type kernels read and write, fp8 resolved), ``kv_cache_dtype`` (canonical), ``fp8`` (``None``,
+    ``"e4m3"``, ``"e5m2"``), ``k`` / ``v`` (:class:`CacheStrides`; ``v`` is None for the MLA latent cache),
+    ``scale_kinds`` (K's and V's: ``"none"``, ``"tensor"``, ``"head"``), ``scale_kind`` ("head" if either
+    is), ``packed`` (K and V are packed-contiguous NHD: the fast path), ``heads_contiguous`` (each token's
+    heads are one contiguous row in K and in V: NHD, combined, cross-layer), ``max_offset`` (largest
+    element offset of either cache), ``int32_offsets`` (it fits in int32), ``key`` (hashable, no tensors).
+    Per-instance: ``k_scale``, ``v_scale`` (float32 tensors or None), ``device``, ``platform``.
+    ``desc.write(key, value, key_cache, value_cache, slot_mapping)`` is ``reshape_and_cache_flash``
+    with the descriptor's kv_cache_dtype and scales (defined in ``ops.py``).
 
-    ``layout`` (a name for humans: ``"NHD"``, ``"HND"``, ``"combined"``, ``"cross-layer"``,
-    ``"diffkv"``, ``"strided"``, ``"head-major"``, ``"mla"``), ``num_blocks``, ``block_size``,
-    ``num_kv_heads``, ``head_size_k``, ``head_size_v``, ``storage_dtype`` (the tensor's dtype, maybe
-    uint8), ``cache_dtype`` (the element type kernels read and write, fp8 resolved),
-    ``kv_cache_dtype`` (canonical), ``fp8`` (``None``, ``"e4m3"``, ``"e5m2"``), ``k`` / ``v``
-    (:class:`CacheStrides`; ``v`` is None for the MLA latent cache), ``scale_kinds`` (K's and V's:
-    ``"none"``, ``"tensor"``, ``"head"``), ``scale_kind`` ("head" if either is), ``packed`` (K and V
-    are packed-contiguous NHD: the fast path), ``heads_contiguous`` (each token's heads are one
-    contiguous row in K and in V: NHD, combined, cross-layer), ``max_offset`` (largest element offset
-    of either cache), ``int32_offsets`` (it fits in int32), ``key`` (hashable, no tensors).
-    Per-instance: ``k_scale``, ``v_scale`` (float32 tensors or None), ``device``.
-
-    The descriptor refers to its scale tensors WEAKLY: descriptors are cached for the life of the
-    process (at most ``_CACHE_LIMIT`` of them), and a cache must not keep tensors the caller has
-    dropped alive. Keep the scales alive while you use a descriptor (engines hold them as layer
-    buffers); once a scale is freed, ``k_scale`` / ``v_scale`` read None and the next call with a new
-    scale tensor builds a new descriptor.
+    The scales are held WEAKLY: descriptors are cached for the life of the process (at most
+    ``_CACHE_LIMIT``), and a cache must not keep dropped tensors alive. Keep the scales alive while you
+    use a descriptor (engines hold them as layer buffers); once one is freed, ``k_scale`` / ``v_scale``
+    read None and the next call with a new scale tensor builds a new descriptor.
     """
 
     __slots__ = (
@@ -162,20 +124,13 @@ class KVCacheDescriptor:
         "packed", "heads_contiguous", "max_offset", "int32_offsets", "key", "device", "platform",
         "_k_scale", "_v_scale",
     )
-
-    # -- construction ---------------------------------------------------------------------------
     _cache: dict = {}
     _CACHE_LIMIT = 4096
 
     @classmethod
-    def from_tensors(
-        cls,
-        key_cache: torch.Tensor,
-        value_cache: Optional[torch.Tensor],
-        kv_cache_dtype: str = "auto",
-        k_scale: Optional[torch.Tensor] = None,
-        v_scale: Optional[torch.Tensor] = None,
-    ) -> "KVCacheDescriptor":
+    def from_tensors(cls, key_cache: torch.Tensor, value_cache: Optional[torch.Tensor], kv_cache_dtype: str = "auto",
+                     k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
+                     ) -> "KVCacheDescriptor":
         """Describe ``key_cache`` / ``value_cache`` (``value_cache=None``: MLA latent cache).
 
         Raises ValueError/TypeError naming the argument for anything a backend could not address.
@@ -189,16 +144,11 @@ class KVCacheDescriptor:
         vc = value_cache
         # "auto" ignores scales (engines such as vLLM always pass their layer's scale tensors):
         # leave them out of the key so those calls hit the same descriptor
-        if kv_cache_dtype.__class__ is str and kv_cache_dtype == "auto":
-            ks = vs = None
-        else:
-            ks, vs = k_scale, v_scale
-        ck = (
-            key_cache.shape, key_cache.stride(), key_cache.dtype, key_cache.device,
-            None if vc is None else (vc.shape, vc.stride(), vc.dtype, vc.device)
-            if isinstance(vc, torch.Tensor) else type(vc),
-            kv_cache_dtype, id(ks), id(vs),
-        )
+        auto = kv_cache_dtype.__class__ is str and kv_cache_dtype == "auto"
+        ks, vs = (None, None) if auto else (k_scale, v_scale)
+        ck = (key_cache.shape, key_cache.stride(), key_cache.dtype, key_cache.device,
+              None if vc is None else (vc.shape, vc.stride(), vc.dtype, vc.device)
+              if isinstance(vc, torch.Tensor) else type(vc), kv_cache_dtype, id(ks), id(vs))
         d = cls._cache.get(ck)
         if d is not None and d.k_scale is ks and d.v_scale is vs:
             return d
@@ -212,109 +162,76 @@ class KVCacheDescriptor:
     def _build(cls, kc, vc, kv_cache_dtype, k_scale, v_scale) -> "KVCacheDescriptor":
         kind = normalize_kv_cache_dtype(kv_cache_dtype)
         _check_last_dim(kc, "key_cache")
-        platform = platform_of(kc)
         d = object.__new__(cls)
-        d.device = kc.device
-        d.platform = platform
-
-        if vc is None:
-            # MLA latent cache [blocks, block_size, kv_lora_rank + rope_dim]
+        d.device, d.platform = kc.device, platform_of(kc)
+        if vc is None:  # MLA latent cache [blocks, block_size, kv_lora_rank + rope_dim]
             if kc.dim() != 3:
-                raise ValueError(
-                    "kv_cache: the MLA latent cache must be 3-D [num_blocks, block_size, "
-                    f"kv_lora_rank + rope_dim], got shape {tuple(kc.shape)}"
-                )
+                raise ValueError("kv_cache: the MLA latent cache must be 3-D [num_blocks, block_size, "
+                                 f"kv_lora_rank + rope_dim], got shape {tuple(kc.shape)}")
             nb, bs, dk = kc.shape
-            d.layout = "mla"
-            d.num_blocks, d.block_size, d.num_kv_heads = nb, bs, 1
+            d.layout, d.num_blocks, d.block_size, d.num_kv_heads = "mla", nb, bs, 1
             _check_sizes("kv_cache", bs, 1, dk)
             d.head_size_k, d.head_size_v = dk, 0
-            d.k = CacheStrides(block=kc.stride(0), token=kc.stride(1), head=0, chunk=dk, x=dk)
-            d.v = None
-            packed = kc.is_contiguous()
-            max_off = max_offset(kc)
+            d.k, d.v = CacheStrides(block=kc.stride(0), token=kc.stride(1), head=0, chunk=dk, x=dk), None
+            packed, max_off = kc.is_contiguous(), max_offset(kc)
         else:
             if not isinstance(vc, torch.Tensor):
                 raise TypeError(f"value_cache: expected a tensor, got {type(vc).__name__}")
             _check_last_dim(vc, "value_cache")
             if vc.device != kc.device:
-                raise ValueError(
-                    f"value_cache: expected the key_cache's device {kc.device}, got {vc.device}"
-                )
+                raise ValueError(f"value_cache: expected the key_cache's device {kc.device}, got {vc.device}")
             if vc.dtype != kc.dtype:
-                raise TypeError(
-                    f"value_cache: expected the key_cache's dtype {kc.dtype}, got {vc.dtype}"
-                )
-            if kc.dim() == 5:
-                # head-major: key [blocks, H, D // x, bs, x], value [blocks, H, D, bs]
+                raise TypeError(f"value_cache: expected the key_cache's dtype {kc.dtype}, got {vc.dtype}")
+            if kc.dim() == 5:  # head-major: key [blocks, H, D // x, bs, x], value [blocks, H, D, bs]
                 if vc.dim() != 4:
-                    raise ValueError(
-                        "value_cache: with a 5-D head-major key_cache the value cache must be 4-D "
-                        f"[num_blocks, num_kv_heads, head_size, block_size], got shape {tuple(vc.shape)}"
-                    )
+                    raise ValueError("value_cache: with a 5-D head-major key_cache the value cache must be 4-D [num_"
+                                     f"blocks, num_kv_heads, head_size, block_size], got shape {tuple(vc.shape)}")
                 nb, h, nchunk, bs, x = kc.shape
                 vnb, vh, dv, vbs = vc.shape
-                d.layout = "head-major"
-                d.head_size_k = nchunk * x
-                d.k = CacheStrides(block=kc.stride(0), token=kc.stride(3), head=kc.stride(1),
-                                   chunk=kc.stride(2), x=x)
-                d.v = CacheStrides(block=vc.stride(0), token=vc.stride(3), head=vc.stride(1),
-                                   chunk=vc.stride(2), x=1)
-                packed = False
+                d.layout, d.head_size_k, packed = "head-major", nchunk * x, False
+                d.k = CacheStrides(block=kc.stride(0), token=kc.stride(3), head=kc.stride(1), chunk=kc.stride(2), x=x)
+                d.v = CacheStrides(block=vc.stride(0), token=vc.stride(3), head=vc.stride(1), chunk=vc.stride(2), x=1)
             elif kc.dim() == 4:
                 if vc.dim() != 4:
-                    raise ValueError(
-                        "value_cache: expected 4-D [num_blocks, block_size, num_kv_heads, head_size] "
-                        f"like key_cache, got shape {tuple(vc.shape)}"
-                    )
+                    raise ValueError("value_cache: expected 4-D [num_blocks, block_size, num_kv_heads, head_size] "
+                                     f"like key_cache, got shape {tuple(vc.shape)}")
                 nb, bs, h, dk = kc.shape
                 vnb, vbs, vh, dv = vc.shape
                 d.head_size_k = dk
-                d.k = _strides_4d(kc)
-                d.v = _strides_4d(vc)
+                d.k, d.v = (CacheStrides(*t.stride()[:3], chunk=t.shape[3], x=t.shape[3]) for t in (kc, vc))
                 packed = kc.is_contiguous() and vc.is_contiguous()
-                d.layout = _name_4d(d.k, d.v, bs, h, dk, dv, packed)
+                d.layout = _name_4d(d.k, bs, h, dk, dv, packed)
             else:
-                raise ValueError(
-                    "key_cache: expected 4-D [num_blocks, block_size, num_kv_heads, head_size], "
-                    "5-D head-major [num_blocks, num_kv_heads, head_size // x, block_size, x], "
-                    f"or 3-D MLA with value_cache=None; got shape {tuple(kc.shape)}"
-                )
+                raise ValueError("key_cache: expected 4-D [num_blocks, block_size, num_kv_heads, head_size], "
+                                 "5-D head-major [num_blocks, num_kv_heads, head_size // x, block_size, x], "
+                                 f"or 3-D MLA with value_cache=None; got shape {tuple(kc.shape)}")
             if (vnb, vbs, vh) != (nb, bs, h):
-                raise ValueError(
-                    "value_cache: expected the key_cache's num_blocks, block_size and num_kv_heads "
-                    f"{(nb, bs, h)}, got {(vnb, vbs, vh)}"
-                )
+                raise ValueError("value_cache: expected the key_cache's num_blocks, block_size and num_kv_heads "
+                                 f"{(nb, bs, h)}, got {(vnb, vbs, vh)}")
             d.num_blocks, d.block_size, d.num_kv_heads, d.head_size_v = nb, bs, h, dv
             _check_sizes("key_cache", bs, h, d.head_size_k)
             _check_sizes("value_cache", bs, h, dv)
             max_off = max(max_offset(kc), max_offset(vc))
-
-        storage = kc.dtype
-        d.storage_dtype = storage
+        d.storage_dtype = storage = kc.dtype
         if kind == "auto":
             if storage == torch.uint8:
-                raise TypeError(
-                    "kv_cache_dtype: 'auto' cannot read a uint8 cache; say 'fp8_e4m3' or 'fp8_e5m2'"
-                )
+                raise TypeError("kv_cache_dtype: 'auto' cannot read a uint8 cache; say 'fp8_e4m3' or 'fp8_e5m2'")
             d.cache_dtype = storage
-            kind_fp8 = "e4m3" if storage in _E4M3 else "e5m2" if storage == torch.float8_e5m2 else None
-            d.kv_cache_dtype = "auto"
+            d.fp8 = "e4m3" if storage in _E4M3 else "e5m2" if storage == torch.float8_e5m2 else None
+        elif storage == torch.uint8:
+            d.cache_dtype, d.fp8 = d.platform.fp8_dtype(kind), kind[4:]
+        elif storage in (_E4M3 if kind == "fp8_e4m3" else (torch.float8_e5m2,)):
+            d.cache_dtype, d.fp8 = storage, kind[4:]
         else:
-            d.cache_dtype = _fp8_dtype_for(kind, storage, platform,
-                                           "kv_cache" if vc is None else "key_cache")
-            kind_fp8 = kind[4:]
-            d.kv_cache_dtype = kind
-        d.fp8 = kind_fp8
-
+            raise TypeError(f"{'kv_cache' if vc is None else 'key_cache'}: kv_cache_dtype={kind!r} needs a cache "
+                            f"of an fp8 {kind[4:]} dtype or a uint8 view, got {storage}")
+        d.kv_cache_dtype = kind
         # Scales: required for an explicit fp8 kv_cache_dtype (the write quantizes with them);
         # optional with "auto" (an fp8 cache written by a copy of fp8 inputs).
-        heads = d.num_kv_heads
         if kind != "auto":
-            ks = _check_scale(k_scale, "scale" if vc is None else "k_scale", heads, kc.device)
-            vs = "none" if vc is None else _check_scale(v_scale, "v_scale", heads, kc.device)
-            d._k_scale = weakref.ref(k_scale)
-            d._v_scale = None if v_scale is None else weakref.ref(v_scale)
+            ks = _check_scale(k_scale, "scale" if vc is None else "k_scale", d.num_kv_heads, kc.device)
+            vs = "none" if vc is None else _check_scale(v_scale, "v_scale", d.num_kv_heads, kc.device)
+            d._k_scale, d._v_scale = weakref.ref(k_scale), None if v_scale is None else weakref.ref(v_scale)
         else:
             ks = vs = "none"
             d._k_scale = d._v_scale = None
@@ -323,49 +240,26 @@ class KVCacheDescriptor:
         d.packed = bool(packed)
         d.heads_contiguous = (vc is not None and d.k.x == d.head_size_k == d.k.head
                               and d.v.x == d.head_size_v == d.v.head)
-        d.max_offset = max_off
-        d.int32_offsets = max_off <= INT32_MAX
-        d.key = (
-            d.layout, d.num_blocks, d.block_size, d.num_kv_heads, d.head_size_k, d.head_size_v,
-            d.storage_dtype, d.cache_dtype, d.kv_cache_dtype, d.fp8,
-            d.k.as_tuple(), None if d.v is None else d.v.as_tuple(),
-            d.scale_kinds, d.packed, d.int32_offsets, kc.device.type,
-        )
+        d.max_offset, d.int32_offsets = max_off, max_off <= INT32_MAX
+        d.key = (d.layout, d.num_blocks, d.block_size, d.num_kv_heads, d.head_size_k, d.head_size_v,
+                 d.storage_dtype, d.cache_dtype, d.kv_cache_dtype, d.fp8, d.k.as_tuple(),
+                 None if d.v is None else d.v.as_tuple(), d.scale_kinds, d.packed, d.int32_offsets, kc.device.type)
         return d
 
-    # -- derived helpers ------------------------------------------------------------------------
-    @property
-    def k_scale(self) -> Optional[torch.Tensor]:
-        r = self._k_scale
-        return None if r is None else r()
-
-    @property
-    def v_scale(self) -> Optional[torch.Tensor]:
-        r = self._v_scale
-        return None if r is None else r()
-
-    @property
-    def is_mla(self) -> bool:
-        return self.v is None
-
-    @property
-    def is_fp8(self) -> bool:
-        return self.fp8 is not None
-
-    @property
-    def is_head_major(self) -> bool:
-        return self.layout == "head-major"
+    k_scale = property(lambda self: self._k_scale and self._k_scale())  # weakly held: None once freed
+    v_scale = property(lambda self: self._v_scale and self._v_scale())
+    is_mla = property(lambda self: self.v is None)
+    is_fp8 = property(lambda self: self.fp8 is not None)
+    is_head_major = property(lambda self: self.layout == "head-major")
 
     def __repr__(self) -> str:
         v = "" if self.v is None else f", v_strides={self.v.as_tuple()}"
         fp8 = f", fp8={self.fp8}({self.cache_dtype}), scales={self.scale_kind}" if self.fp8 else ""
-        return (
-            f"KVCacheDescriptor(layout={self.layout!r}, blocks={self.num_blocks}, "
-            f"block_size={self.block_size}, kv_heads={self.num_kv_heads}, "
-            f"head_size={self.head_size_k}/{self.head_size_v}, dtype={self.storage_dtype}{fp8}, "
-            f"k_strides={self.k.as_tuple()}{v} (block, token, head, chunk, x), "
-            f"packed={self.packed}, int32_offsets={self.int32_offsets}, device={self.device})"
-        )
+        return (f"KVCacheDescriptor(layout={self.layout!r}, blocks={self.num_blocks}, "
+                f"block_size={self.block_size}, kv_heads={self.num_kv_heads}, "
+                f"head_size={self.head_size_k}/{self.head_size_v}, dtype={self.storage_dtype}{fp8}, "
+                f"k_strides={self.k.as_tuple()}{v} (block, token, head, chunk, x), "
+                f"packed={self.packed}, int32_offsets={self.int32_offsets}, device={self.device})")
 
     def __eq__(self, other) -> bool:
         return (isinstance(other, KVCacheDescriptor) and self.key == other.key
@@ -374,15 +268,8 @@ class KVCacheDescriptor:
     def __hash__(self) -> int:
         return hash(self.key)
 
-    # -- descriptor-first API ---------------------------------------------------------------------
-    def write(self, key, value, key_cache, value_cache, slot_mapping) -> None:
-        """``reshape_and_cache_flash`` with this descriptor's kv_cache_dtype and scales."""
-        from .ops import reshape_and_cache_flash
-        reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping,
-                                self.kv_cache_dtype, self.k_scale, self.v_scale)
 
-
-def _name_4d(k: CacheStrides, v: CacheStrides, bs: int, h: int, dk: int, dv: int, packed: bool) -> str:
+def _name_4d(k: CacheStrides, bs: int, h: int, dk: int, dv: int, packed: bool) -> str:
     if packed:
         return "NHD"
     if h > 1 and k.head > k.token:

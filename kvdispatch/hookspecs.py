@@ -1,8 +1,7 @@
-"""The kvdispatch plugin hooks (pluggy project name ``"kvdispatch"``).
-
-A plugin is a module or object with ``@kvdispatch.hookimpl`` functions, found through the
-``kvdispatch`` entry-point group. The built-in backends register exactly that way, so a
-third-party backend is a peer of ours, not a special case::
+"""The plugin interface (pluggy project ``"kvdispatch"``): the one hook, the :class:`Backend` it returns
+and the :class:`AttentionArgs` a backend receives. A plugin is a module or object with
+``@kvdispatch.hookimpl`` functions, found through the ``kvdispatch`` entry-point group; the built-in
+backends register exactly that way, so a third-party backend is a peer of ours::
 
     # pyproject.toml of a third-party package
     [project.entry-points.kvdispatch]
@@ -18,9 +17,18 @@ Selection is NOT a hook: the registry filters the declared backends itself, so
 ``kvdispatch.select_backend()`` and ``kvdispatch info`` can explain every choice before anything runs.
 """
 
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
 import pluggy
+import torch
+
+from .descriptor import KVCacheDescriptor
+from .platform import Platform
 
 PROJECT = "kvdispatch"
+OPS = ("reshape_and_cache_flash", "concat_and_cache_mla", "flash_attn_varlen_func")
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -35,3 +43,99 @@ def kvdispatch_backends():
     this machine or not: ``Backend.available()`` says which, and why not.
     """
 
+
+class AttentionArgs(NamedTuple):
+    """Everything about one ``flash_attn_varlen_func`` call except q/k/v/out, resolved. Windows are -1
+    for unbounded, ``causal`` already folded into ``window_right = 0`` (bottom-right aligned);
+    ``block_table`` None: not paged, ``cu_seqlens_k`` gives the key ranges (paged: ``seqused_k``)."""
+
+    cu_seqlens_q: torch.Tensor
+    max_seqlen_q: int
+    cu_seqlens_k: Optional[torch.Tensor]
+    seqused_k: Optional[torch.Tensor]
+    max_seqlen_k: int
+    block_table: Optional[torch.Tensor]
+    softmax_scale: float
+    causal: bool
+    window_left: int
+    window_right: int
+    softcap: float
+    q_descale: Optional[torch.Tensor]
+    k_descale: Optional[torch.Tensor]
+    v_descale: Optional[torch.Tensor]
+    # float32 [num_q_heads] or [batch, num_q_heads], any strides: -slope * |p - j| after softcap
+    alibi_slopes: Optional[torch.Tensor] = None
+    # sinks [num_q_heads] (float32 or the model's 16-bit dtype): a logit per query head in the softmax
+    # denominator (natural-log units, like the scaled scores), no value
+    s_aux: Optional[torch.Tensor] = None
+    # float32 [num_q_heads, total_q] (any strides) for each row's natural-log LSE (sink included; -inf
+    # for a row that sees no key and has no sink), or None
+    softmax_lse: Optional[torch.Tensor] = None
+    num_splits: int = 0  # split-KV: 0 = the backend chooses, 1 = never split, n = at most n splits
+    # a dict the backend may keep launch state in (plans, compiled kernels): the public call passes one
+    # per signature (every tensor's dtype, device, strides, shape up to the token count and batch), so
+    # what is stored there under the call's options holds for every later call with the same dict
+    plans: Optional[dict] = None
+
+    @property
+    def batch(self) -> int:
+        return self.cu_seqlens_q.shape[0] - 1
+
+    @property
+    def paged(self) -> bool:
+        return self.block_table is not None
+
+
+class Backend:
+    """Base class of every backend. Subclasses set the class attributes and implement the ops.
+
+    * ``name``: what ``KVDISPATCH_BACKEND`` and ``select_backend`` use.
+    * ``priority``: higher wins among the backends that can serve a request.
+    * ``platforms``: platform names (``kvdispatch.platform``) this backend is chosen for
+      automatically; ``"*"`` means any. ``KVDISPATCH_BACKEND`` may force it elsewhere, where
+      ``available()`` still decides.
+    * ``ops``: the public op names it implements.
+    * ``always_check_values``: the value checks (``kvdispatch.checks``) run before every call, not only
+      under ``KVDISPATCH_DEBUG=1`` (the reference; lanes that would write outside their buffers).
+    * What it takes, checked by selection before ``supports()``; None (the default) takes anything,
+      a container is asked ``in`` (tuple, frozenset, range), a dict maps op names to containers:
+      ``dtypes`` (q's / key's / kv_c's dtype), ``kv_cache_dtypes`` (``desc.cache_dtype``),
+      ``block_sizes``, ``head_sizes`` (K's and V's), ``layouts`` (``desc.layout``).
+
+    Op methods receive validated arguments and the descriptor; they write into the given caches /
+    ``out`` and return None. They must not re-check what the public API already checked.
+    """
+
+    name: str = ""
+    priority: int = 0
+    platforms: tuple = ()
+    ops: tuple = ()
+    description: str = ""
+    always_check_values: bool = False
+    dtypes = kv_cache_dtypes = block_sizes = head_sizes = layouts = None
+
+    def available(self, platform: Platform) -> Optional[str]:
+        """None when this backend can run on ``platform`` now, else the reason it cannot."""
+        return None
+
+    def supports(self, op: str, desc: Optional[KVCacheDescriptor], platform: Platform) -> Optional[str]:
+        """None when ``op`` on a cache described by ``desc`` is supported, else why not. ``desc`` is
+        None when asked without a cache (``select_backend``). Cached per (op, platform, descriptor key)."""
+        return None
+
+    def versions(self) -> dict:
+        """Versions of what this backend runs on, for ``kvdispatch info`` and benchmark records."""
+        return {}
+
+    def reshape_and_cache_flash(self, key, value, key_cache, value_cache, slot_mapping,
+                                desc: KVCacheDescriptor) -> None:
+        raise NotImplementedError
+
+    def concat_and_cache_mla(self, kv_c, k_pe, kv_cache, slot_mapping, desc: KVCacheDescriptor) -> None:
+        raise NotImplementedError
+
+    def flash_attn_varlen_func(self, q, k, v, out, desc: KVCacheDescriptor, args: AttentionArgs) -> None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} priority={self.priority}>"

@@ -15,9 +15,8 @@ import torch
 
 __all__ = ["Platform", "platform_of", "cpu_platform", "as_device", "getenv", "interpreting"]
 
-# os.environ.get encodes the key and decodes the value on every call (~1 us here); on POSIX
-# CPython os.environ keeps its data in a bytes dict that it updates on every assignment, so a
-# lookup there sees the same values (tests set KVDISPATCH_BACKEND at run time) at dict speed.
+# os.environ.get encodes the key and decodes the value on every call (~1 us); on POSIX CPython
+# os.environ keeps a bytes dict it updates on every assignment: the same values at dict speed.
 _ENV_BYTES = getattr(os.environ, "_data", None)
 if not (isinstance(_ENV_BYTES, dict) and all(isinstance(k, bytes) for k in list(_ENV_BYTES)[:1])):
     _ENV_BYTES = None
@@ -30,19 +29,18 @@ def getenv(name: bytes) -> "str | None":
         return None if v is None else v.decode()
     return os.environ.get(name.decode())
 
-# Platform names, as backends declare them in ``Backend.platforms``.
-CPU, NVIDIA, ROCM, XPU = "cpu", "nvidia", "rocm", "xpu"
 
+def interpreting() -> bool:
+    """``TRITON_INTERPRET`` is set: Triton kernels run on CPU tensors through its interpreter."""
+    return getenv(b"TRITON_INTERPRET") not in (None, "", "0")
+
+
+CPU, NVIDIA, ROCM, XPU = "cpu", "nvidia", "rocm", "xpu"  # as backends declare them in Backend.platforms
 # fp8 hardware per gfx arch as Triton lowers casts (triton-lang/triton, third_party/amd/lib/
 # TritonAMDGPUToLLVM/ConvertFpCastOpToLLVM.cpp): fnuz on CDNA3 (MI300, whose fp8 is fnuz), OCP
 # e4m3fn / e5m2 on CDNA4 (gfx950) and gfx1250; every other arch emulates them.
 _FNUZ_ARCHS, _OCP_FP8_ARCHS = ("gfx940", "gfx941", "gfx942"), ("gfx950", "gfx1250")
 _FNUZ, _OCP = (torch.float8_e4m3fnuz, torch.float8_e5m2fnuz), (torch.float8_e4m3fn, torch.float8_e5m2)
-
-
-def interpreting() -> bool:
-    """``TRITON_INTERPRET`` is set: Triton kernels run on CPU tensors through its interpreter."""
-    return getenv(b"TRITON_INTERPRET") not in (None, "", "0")
 
 
 @dataclass(frozen=True)
@@ -52,6 +50,7 @@ class Platform:
     ``name`` is the routing key: ``"cpu"``, ``"nvidia"``, ``"rocm"``, ``"xpu"``, or the raw torch
     device type for anything else (``"mps"``, ``"meta"``, ...), which the reference backend serves.
     ``arch`` is ``"sm90"``-style for NVIDIA, the gfx name for ROCm, the device name for XPU.
+    ``extra``: free-form facts (warp size, ...) kept out of hashing and equality.
     """
 
     name: str
@@ -60,33 +59,22 @@ class Platform:
     capability: tuple[int, int] | None = None
     multiprocessors: int | None = None
     device_name: str | None = None
-    # free-form extras (warp size, ...) kept out of hashing/equality
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
-    def __post_init__(self):
-        # hashed on every selection-cache lookup: compute it once
+    def __post_init__(self):  # hashed on every selection-cache lookup: once
         object.__setattr__(self, "_hash", hash((self.name, self.device_type, self.arch, self.capability,
                                                 self.multiprocessors, self.device_name)))
 
     def __hash__(self) -> int:
         return self._hash
 
-    @property
-    def is_rocm(self) -> bool:
-        return self.name == ROCM
-
-    @property
-    def is_nvidia(self) -> bool:
-        return self.name == NVIDIA
-
-    @property
-    def gfx(self) -> str | None:
-        return (self.arch or "").split(":")[0] if self.name == ROCM else None
-
-    @property
-    def fnuz(self) -> bool:
-        """The MI300 family: its fp8 is "fnuz" (no negative zero, bias 8)."""
-        return self.gfx in _FNUZ_ARCHS
+    is_rocm = property(lambda self: self.name == ROCM)
+    is_nvidia = property(lambda self: self.name == NVIDIA)
+    gfx = property(lambda self: (self.arch or "").split(":")[0] if self.name == ROCM else None)
+    fnuz = property(lambda self: self.gfx in _FNUZ_ARCHS, doc='MI300: its fp8 is "fnuz" (no -0, bias 8).')
+    fp8_e4m3_dtype = property(lambda self: self.fp8_dtype("e4m3"))
+    warp_size = property(lambda self: int(self.extra.get("warp_size", 64 if self.name == ROCM else 32)))
+    interpreting = staticmethod(interpreting)
 
     def fp8_dtype(self, kind: str) -> torch.dtype:
         """The fp8 type of ``kind`` ("e4m3" / "e5m2", or "fp8_e4m3" ...): e4m3 is fnuz on MI300 (what
@@ -95,22 +83,12 @@ class Platform:
             return torch.float8_e5m2
         return torch.float8_e4m3fnuz if self.fnuz else torch.float8_e4m3fn
 
-    @property
-    def fp8_e4m3_dtype(self) -> torch.dtype:
-        return self.fp8_dtype("e4m3")
-
     def native_fp8(self, dtype: torch.dtype) -> bool:
         """Does the hardware convert fp8 ``dtype`` (one instruction in Triton's lowering; elsewhere
         Triton emulates the cast, or has no such type: e4m3fnuz on NVIDIA)?"""
         if self.name == NVIDIA:
             return dtype in _OCP and (self.capability or (0, 0)) >= (8, 9)
         return dtype in _FNUZ if self.fnuz else self.gfx in _OCP_FP8_ARCHS and dtype in _OCP
-
-    interpreting = staticmethod(interpreting)
-
-    @property
-    def warp_size(self) -> int:
-        return int(self.extra.get("warp_size", 64 if self.name == ROCM else 32))
 
     def __str__(self) -> str:
         return " ".join(p for p in (self.name, self.arch, self.device_name and f"({self.device_name})") if p)
@@ -124,9 +102,7 @@ def as_device(tensor_or_device) -> torch.device:
         return tensor_or_device
     if isinstance(tensor_or_device, str):
         return torch.device(tensor_or_device)
-    raise TypeError(
-        f"expected a tensor, a torch.device or a device string, got {type(tensor_or_device).__name__}"
-    )
+    raise TypeError(f"expected a tensor, a torch.device or a device string, got {type(tensor_or_device).__name__}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -141,21 +117,8 @@ def _detect_cuda(index: int) -> Platform:
     if torch.version.hip:
         return Platform(name=ROCM, arch=(getattr(props, "gcnArchName", None) or "gfx").split(":")[0],
                         extra={"warp_size": getattr(props, "warp_size", 64), "hip": torch.version.hip}, **common)
-    return Platform(name=NVIDIA, arch=f"sm{props.major}{props.minor}", **common,
-                    extra={"warp_size": 32, "cuda": torch.version.cuda,
-                           "l2_bytes": getattr(props, "L2_cache_size", None)})
-
-
-def _detect_xpu(index: int) -> Platform:
-    name = None
-    units = None
-    try:
-        props = torch.xpu.get_device_properties(index)
-        name = props.name
-        units = getattr(props, "gpu_subslice_count", None) or getattr(props, "max_compute_units", None)
-    except Exception:  # torch built without XPU: the device type is still routable
-        pass
-    return Platform(name=XPU, device_type="xpu", arch=name, multiprocessors=units, device_name=name)
+    return Platform(name=NVIDIA, arch=f"sm{props.major}{props.minor}", **common, extra={
+        "warp_size": 32, "cuda": torch.version.cuda, "l2_bytes": getattr(props, "L2_cache_size", None)})
 
 
 @functools.lru_cache(maxsize=None)
@@ -165,7 +128,14 @@ def _platform_cached(device_type: str, index: int | None) -> Platform:
     if device_type == "cuda" and torch.cuda.is_available():
         return _detect_cuda(index if index is not None else torch.cuda.current_device())
     if device_type == "xpu":
-        return _detect_xpu(index or 0)
+        name = units = None
+        try:
+            props = torch.xpu.get_device_properties(index or 0)
+            name = props.name
+            units = getattr(props, "gpu_subslice_count", None) or getattr(props, "max_compute_units", None)
+        except Exception:  # torch built without XPU: the device type is still routable
+            pass
+        return Platform(name=XPU, device_type="xpu", arch=name, multiprocessors=units, device_name=name)
     return Platform(name=device_type, device_type=device_type)
 
 

@@ -1,12 +1,9 @@
-"""The reference backend: plain PyTorch on any device. The embedded default on CPU (and on any
-device nothing else serves) and the ground truth of every test.
-
-Written to be obviously correct rather than fast: caches are addressed through ordinary tensor
-indexing of the views the caller passed (so PyTorch applies the real strides), fp8 goes through
-``Tensor.to``, attention is a float32 softmax per sequence. Writes are vectorized over tokens;
-attention loops over sequences (never over tokens). Value ranges (slots, block ids, lengths) are
-always checked before it runs (``always_check_values``: the public call runs kvdispatch.checks).
-NaN follows flash-attn: a NaN in a row's inputs gives NaN in that row; a row that sees no key is 0.
+"""The reference backend: plain PyTorch on any device, the embedded default on CPU (and wherever
+nothing else serves) and the ground truth of every test. Obviously correct rather than fast: caches
+are indexed through the caller's views (PyTorch applies the real strides), fp8 goes through
+``Tensor.to``, attention is a float32 softmax per sequence (writes vectorized over tokens). Value
+ranges are always checked first (``always_check_values``). NaN follows flash-attn: a NaN in a row's
+inputs gives NaN in that row; a row that sees no key is 0.
 """
 
 from __future__ import annotations
@@ -16,8 +13,7 @@ from typing import Optional
 import torch
 
 from .descriptor import KVCacheDescriptor
-from .hookspecs import hookimpl
-from .registry import OPS, AttentionArgs, Backend
+from .hookspecs import OPS, AttentionArgs, Backend, hookimpl
 
 __all__ = ["ReferenceBackend", "quantize_fp8", "dequantize_fp8"]
 
@@ -38,8 +34,7 @@ def dequantize_fp8(x: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tens
 
 
 def _to_cache(x: torch.Tensor, cache_view: torch.Tensor, desc: KVCacheDescriptor, side: int) -> torch.Tensor:
-    """Convert rows of key (side 0) / value (1) / latents (0) to what the cache stores, as the cache's
-    own dtype; a per-head scale broadcasts over ``[tokens, heads, dim]``."""
+    """Rows of key (side 0) / value (1) / latents (0) as the cache stores them, in its own dtype."""
     if desc.kv_cache_dtype != "auto" and x.dtype != desc.cache_dtype:
         scale = desc.v_scale if side else desc.k_scale
         shape = (1, -1, 1) if desc.scale_kinds[side] == "head" else (1,) * x.dim()
@@ -48,16 +43,12 @@ def _to_cache(x: torch.Tensor, cache_view: torch.Tensor, desc: KVCacheDescriptor
 
 
 def _cache_view(cache: torch.Tensor, desc: KVCacheDescriptor) -> torch.Tensor:
-    """The cache as its element type (a uint8 fp8 cache reinterpreted), same strides."""
-    return cache.view(desc.cache_dtype) if cache.dtype != desc.cache_dtype else cache
+    return cache.view(desc.cache_dtype) if cache.dtype != desc.cache_dtype else cache  # a uint8 fp8 cache
 
 
 def _valid_slots(slot_mapping: torch.Tensor, desc: KVCacheDescriptor):
-    """(token indices that are not padding, their block ids, their offsets in the block).
-
-    A slot named twice (engines never do; ``KVDISPATCH_DEBUG=1`` rejects it) keeps its LAST token,
-    K and V alike: indexed stores with repeated indices pick an unspecified writer, so the repeats
-    are dropped here rather than left to the store."""
+    """(non-padding token indices, their block ids, their offsets in the block). A slot named twice
+    keeps its LAST token, K and V alike (indexed stores with repeated indices pick any writer)."""
     slots = slot_mapping.long()
     tokens = torch.nonzero(slots >= 0).flatten()
     s = slots[tokens]
@@ -87,23 +78,15 @@ class ReferenceBackend(Backend):
                     "custom ops' fake kernels run instead)")
         return None
 
-    # -- writes (inference ops: no autograd history reaches a cache or an output) ---------------
+    # inference ops: no autograd history reaches a cache or an output
     @torch.no_grad()
     def reshape_and_cache_flash(self, key, value, key_cache, value_cache, slot_mapping, desc) -> None:
         tokens, blk, off = _valid_slots(slot_mapping, desc)
-        k = key[tokens]
-        v = value[tokens]
-        kc = _cache_view(key_cache, desc)
-        vc = _cache_view(value_cache, desc)
-        n, h = k.shape[0], desc.num_kv_heads
-        # Convert everything before the first store: a failure leaves both caches untouched.
-        k = _to_cache(k, kc, desc, 0)
-        v = _to_cache(v, vc, desc, 1)
-        if desc.layout == "head-major":
-            x = desc.k.x
-            # key [blocks, H, D // x, bs, x]: separated advanced indices put the token dim first
-            kc[blk, :, :, off] = k.reshape(n, h, desc.head_size_k // x, x)
-            # value [blocks, H, D, bs]
+        kc, vc = _cache_view(key_cache, desc), _cache_view(value_cache, desc)
+        # convert everything before the first store: a failure leaves both caches untouched
+        k, v = _to_cache(key[tokens], kc, desc, 0), _to_cache(value[tokens], vc, desc, 1)
+        if desc.layout == "head-major":  # separated advanced indices put the token dim first
+            kc[blk, :, :, off] = k.reshape(k.shape[0], desc.num_kv_heads, desc.head_size_k // desc.k.x, desc.k.x)
             vc[blk, :, :, off] = v
         else:
             kc[blk, off] = k
@@ -113,26 +96,21 @@ class ReferenceBackend(Backend):
     def concat_and_cache_mla(self, kv_c, k_pe, kv_cache, slot_mapping, desc) -> None:
         tokens, blk, off = _valid_slots(slot_mapping, desc)
         cache = _cache_view(kv_cache, desc)
-        rows = torch.cat([kv_c[tokens], k_pe[tokens]], dim=-1)
-        cache[blk, off] = _to_cache(rows, cache, desc, 0)
+        cache[blk, off] = _to_cache(torch.cat([kv_c[tokens], k_pe[tokens]], dim=-1), cache, desc, 0)
 
-    # -- attention ------------------------------------------------------------------------------
     @torch.no_grad()
     def flash_attn_varlen_func(self, q, k, v, out, desc, args: AttentionArgs) -> None:
         batch = args.batch
         cu_q = args.cu_seqlens_q.tolist()
         if args.paged:
-            lens_k = args.seqused_k.tolist()
-            starts_k = [0] * batch
+            lens_k, starts_k = args.seqused_k.tolist(), [0] * batch
         else:
             cu_k = args.cu_seqlens_k.tolist()
-            starts_k = cu_k[:-1]
-            lens_k = [cu_k[b + 1] - cu_k[b] for b in range(batch)]
+            starts_k, lens_k = cu_k[:-1], [cu_k[b + 1] - cu_k[b] for b in range(batch)]
             if args.seqused_k is not None:
                 lens_k = [min(a, b) for a, b in zip(lens_k, args.seqused_k.tolist())]
-        hq, hkv = q.shape[1], desc.num_kv_heads
+        hq, hkv, bs = q.shape[1], desc.num_kv_heads, desc.block_size
         group = hq // hkv
-        bs = desc.block_size
         for b in range(batch):
             q0, q1 = cu_q[b], cu_q[b + 1]
             lq, lk = q1 - q0, lens_k[b]
@@ -143,8 +121,7 @@ class ReferenceBackend(Backend):
                 blocks = args.block_table[b].long()[pos // bs]
                 kb, vb = k[blocks, pos % bs], v[blocks, pos % bs]  # [lk, hkv, d]
             else:
-                kb = k[0, starts_k[b]:starts_k[b] + lk]
-                vb = v[0, starts_k[b]:starts_k[b] + lk]
+                kb, vb = k[0, starts_k[b]:starts_k[b] + lk], v[0, starts_k[b]:starts_k[b] + lk]
             kf = dequantize_fp8(kb, _descale(args.k_descale, b, hkv))
             vf = dequantize_fp8(vb, _descale(args.v_descale, b, hkv))
             # query head h reads kv head h // group: view q as [lq, hkv, group, d]
@@ -154,13 +131,18 @@ class ReferenceBackend(Backend):
             s = torch.einsum("qhgd,khd->hgqk", qf, kf) * args.softmax_scale  # [hkv, group, lq, lk]
             if args.softcap > 0:
                 s = args.softcap * torch.tanh(s / args.softcap)
+            # rel[i, j] = j - p: query i sits at key position p = i + lk - lq (bottom-right aligned)
+            rel = torch.arange(lk, device=q.device)[None, :] - torch.arange(lq, device=q.device)[:, None] - (lk - lq)
             if args.alibi_slopes is not None:
                 slopes = args.alibi_slopes if args.alibi_slopes.dim() == 1 else args.alibi_slopes[b]
-                s = s - slopes.float().reshape(hkv, group, 1, 1) * _distance(lq, lk, q.device)
-            seen = _visible(lq, lk, args.window_left, args.window_right, q.device)
+                s = s - slopes.float().reshape(hkv, group, 1, 1) * rel.abs().float()
+            seen = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
+            if args.window_right >= 0:
+                seen &= rel <= args.window_right
+            if args.window_left >= 0:
+                seen &= rel >= -args.window_left
             s = s.masked_fill(~seen, float("-inf"))
-            if args.s_aux is not None:
-                # the sink is one more logit in each row's denominator, with no value
+            if args.s_aux is not None:  # the sink: one more logit in each row's denominator, no value
                 sink = args.s_aux.float().reshape(hkv, group, 1, 1).expand(hkv, group, lq, 1)
                 s = torch.cat([s, sink], dim=-1)
             lse = torch.logsumexp(s, dim=-1)  # [hkv, group, lq]; -inf for a row with nothing to see
@@ -188,8 +170,7 @@ def _weighted_values(p: torch.Tensor, vf: torch.Tensor) -> torch.Tensor:
     nan = torch.einsum("hgqk,khd->qhgd", seen, torch.isnan(vf).to(vf.dtype)) > 0
     pos = torch.einsum("hgqk,khd->qhgd", seen, (vf == float("inf")).to(vf.dtype)) > 0
     neg = torch.einsum("hgqk,khd->qhgd", seen, (vf == float("-inf")).to(vf.dtype)) > 0
-    o = torch.where(pos, float("inf"), o)
-    o = torch.where(neg, float("-inf"), o)
+    o = torch.where(neg, float("-inf"), torch.where(pos, float("inf"), o))
     return torch.where(nan | (pos & neg) | torch.isnan(p).any(-1).permute(2, 0, 1)[..., None], float("nan"), o)
 
 
@@ -197,29 +178,7 @@ def _descale(t: Optional[torch.Tensor], b: int, heads: int) -> Optional[torch.Te
     """A descale for sequence ``b`` shaped to broadcast over ``[tokens, heads, dim]``."""
     if t is None:
         return None
-    if t.numel() == 1:
-        return t.reshape(1, 1, 1)
-    return t[b].reshape(1, heads, 1)
-
-
-def _distance(lq: int, lk: int, device) -> torch.Tensor:
-    """[lq, lk] float32: |p - j| for query i at key position p = i + lk - lq and key j (ALiBi)."""
-    i = torch.arange(lq, device=device)[:, None]
-    j = torch.arange(lk, device=device)[None, :]
-    return (i + (lk - lq) - j).abs().float()
-
-
-def _visible(lq: int, lk: int, left: int, right: int, device) -> torch.Tensor:
-    """[lq, lk] bool: query i (bottom-right aligned at key position i + lk - lq) sees key j."""
-    i = torch.arange(lq, device=device)[:, None]
-    j = torch.arange(lk, device=device)[None, :]
-    p = i + (lk - lq)
-    ok = torch.ones(lq, lk, dtype=torch.bool, device=device)
-    if right >= 0:
-        ok &= j <= p + right
-    if left >= 0:
-        ok &= j >= p - left
-    return ok
+    return t.reshape(1, 1, 1) if t.numel() == 1 else t[b].reshape(1, heads, 1)
 
 
 @hookimpl
