@@ -145,6 +145,8 @@ def _write_side(
         # ... and starting on a 16-byte boundary (RUN_VEC elements), so the runs store as vectors
         run = run & (first % BLOCK_SIZE + ROWS <= BLOCK_SIZE) & (first % RUN_VEC == 0)
     else:
+        first = 0  # (the run branch below is dead code then; it must still compile)
+        head0 = 0
         run = False
     if run:
         xt = tl.reshape(tl.permute(tl.reshape(x, [ROWS, D_PAD // X, X]), (1, 0, 2)), [D_PAD // X, ROWS * X])
