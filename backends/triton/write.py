@@ -103,17 +103,12 @@ def _write_side(
     X: tl.constexpr,
     QUANT: tl.constexpr, SCALE_PER_HEAD: tl.constexpr,
     FP8_MAX: tl.constexpr, FP8_BIAS: tl.constexpr, FP8_MAN: tl.constexpr, FP8_FNUZ: tl.constexpr,
-    STREAMING: tl.constexpr, RUNS: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr,
-    RUN_VEC: tl.constexpr,
+    STREAMING: tl.constexpr,
 ):
     """Load ``ROWS`` rows of one tensor (K or V), convert, store them at their cache slots.
 
     The loads are masked by ``row_in`` (the row exists), not by the slot: they do not wait for
     the slot load, so both memory round trips overlap (padding rows are read and dropped).
-    ``RUNS`` (head-major caches, whose rows are consecutive tokens of one head; see the kernel):
-    when the rows' slots are consecutive within one block, every ``X``-chunk column of the tile is
-    one contiguous run of ``ROWS * X`` elements in the cache (``S_TOKEN == X``), stored as such
-    instead of one chunk (value cache: one element) per ``block_size`` stride.
     """
     d = tl.arange(0, D_PAD)
     col_ok = (d < D)[None, :]
@@ -137,32 +132,13 @@ def _write_side(
             x = y.to(dst.dtype.element_ty)
         else:
             x = _fp8_encode(y, FP8_BIAS, FP8_MAN, FP8_FNUZ)
-    if RUNS:
-        i = tl.arange(0, ROWS)
-        first = tl.sum(tl.where(i == 0, blk * BLOCK_SIZE + off, 0), 0)  # the first row's slot
-        head0 = tl.sum(tl.where(i == 0, head, 0), 0)
-        run = tl.sum(((blk * BLOCK_SIZE + off == first + i) & row_ok & (head == head0)).to(tl.int32), 0) == ROWS
-        # ... and starting on a 16-byte boundary (RUN_VEC elements), so the runs store as vectors
-        run = run & (first % BLOCK_SIZE + ROWS <= BLOCK_SIZE) & (first % RUN_VEC == 0)
+    row_off = blk * S_BLOCK + off * S_TOKEN + head * S_HEAD
+    dst_ptrs = dst + row_off[:, None] + ((d // X) * S_CHUNK + d % X)[None, :]
+    mask = row_ok[:, None] & col_ok
+    if STREAMING:
+        tl.store(dst_ptrs, x, mask=mask, cache_modifier=".cs")
     else:
-        first = 0  # (the run branch below is dead code then; it must still compile)
-        head0 = 0
-        run = False
-    if run:
-        xt = tl.reshape(tl.permute(tl.reshape(x, [ROWS, D_PAD // X, X]), (1, 0, 2)), [D_PAD // X, ROWS * X])
-        c = tl.arange(0, D_PAD // X)
-        base = ((first // BLOCK_SIZE) * S_BLOCK + tl.multiple_of((first % BLOCK_SIZE) * S_TOKEN, S_TOKEN * RUN_VEC)
-                + head0 * S_HEAD)
-        tl.store(dst + base + c[:, None] * S_CHUNK + tl.arange(0, ROWS * X)[None, :], xt,
-                 mask=(c * X < D)[:, None])
-    else:
-        row_off = blk * S_BLOCK + off * S_TOKEN + head * S_HEAD
-        dst_ptrs = dst + row_off[:, None] + ((d // X) * S_CHUNK + d % X)[None, :]
-        mask = row_ok[:, None] & col_ok
-        if STREAMING:
-            tl.store(dst_ptrs, x, mask=mask, cache_modifier=".cs")
-        else:
-            tl.store(dst_ptrs, x, mask=mask)
+        tl.store(dst_ptrs, x, mask=mask)
 
 
 @triton.jit(do_not_specialize=["n_rows"])
@@ -177,13 +153,11 @@ def _write_kv_kernel(
     VB: tl.constexpr, VT: tl.constexpr, VH: tl.constexpr, VC: tl.constexpr, VX: tl.constexpr,
     QUANT: tl.constexpr, K_SCALE_HEAD: tl.constexpr, V_SCALE_HEAD: tl.constexpr,
     FP8_MAX: tl.constexpr, FP8_BIAS: tl.constexpr, FP8_MAN: tl.constexpr, FP8_FNUZ: tl.constexpr,
-    STREAMING: tl.constexpr, RUNS: tl.constexpr, K_RUN_VEC: tl.constexpr, V_RUN_VEC: tl.constexpr,
+    STREAMING: tl.constexpr,
 ):
     """Rows ``[pid*ROWS, (pid+1)*ROWS)`` of the ``n_rows = tokens * HEADS`` rows of K and V.
 
-    A row is (token, head) (``HEADS`` = kv heads) or a whole token (``HEADS`` = 1, ``MERGED``);
-    rows go token-major (``r = token * HEADS + head``), with ``RUNS`` (head-major caches)
-    head-major (``r = head * tokens + token``: a program's rows are consecutive tokens of one head).
+    A row is (token, head) (``HEADS`` = kv heads) or a whole token (``HEADS`` = 1, ``MERGED``).
     Slots < 0 are padding: those rows are not written. So are slots >= ``NUM_SLOTS`` (the cache's
     ``num_blocks * block_size``): whatever slot_mapping holds, nothing is stored outside the cache
     (one compare on the slot already in registers; the value check raises on them first when it runs).
@@ -191,12 +165,8 @@ def _write_kv_kernel(
     pid = tl.program_id(0)
     r = pid * ROWS + tl.arange(0, ROWS)
     in_range = r < n_rows
-    if RUNS:
-        tok = r % (n_rows // HEADS)
-        head = r // (n_rows // HEADS)
-    else:
-        tok = r // HEADS
-        head = r % HEADS
+    tok = r // HEADS
+    head = r % HEADS
     slot = tl.load(slot_mapping + tok, mask=in_range, other=-1)
     row_ok = (slot >= 0) & (slot < NUM_SLOTS)
     if OFF64:
@@ -208,12 +178,10 @@ def _write_kv_kernel(
     off = slot % BLOCK_SIZE
     _write_side(k_src, k_stride_t, k_stride_h, k_dst, k_scale, tok, head, blk, off, in_range, row_ok,
                 DK, DK_PAD, HEAD_DIM_K, MERGED, KB, KT, KH, KC, KX,
-                QUANT, K_SCALE_HEAD, FP8_MAX, FP8_BIAS, FP8_MAN, FP8_FNUZ, STREAMING, RUNS, BLOCK_SIZE, ROWS,
-                K_RUN_VEC)
+                QUANT, K_SCALE_HEAD, FP8_MAX, FP8_BIAS, FP8_MAN, FP8_FNUZ, STREAMING)
     _write_side(v_src, v_stride_t, v_stride_h, v_dst, v_scale, tok, head, blk, off, in_range, row_ok,
                 DV, DV_PAD, HEAD_DIM_V, MERGED, VB, VT, VH, VC, VX,
-                QUANT, V_SCALE_HEAD, FP8_MAX, FP8_BIAS, FP8_MAN, FP8_FNUZ, STREAMING, RUNS, BLOCK_SIZE, ROWS,
-                V_RUN_VEC)
+                QUANT, V_SCALE_HEAD, FP8_MAX, FP8_BIAS, FP8_MAN, FP8_FNUZ, STREAMING)
 
 
 # -- planning (cached per descriptor, input strides, alignment and batch bucket) -------------------
@@ -293,11 +261,6 @@ def _make_plan(desc, k_strides, v_strides, dk: int, dv: int, heads: int, in_dtyp
     sms = desc.platform.multiprocessors or 1
     while rows > 1 and -(-n_rows // rows) < cfg.min_programs_per_sm * sms:
         rows //= 2
-    # head-major: runs of consecutive tokens (a block's worth at most) stored chunk by chunk
-    runs = (desc.is_head_major and not merged and desc.block_size >= 4 and sk[4] == sk[7] and sv[4] == sv[7]
-            and sk[0] % sk[7] == 0 and sk[1] >= sk[7])
-    if runs:
-        rows = min(rows, _floor_pow2(desc.block_size))
     # no more threads than 16-byte vectors in the tile (extra warps would only replicate)
     vectors = rows * row_bytes // 16
     p.num_warps = max(1, min(cfg.num_warps, _floor_pow2(max(vectors // 32, 1))))
@@ -308,10 +271,7 @@ def _make_plan(desc, k_strides, v_strides, dk: int, dv: int, heads: int, in_dtyp
         DK=sk[0], DK_PAD=sk[1], HEAD_DIM_K=sk[2], KB=sk[3], KT=sk[4], KH=sk[5], KC=sk[6], KX=sk[7],
         DV=sv[0], DV_PAD=sv[1], HEAD_DIM_V=sv[2], VB=sv[3], VT=sv[4], VH=sv[5], VC=sv[6], VX=sv[7],
         QUANT=p.quant, K_SCALE_HEAD=k_scale_head, V_SCALE_HEAD=v_scale_head,
-        FP8_MAX=fmax, FP8_BIAS=bias, FP8_MAN=man, FP8_FNUZ=fnuz, STREAMING=cfg.streaming, RUNS=runs,
-        # a run's first token on a 16-byte boundary of the cache: every this many tokens
-        K_RUN_VEC=max(1, 16 // (sk[4] * cache_dtype.itemsize)) if runs else 1,
-        V_RUN_VEC=max(1, 16 // (sv[4] * cache_dtype.itemsize)) if runs else 1,
+        FP8_MAX=fmax, FP8_BIAS=bias, FP8_MAN=man, FP8_FNUZ=fnuz, STREAMING=cfg.streaming,
     )
     p.kernel = None
     p.desc = desc  # keeps id(desc) in the plan key from being reused by another descriptor

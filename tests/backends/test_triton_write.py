@@ -121,11 +121,9 @@ def test_int64_offsets_path(layout):
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
 @pytest.mark.parametrize("slots_kind", ["aligned", "unaligned", "padded", "two_sequences"])
-def test_head_major_token_runs(slots_kind, kv_cache_dtype):
-    """Head-major caches store a program's rows (consecutive tokens of one head) as contiguous runs
-    when their slots are consecutive in one block, and row by row otherwise: prefill-like slot
-    mappings (aligned to blocks, starting mid-block, with padding, two sequences) against the
-    reference, fp8 quantizing included."""
+def test_head_major_prefill_slots(slots_kind, kv_cache_dtype):
+    """Head-major caches with prefill-like slot mappings (consecutive slots aligned to blocks,
+    starting mid-block, with padding, two sequences) against the reference, fp8 quantizing included."""
     gen = torch.Generator().manual_seed(7)
     h, d, bs, nb = 4, 64, 16, 12
     dtype = torch.float8_e4m3fn if kv_cache_dtype == "fp8" else torch.bfloat16
@@ -143,8 +141,6 @@ def test_head_major_token_runs(slots_kind, kv_cache_dtype):
         kvd.reshape_and_cache_flash(key, value, rk, rv, slots, kv_cache_dtype, scale, scale)
     desc = kvd.KVCacheDescriptor.from_tensors(kc, vc, kv_cache_dtype, scale, scale)
     write.reshape_and_cache_flash(key, value, kc, vc, slots, desc)
-    plan = write.plan_for(key, value, kc, vc, slots, desc)
-    assert plan.constexprs["RUNS"] is True and plan.rows <= bs
     exact = kv_cache_dtype == "auto"
     assert_cache_equal(kc.cpu(), rk.cpu(), not exact, "head-major key")
     assert_cache_equal(vc.cpu(), rv.cpu(), not exact, "head-major value")
