@@ -370,13 +370,18 @@ def plan_for(key, value, key_cache, value_cache, slot_mapping, desc) -> _Plan:
     return _plan_kv(ck, n, key, value, key_cache, value_cache, desc)
 
 
-def _plan_kv(ck, n, key, value, key_cache, value_cache, desc) -> _Plan:
-    in64 = n > _max_tokens_int32(key, value)
+def _int64_inputs(ck, n: int, a, b) -> tuple:
+    """(key, plan or None, in64): inputs too long for int32 offsets get plans of their own."""
+    in64 = n > _max_tokens_int32(a, b)
     if in64:
         ck = ck + ("in64",)
-        plan = _plans.get(ck)
-        if plan is not None:
-            return plan
+    return ck, _plans.get(ck) if in64 else None, in64
+
+
+def _plan_kv(ck, n, key, value, key_cache, value_cache, desc) -> _Plan:
+    ck, plan, in64 = _int64_inputs(ck, n, key, value)
+    if plan is not None:
+        return plan
     quant_in = key.dtype
     quant = desc.kv_cache_dtype != "auto" and quant_in != desc.cache_dtype
     ks, vs = key.stride(), value.stride()
@@ -451,12 +456,9 @@ def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch
 
 
 def _plan_mla(ck, n, kv_c, k_pe, kv_cache, desc) -> _Plan:
-    in64 = n > _max_tokens_int32(kv_c, k_pe)
-    if in64:
-        ck = ck + ("in64",)
-        plan = _plans.get(ck)
-        if plan is not None:
-            return plan
+    ck, plan, in64 = _int64_inputs(ck, n, kv_c, k_pe)
+    if plan is not None:
+        return plan
     cfg = config_for(desc.platform, _interpreting())
     off64 = not desc.int32_offsets or in64 or bool(cfg.offsets64)
     rank, rope = kv_c.shape[1], k_pe.shape[1]
