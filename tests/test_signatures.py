@@ -1,0 +1,160 @@
+"""The public calls' per-signature cache (``ops._Call``): calls that differ only in how many tokens
+and sequences they carry share one entry (checks, descriptor, selection and backend plans made
+once), every relation the metadata checks test between those sizes still raises its named error
+on a signature seen before, and the remembered selection follows ``KVDISPATCH_BACKEND`` and
+registrations made at run time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvdispatch as kvd
+from kvdispatch import ops
+from kvdispatch import registry as reg
+from kvbench.compare import force_backend
+from kvbench.layouts import make_kv_cache, random_block_table, random_slots
+
+H, HQ, D, BS, NB = 2, 4, 32, 16, 16
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    monkeypatch.setattr(ops, "_ATTN_SEEN", {})
+    monkeypatch.setattr(ops, "_WRITE_SEEN", {})
+    monkeypatch.delenv("KVDISPATCH_BACKEND", raising=False)
+    monkeypatch.delenv("KVDISPATCH_DEBUG", raising=False)
+
+
+def _fixed_width(bt: torch.Tensor, columns: int = 8) -> torch.Tensor:
+    """An engine's block table: a fixed number of columns (vLLM slices a persistent buffer)."""
+    out = torch.zeros(bt.shape[0], columns, dtype=bt.dtype)
+    out[:, :bt.shape[1]] = bt
+    return out
+
+
+def _attention(batch: int, q_len: int, gen: torch.Generator, kc, vc):
+    lens = [40 + 7 * b for b in range(batch)]
+    q = torch.randn(batch * q_len, HQ, D, generator=gen)
+    return dict(q=q, k=kc, v=vc, max_seqlen_q=q_len,
+                cu_seqlens_q=torch.arange(0, batch * q_len + 1, q_len, dtype=torch.int32),
+                max_seqlen_k=max(lens), seqused_k=torch.tensor(lens, dtype=torch.int32),
+                block_table=_fixed_width(random_block_table(lens, NB, BS, generator=gen)), causal=True,
+                out=torch.full((batch * q_len, HQ, D), float("nan")))
+
+
+def test_token_count_and_batch_share_one_signature(fresh):
+    gen = torch.Generator().manual_seed(0)
+    kc, vc = make_kv_cache("NHD", NB, BS, H, D, dtype=torch.float32)
+    kc.normal_(generator=gen), vc.normal_(generator=gen)
+    for batch, q_len in ((1, 1), (3, 1), (2, 5), (4, 3)):
+        kw = _attention(batch, q_len, gen, kc, vc)
+        out = kvd.flash_attn_varlen_func(**kw)
+        assert torch.isfinite(out).all()
+    assert len(ops._ATTN_SEEN) == 1  # one signature: checked, described and selected once
+    for t in (3, 17, 8):
+        key = torch.randn(t, H, D, generator=gen)
+        kvd.reshape_and_cache_flash(key, key, kc, vc, random_slots(t, NB, BS, generator=gen))
+    assert len(ops._WRITE_SEEN) == 1
+
+
+@pytest.mark.parametrize("bad", ["out_rows", "seqused_rows", "block_table_rows", "cu_seqlens_k_rows",
+                                 "lse_columns", "alibi_rows"])
+def test_size_relations_still_checked_on_a_known_signature(fresh, bad):
+    """A valid call first (its signature is then known), then the same tensors with one size
+    relation broken: the full checks run and name the argument."""
+    gen = torch.Generator().manual_seed(1)
+    kc, vc = make_kv_cache("NHD", NB, BS, H, D, dtype=torch.float32)
+    kw = _attention(3, 2, gen, kc, vc)
+    extra = {}
+    if bad == "cu_seqlens_k_rows":
+        extra["cu_seqlens_k"] = torch.tensor([0, 40, 87, 141], dtype=torch.int32)
+    if bad == "alibi_rows":
+        extra["alibi_slopes"] = torch.rand(3, HQ, generator=gen)
+    if bad == "lse_columns":
+        extra["return_softmax_lse"] = True
+    kvd.flash_attn_varlen_func(**kw, **extra)
+    seen = len(ops._ATTN_SEEN)
+    broken = dict(kw, **extra)
+    if bad == "out_rows":
+        broken["out"] = torch.empty(7, HQ, D)
+        match = "out: expected shape"
+    elif bad == "seqused_rows":
+        broken["seqused_k"] = kw["seqused_k"][:2].clone()
+        match = "seqused_k: expected int32"
+    elif bad == "block_table_rows":
+        broken["block_table"] = kw["block_table"][:2].clone()
+        match = "block_table: expected int32"
+    elif bad == "cu_seqlens_k_rows":
+        broken["cu_seqlens_k"] = extra["cu_seqlens_k"][:3].clone()
+        match = "cu_seqlens_k: expected int32"
+    elif bad == "alibi_rows":
+        broken["alibi_slopes"] = extra["alibi_slopes"][:2].clone()
+        match = "alibi_slopes: expected shape"
+    else:  # the LSE is the call's own: a wrong one only through the custom op's argument
+        lse = torch.empty(HQ, kw["q"].shape[0] + 1)
+        with pytest.raises(ValueError, match="softmax_lse"):
+            ops._attention(kw["q"], kc, vc, kw["out"], 2, kw["cu_seqlens_q"], kw["max_seqlen_k"], None,
+                           kw["seqused_k"], None, True, -1, -1, 0.0, kw["block_table"], None, None, None,
+                           None, None, lse, 0)
+        assert len(ops._ATTN_SEEN) == seen
+        return
+    with pytest.raises(ValueError, match=match):
+        kvd.flash_attn_varlen_func(**broken)
+    assert len(ops._ATTN_SEEN) == seen  # nothing remembered for a call that failed its checks
+
+
+def test_write_size_relations_still_checked(fresh):
+    gen = torch.Generator().manual_seed(2)
+    kc, vc = make_kv_cache("NHD", NB, BS, H, D, dtype=torch.float32)
+    key = torch.randn(6, H, D, generator=gen)
+    kvd.reshape_and_cache_flash(key, key, kc, vc, random_slots(6, NB, BS, generator=gen))
+    before = (kc.clone(), vc.clone())
+    with pytest.raises(ValueError, match="value: expected"):
+        kvd.reshape_and_cache_flash(key, key[:5], kc, vc, random_slots(5, NB, BS, generator=gen))
+    with pytest.raises(ValueError, match="slot_mapping: expected at most one entry per key"):
+        kvd.reshape_and_cache_flash(key, key, kc, vc, random_slots(7, NB, BS, generator=gen))
+    assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])
+
+
+class _Recorder(kvd.Backend):
+    name, priority, platforms, ops = "recorder", 10_000, ("cpu",), reg.OPS
+
+    def __init__(self):
+        self.calls = 0
+
+    def reshape_and_cache_flash(self, key, value, key_cache, value_cache, slot_mapping, desc):
+        self.calls += 1
+
+
+class _Plugin:
+    def __init__(self, backend):
+        self.backend = backend
+
+    @kvd.hookimpl
+    def kvdispatch_backends(self):
+        return [self.backend]
+
+
+def test_remembered_selection_follows_the_env_and_registrations(fresh):
+    gen = torch.Generator().manual_seed(3)
+    kc, vc = make_kv_cache("NHD", NB, BS, H, D, dtype=torch.float32)
+    key = torch.randn(4, H, D, generator=gen)
+    slots = random_slots(4, NB, BS, generator=gen)
+    kvd.reshape_and_cache_flash(key, key, kc, vc, slots)  # the reference, remembered for this signature
+    rec = _Recorder()
+    plugin = _Plugin(rec)
+    reg.registry.register(plugin, name="signature-test-recorder")
+    try:
+        kvd.reshape_and_cache_flash(key, key, kc, vc, slots)
+        assert rec.calls == 1  # a registration made after the first call: selected again
+        with force_backend("reference"):
+            kvd.reshape_and_cache_flash(key, key, kc, vc, slots)
+        assert rec.calls == 1  # KVDISPATCH_BACKEND set at run time: followed
+        kvd.reshape_and_cache_flash(key, key, kc, vc, slots)
+        assert rec.calls == 2  # and unset again
+    finally:
+        reg.registry.unregister(plugin)
+    kvd.reshape_and_cache_flash(key, key, kc, vc, slots)
+    assert rec.calls == 2  # unregistered: the reference again
+    assert len(ops._WRITE_SEEN) == 1
