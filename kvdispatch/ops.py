@@ -197,7 +197,34 @@ KVCacheDescriptor.write = _descriptor_write  # set here: the descriptor module s
 
 
 # -- concat_and_cache_mla ----------------------------------------------------------------------
+# MLA write calls whose checks passed, by the same kind of signature as _WRITE_SEEN's
+_MLA_SEEN: dict = {}
+
+
 def _write_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale) -> None:
+    try:
+        auto = kv_cache_dtype.__class__ is str and kv_cache_dtype == "auto"
+        cs, ps = kv_c.shape, k_pe.shape
+        t = cs[0]
+        sig = (kv_c.dtype, kv_c.device, kv_c.stride(), cs[1], k_pe.dtype, k_pe.device, k_pe.stride(), ps[0] - t,
+               ps[1], kv_cache.shape, kv_cache.stride(), kv_cache.dtype, kv_cache.device, slot_mapping.dtype,
+               slot_mapping.device, slot_mapping.dim(), slot_mapping.shape[0] <= t, kv_cache_dtype,
+               None if auto else id(scale))
+        call = _MLA_SEEN.get(sig)
+    except (AttributeError, TypeError, IndexError):  # not tensors, 0-D, unhashable: the checks name it
+        sig = call = None
+    if call is None or (not auto and call.desc.k_scale is not scale):
+        call = _remember(_MLA_SEEN, sig, _Call(_check_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype,
+                                                          scale)))
+    backend = call.select("concat_and_cache_mla", kv_c.dtype)
+    desc = call.desc
+    if checks_values(backend):
+        check_slot_values(slot_mapping, desc)
+    backend.concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, desc)
+
+
+def _check_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale) -> KVCacheDescriptor:
+    """Every check of ``concat_and_cache_mla`` that reads only metadata; returns the descriptor."""
     _tensor(kv_c, "kv_c")
     _tensor(k_pe, "k_pe")
     desc = KVCacheDescriptor.from_tensors(kv_cache, None, kv_cache_dtype, scale, None)
@@ -212,10 +239,7 @@ def _write_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale) -> Non
     if k_pe.dtype != kv_c.dtype:
         raise TypeError(f"k_pe: expected kv_c's dtype {kv_c.dtype}, got {k_pe.dtype}")
     _check_write_inputs(kv_c, "kv_c", k_pe, "k_pe", desc, slot_mapping)
-    backend = registry.select("concat_and_cache_mla", desc.platform, desc, dtype=kv_c.dtype)
-    if checks_values(backend):
-        check_slot_values(slot_mapping, desc)
-    backend.concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, desc)
+    return desc
 
 
 def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,

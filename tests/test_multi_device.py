@@ -23,7 +23,7 @@ Caches and what keeps devices apart (read from the code):
 * ``platform._platform_cached``: keyed by (device type, index): each GPU is detected on its own.
 * ``Registry._selection``: (op, platform, desc.key, forced). Two GPUs of one model share an entry
   (correct: a Backend object holds no per-device state); two different GPUs do not.
-* ``ops._WRITE_SEEN`` / ``ops._ATTN_SEEN``: every tensor's ``.device`` is in the signature.
+* ``ops._WRITE_SEEN`` / ``ops._MLA_SEEN`` / ``ops._ATTN_SEEN``: every tensor's ``.device`` is in the signature.
 * Triton write ``_plans`` (plans that hold the compiled kernel and its device): key has
   ``key_cache.get_device()`` (and ``id(desc)``); the MLA write likewise ``kv_cache.get_device()``.
 * Triton attention: its prepared launches (plan, compiled kernels) live in the call signature's
@@ -202,6 +202,7 @@ class _Recorder(kvd.Backend):
 def recorder(monkeypatch, fresh_descriptors):
     rec = _Recorder()
     monkeypatch.setattr(ops, "_WRITE_SEEN", {})
+    monkeypatch.setattr(ops, "_MLA_SEEN", {})
     monkeypatch.setattr(ops, "_ATTN_SEEN", {})
     monkeypatch.setattr(type(ops.registry), "select", lambda self, op, platform, desc=None, dtype=None: rec)
     monkeypatch.delenv("KVDISPATCH_DEBUG", raising=False)
@@ -230,7 +231,7 @@ def test_public_ops_keep_two_devices_apart(recorder):
         kvd.reshape_and_cache_flash(*x["write"])
         kvd.concat_and_cache_mla(*x["mla"])
         kvd.flash_attn_varlen_func(*x["attn"], **x["attn_kw"])
-    assert len(ops._WRITE_SEEN) == 2 and len(ops._ATTN_SEEN) == 2
+    assert len(ops._WRITE_SEEN) == 2 and len(ops._MLA_SEEN) == 2 and len(ops._ATTN_SEEN) == 2
     for kind in ("write", "mla", "attn"):
         calls = [(dev, desc) for k, dev, desc in recorder.calls if k == kind]
         assert [dev for dev, _ in calls] == [CUDA0, CUDA1, CUDA0, CUDA1]

@@ -22,6 +22,7 @@ H, HQ, D, BS, NB = 2, 4, 32, 16, 16
 def fresh(monkeypatch):
     monkeypatch.setattr(ops, "_ATTN_SEEN", {})
     monkeypatch.setattr(ops, "_WRITE_SEEN", {})
+    monkeypatch.setattr(ops, "_MLA_SEEN", {})
     monkeypatch.delenv("KVDISPATCH_BACKEND", raising=False)
     monkeypatch.delenv("KVDISPATCH_DEBUG", raising=False)
 
@@ -56,6 +57,26 @@ def test_token_count_and_batch_share_one_signature(fresh):
         key = torch.randn(t, H, D, generator=gen)
         kvd.reshape_and_cache_flash(key, key, kc, vc, random_slots(t, NB, BS, generator=gen))
     assert len(ops._WRITE_SEEN) == 1
+    cache = torch.zeros(NB, BS, 576)
+    for t in (3, 17, 8):
+        kvd.concat_and_cache_mla(torch.randn(t, 512, generator=gen), torch.randn(t, 64, generator=gen), cache,
+                                 random_slots(t, NB, BS, generator=gen))
+    assert len(ops._MLA_SEEN) == 1
+
+
+def test_mla_size_relations_still_checked(fresh):
+    gen = torch.Generator().manual_seed(4)
+    cache = torch.zeros(NB, BS, 576)
+    kv_c, k_pe = torch.randn(6, 512, generator=gen), torch.randn(6, 64, generator=gen)
+    kvd.concat_and_cache_mla(kv_c, k_pe, cache, random_slots(6, NB, BS, generator=gen))
+    before = cache.clone()
+    with pytest.raises(ValueError, match="k_pe: expected 6 tokens"):
+        kvd.concat_and_cache_mla(kv_c, k_pe[:5], cache, random_slots(6, NB, BS, generator=gen))
+    with pytest.raises(ValueError, match="slot_mapping: expected at most one entry per key"):
+        kvd.concat_and_cache_mla(kv_c, k_pe, cache, random_slots(7, NB, BS, generator=gen))
+    with pytest.raises(ValueError, match="kv_c/k_pe"):
+        kvd.concat_and_cache_mla(kv_c, k_pe[:, :32], cache, random_slots(6, NB, BS, generator=gen))
+    assert torch.equal(cache, before) and len(ops._MLA_SEEN) == 1
 
 
 @pytest.mark.parametrize("bad", ["out_rows", "seqused_rows", "block_table_rows", "cu_seqlens_k_rows",
