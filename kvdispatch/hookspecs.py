@@ -97,6 +97,8 @@ class Backend:
     * ``ops``: the public op names it implements.
     * ``always_check_values``: the value checks (``kvdispatch.checks``) run before every call, not only
       under ``KVDISPATCH_DEBUG=1`` (the reference; lanes that would write outside their buffers).
+    * ``takes_plans``: the public write calls pass ``plans=`` (the dict of the call's signature, where
+      the backend may keep launch state; attention gets it as ``AttentionArgs.plans``).
     * What it takes, checked by selection before ``supports()``; None (the default) takes anything,
       a container is asked ``in`` (tuple, frozenset, range), a dict maps op names to containers:
       ``dtypes`` (q's / key's / kv_c's dtype), ``kv_cache_dtypes`` (``desc.cache_dtype``),
@@ -112,6 +114,7 @@ class Backend:
     ops: tuple = ()
     description: str = ""
     always_check_values: bool = False
+    takes_plans: bool = False
     dtypes = kv_cache_dtypes = block_sizes = head_sizes = layouts = None
 
     def available(self, platform: Platform) -> Optional[str]:

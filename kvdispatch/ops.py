@@ -138,7 +138,10 @@ def _write(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_s
     desc = call.desc
     if checks_values(backend):
         check_slot_values(slot_mapping, desc)
-    backend.reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, desc)
+    if backend.takes_plans:
+        backend.reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, desc, plans=call.plans)
+    else:
+        backend.reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, desc)
 
 
 def _check_write(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale):
@@ -220,7 +223,10 @@ def _write_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale) -> Non
     desc = call.desc
     if checks_values(backend):
         check_slot_values(slot_mapping, desc)
-    backend.concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, desc)
+    if backend.takes_plans:
+        backend.concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, desc, plans=call.plans)
+    else:
+        backend.concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, desc)
 
 
 def _check_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale) -> KVCacheDescriptor:

@@ -24,8 +24,9 @@ Caches and what keeps devices apart (read from the code):
 * ``Registry._selection``: (op, platform, desc.key, forced). Two GPUs of one model share an entry
   (correct: a Backend object holds no per-device state); two different GPUs do not.
 * ``ops._WRITE_SEEN`` / ``ops._MLA_SEEN`` / ``ops._ATTN_SEEN``: every tensor's ``.device`` is in the signature.
-* Triton write ``_plans`` (plans that hold the compiled kernel and its device): key has
-  ``key_cache.get_device()`` (and ``id(desc)``); the MLA write likewise ``kv_cache.get_device()``.
+* Triton write plans (they hold the compiled kernel and its device) live in the call signature's
+  ``plans`` dict (``Backend.takes_plans``) under (alignment, size bucket, ``key_cache.get_device()``);
+  the MLA write likewise ``kv_cache.get_device()``.
 * Triton attention: its prepared launches (plan, compiled kernels) live in the call signature's
   ``AttentionArgs.plans`` dict (the public call's signature holds every tensor's device), under
   options that hold the device index again (``q.get_device()``), so even one dict shared by two
@@ -359,7 +360,6 @@ def triton_stubs(monkeypatch):
     pytest.importorskip("triton")
     from kvdispatch.backends.triton import attention, write
     log = []
-    monkeypatch.setattr(write, "_plans", {})
     monkeypatch.setattr(write, "_interpreting", lambda: False)
     monkeypatch.setattr(attention, "_interpreting", lambda: False)
     monkeypatch.setattr(write, "_no_launch_hooks", lambda: True)
@@ -405,22 +405,24 @@ def _write_inputs(desc_platform=H100):
 def test_write_plan_key_holds_the_device(triton_stubs):
     from kvdispatch.backends.triton import write
     key, kc, vc, slots, desc = _write_inputs()
-    p0 = write.plan_for(key, key, OnDevice(kc, 0), OnDevice(vc, 0), slots, desc)
-    p1 = write.plan_for(key, key, OnDevice(kc, 1), OnDevice(vc, 1), slots, desc)
+    plans = {}  # one dict for both devices (more than the public call ever shares)
+    p0 = write.plan_for(key, key, OnDevice(kc, 0), OnDevice(vc, 0), slots, desc, plans)
+    p1 = write.plan_for(key, key, OnDevice(kc, 1), OnDevice(vc, 1), slots, desc, plans)
     assert p0 is not p1  # one descriptor object, two devices: two plans (each holds its own compiled kernel)
-    assert write.plan_for(key, key, OnDevice(kc, 0), OnDevice(vc, 0), slots, desc) is p0
-    assert write.plan_for(key, key, OnDevice(kc, 1), OnDevice(vc, 1), slots, desc) is p1
-    (k0, k1) = write._plans
-    assert [i for i, (a, b) in enumerate(zip(k0, k1)) if a != b] == [1] and {k0[1], k1[1]} == {0, 1}
+    assert write.plan_for(key, key, OnDevice(kc, 0), OnDevice(vc, 0), slots, desc, plans) is p0
+    assert write.plan_for(key, key, OnDevice(kc, 1), OnDevice(vc, 1), slots, desc, plans) is p1
+    (k0, k1) = plans
+    assert [i for i, (a, b) in enumerate(zip(k0, k1)) if a != b] == [2] and {k0[2], k1[2]} == {0, 1}
     assert {"kernel", "device"} <= set(write._Plan.__slots__)  # what makes the device part of the key needed
 
 
 def test_write_compiled_kernel_runs_only_on_its_device(triton_stubs):
     from kvdispatch.backends.triton import write
     key, kc, vc, slots, desc = _write_inputs()
+    plans = {}
     for dev in (0, 1, 0, 1):
         triton_stubs.append(("call", dev))
-        write.reshape_and_cache_flash(key, key, OnDevice(kc, dev), OnDevice(vc, dev), slots, desc)
+        write.reshape_and_cache_flash(key, key, OnDevice(kc, dev), OnDevice(vc, dev), slots, desc, plans)
     assert _launches(triton_stubs) == [("jit", "write#1"), ("jit", "write#2"), ("direct", "write#1"),
                                        ("direct", "write#2")], triton_stubs
     _assert_each_kernel_runs_on_its_own_device(triton_stubs, ("write",))
@@ -432,10 +434,11 @@ def test_mla_write_compiled_kernel_runs_only_on_its_device(triton_stubs):
     desc = _on_platform(KVCacheDescriptor.from_tensors(cache, None), H100)
     kv_c, k_pe = torch.zeros(5, 512, dtype=torch.float16), torch.zeros(5, 64, dtype=torch.float16)
     slots = torch.arange(5, dtype=torch.int64)
+    plans = {}
     for dev in (0, 1, 0, 1):
         triton_stubs.append(("call", dev))
-        write.concat_and_cache_mla(kv_c, k_pe, OnDevice(cache, dev), slots, desc)
-    assert len(write._plans) == 2 and {ck[2] for ck in write._plans} == {0, 1}
+        write.concat_and_cache_mla(kv_c, k_pe, OnDevice(cache, dev), slots, desc, plans)
+    assert len(plans) == 2 and {ck[-1] for ck in plans} == {0, 1}
     assert _launches(triton_stubs) == [("jit", "write#1"), ("jit", "write#2"), ("direct", "write#1"),
                                        ("direct", "write#2")], triton_stubs
     _assert_each_kernel_runs_on_its_own_device(triton_stubs, ("write",))
@@ -503,8 +506,9 @@ def test_negative_control_a_device_blind_write_plan_is_caught(triton_stubs, monk
     real = write.plan_for
     monkeypatch.setattr(write, "plan_for", lambda k, v, kc, vc, *rest: real(k, v, OnDevice(kc._t, 0), vc, *rest))
     key, kc, vc, slots, desc = _write_inputs()
+    plans = {}
     for dev in (0, 1):
         triton_stubs.append(("call", dev))
-        write.reshape_and_cache_flash(key, key, OnDevice(kc, dev), OnDevice(vc, dev), slots, desc)
+        write.reshape_and_cache_flash(key, key, OnDevice(kc, dev), OnDevice(vc, dev), slots, desc, plans)
     with pytest.raises(AssertionError, match="a call on device 1 launched write#1, compiled for device 0, on stream:0"):
         _assert_each_kernel_runs_on_its_own_device(triton_stubs, ("write",))

@@ -59,6 +59,7 @@ class TritonBackend(Backend):
     platforms = ("nvidia", "rocm", "xpu")
     ops = OPS
     description = "Triton kernels; launch configs per compute capability / gfx arch"
+    takes_plans = True
     dtypes = kv_cache_dtypes = ELEMENT_DTYPES
     head_sizes = {"flash_attn_varlen_func": range(1, MAX_HEAD + 1), "reshape_and_cache_flash": range(1, MAX_ROW + 1),
                   "concat_and_cache_mla": range(1, MAX_ROW + 1)}
@@ -94,13 +95,13 @@ class TritonBackend(Backend):
             return {}
 
     # the kernel modules import triton: loaded on the first call, then kept (no import per call)
-    def reshape_and_cache_flash(self, key, value, key_cache, value_cache, slot_mapping, desc):
+    def reshape_and_cache_flash(self, key, value, key_cache, value_cache, slot_mapping, desc, plans=None):
         with device_guard(key_cache):
-            _kernels().write.reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, desc)
+            _kernels().write.reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, desc, plans)
 
-    def concat_and_cache_mla(self, kv_c, k_pe, kv_cache, slot_mapping, desc):
+    def concat_and_cache_mla(self, kv_c, k_pe, kv_cache, slot_mapping, desc, plans=None):
         with device_guard(kv_cache):
-            _kernels().write.concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, desc)
+            _kernels().write.concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, desc, plans)
 
     def flash_attn_varlen_func(self, q, k, v, out, desc, args):
         with device_guard(q):

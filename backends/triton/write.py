@@ -274,7 +274,7 @@ def _make_plan(desc, k_strides, v_strides, dk: int, dv: int, heads: int, in_dtyp
         FP8_MAX=fmax, FP8_BIAS=bias, FP8_MAN=man, FP8_FNUZ=fnuz, STREAMING=cfg.streaming,
     )
     p.kernel = None
-    p.desc = desc  # keeps id(desc) in the plan key from being reused by another descriptor
+    p.desc = desc
     return p
 
 
@@ -288,15 +288,6 @@ def _finish_plan(p: _Plan, k_src, v_src, k_dst, v_dst_offset: int, off64: bool) 
     return p
 
 
-_plans: dict = {}
-_PLAN_LIMIT = 8192
-
-
-def _remember(ck, plan: _Plan) -> _Plan:
-    if len(_plans) >= _PLAN_LIMIT:
-        _plans.clear()
-    _plans[ck] = plan
-    return plan
 
 
 def _view(t: torch.Tensor, dtype) -> torch.Tensor:
@@ -350,36 +341,38 @@ def _alignment(*ptrs: int):
     return 0 if a & 15 == 0 else tuple(p & 15 for p in ptrs)
 
 
-def plan_for(key, value, key_cache, value_cache, slot_mapping, desc) -> _Plan:
-    """The (cached) launch plan ``reshape_and_cache_flash`` uses for these arguments. Its
-    ``WriteConfig`` comes from ``config_for(platform)`` when the plan is made (the tuning sweeps and
-    the tests replace ``config_for`` and clear ``_plans``: no knob in the kernel API)."""
+def plan_for(key, value, key_cache, value_cache, slot_mapping, desc, plans: Optional[dict] = None) -> _Plan:
+    """The launch plan ``reshape_and_cache_flash`` uses for these arguments, kept in ``plans``: the
+    dict of the public call's signature (``Backend.takes_plans``), which fixes the descriptor, the
+    inputs' dtypes and strides and the slot dtype, so a plan is keyed there by what varies within a
+    signature: the pointers' alignment, the token-count bucket and the device. None: a plan for this
+    call only. Its ``WriteConfig`` comes from ``config_for(platform)`` when the plan is made (the
+    tuning sweeps and the tests replace ``config_for``: no knob in the kernel API)."""
+    if plans is None:
+        plans = {}
     n = slot_mapping.shape[0]
     kp, vp, kcp, vcp, sp = (key.data_ptr(), value.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
                             slot_mapping.data_ptr())
     align = (kp | vp | kcp | vcp | sp) & 15
     if align:
         align = (kp & 15, vp & 15, kcp & 15, vcp & 15, sp & 15)
-    # id(desc): descriptors are cached objects, and each plan holds its descriptor, so an id
-    # cannot be reused while its plan exists. The device index is not part of desc.key.
-    ck = (id(desc), key_cache.get_device(), key.dtype, key.stride(), value.stride(), slot_mapping.dtype,
-          align, n.bit_length())
-    plan = _plans.get(ck)
+    ck = (align, n.bit_length(), key_cache.get_device())
+    plan = plans.get(ck)
     if plan is not None and n <= plan.max_n32:
         return plan
-    return _plan_kv(ck, n, key, value, key_cache, value_cache, desc)
+    return _plan_kv(ck, n, key, value, key_cache, value_cache, desc, plans)
 
 
-def _int64_inputs(ck, n: int, a, b) -> tuple:
+def _int64_inputs(ck, n: int, a, b, plans: dict) -> tuple:
     """(key, plan or None, in64): inputs too long for int32 offsets get plans of their own."""
     in64 = n > _max_tokens_int32(a, b)
     if in64:
         ck = ck + ("in64",)
-    return ck, _plans.get(ck) if in64 else None, in64
+    return ck, plans.get(ck) if in64 else None, in64
 
 
-def _plan_kv(ck, n, key, value, key_cache, value_cache, desc) -> _Plan:
-    ck, plan, in64 = _int64_inputs(ck, n, key, value)
+def _plan_kv(ck, n, key, value, key_cache, value_cache, desc, plans: dict) -> _Plan:
+    ck, plan, in64 = _int64_inputs(ck, n, key, value, plans)
     if plan is not None:
         return plan
     quant_in = key.dtype
@@ -392,7 +385,8 @@ def _plan_kv(ck, n, key, value, key_cache, value_cache, desc) -> _Plan:
     off64 = not desc.int32_offsets or in64 or bool(cfg.offsets64)
     plan = _make_plan(desc, desc.k, desc.v, dk, dv, h, quant_in, mergeable, _floor_pow2(n), off64,
                       quant and desc.scale_kinds[0] == "head", quant and desc.scale_kinds[1] == "head", cfg)
-    return _remember(ck, _finish_plan(plan, key, value, key_cache, 0, off64))
+    plans[ck] = plan = _finish_plan(plan, key, value, key_cache, 0, off64)
+    return plan
 
 
 # -- public entry points (called by TritonBackend under the tensors' device) -----------------------
@@ -418,7 +412,8 @@ def supports(op: str, desc, platform) -> Optional[str]:
 
 
 def reshape_and_cache_flash(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
-                            value_cache: torch.Tensor, slot_mapping: torch.Tensor, desc) -> None:
+                            value_cache: torch.Tensor, slot_mapping: torch.Tensor, desc,
+                            plans: Optional[dict] = None) -> None:
     """Write ``key`` ``(T, H, Dk)`` / ``value`` ``(T, H, Dv)`` rows ``[:n]`` (``n = len(slot_mapping)``)
     into the caches described by ``desc``; slots < 0 are skipped. Arguments are already validated.
     """
@@ -426,7 +421,7 @@ def reshape_and_cache_flash(key: torch.Tensor, value: torch.Tensor, key_cache: t
     if n == 0:
         return
     slot_mapping = unit_stride(slot_mapping)
-    plan = plan_for(key, value, key_cache, value_cache, slot_mapping, desc)
+    plan = plan_for(key, value, key_cache, value_cache, slot_mapping, desc, plans)
     if plan.quant == COPY:
         _launch(plan, n, key, value, key_cache, value_cache, slot_mapping, None, None)
     else:
@@ -435,28 +430,29 @@ def reshape_and_cache_flash(key: torch.Tensor, value: torch.Tensor, key_cache: t
 
 
 def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
-                         slot_mapping: torch.Tensor, desc) -> None:
+                         slot_mapping: torch.Tensor, desc, plans: Optional[dict] = None) -> None:
     """Write ``cat(kv_c (T, R), k_pe (T, P))`` rows ``[:n]`` into the MLA latent cache
     ``(num_blocks, block_size, R + P)``; slots < 0 are skipped. Arguments are already validated."""
     n = slot_mapping.shape[0]
     if n == 0:
         return
     slot_mapping = unit_stride(slot_mapping)
+    if plans is None:
+        plans = {}
     rank = kv_c.shape[1]
     cache_ptr = kv_cache.data_ptr()
-    ck = ("mla", id(desc), kv_cache.get_device(), kv_c.dtype, kv_c.stride(), k_pe.stride(), rank,
-          slot_mapping.dtype,
-          _alignment(kv_c.data_ptr(), k_pe.data_ptr(), cache_ptr, cache_ptr + rank * kv_cache.element_size(),
-                     slot_mapping.data_ptr()), n.bit_length())
-    plan = _plans.get(ck)
+    # the signature (plans) fixes the descriptor, the inputs' dtypes, strides and rank, the slot dtype
+    ck = ("mla", _alignment(kv_c.data_ptr(), k_pe.data_ptr(), cache_ptr, cache_ptr + rank * kv_cache.element_size(),
+                            slot_mapping.data_ptr()), n.bit_length(), kv_cache.get_device())
+    plan = plans.get(ck)
     if plan is None or n > plan.max_n32:
-        plan = _plan_mla(ck, n, kv_c, k_pe, kv_cache, desc)
+        plan = _plan_mla(ck, n, kv_c, k_pe, kv_cache, desc, plans)
     scale = None if plan.quant == COPY else desc.k_scale
     _launch(plan, n, kv_c, k_pe, kv_cache, kv_cache, slot_mapping, scale, scale, v_dst_offset=rank)
 
 
-def _plan_mla(ck, n, kv_c, k_pe, kv_cache, desc) -> _Plan:
-    ck, plan, in64 = _int64_inputs(ck, n, kv_c, k_pe)
+def _plan_mla(ck, n, kv_c, k_pe, kv_cache, desc, plans: dict) -> _Plan:
+    ck, plan, in64 = _int64_inputs(ck, n, kv_c, k_pe, plans)
     if plan is not None:
         return plan
     cfg = config_for(desc.platform, _interpreting())
@@ -464,4 +460,5 @@ def _plan_mla(ck, n, kv_c, k_pe, kv_cache, desc) -> _Plan:
     rank, rope = kv_c.shape[1], k_pe.shape[1]
     plan = _make_plan(desc, desc.k, desc.k, rank, rope, 1, kv_c.dtype, False, _floor_pow2(n), off64,
                       False, False, cfg)
-    return _remember(ck, _finish_plan(plan, kv_c, k_pe, kv_cache, rank, off64))
+    plans[ck] = plan = _finish_plan(plan, kv_c, k_pe, kv_cache, rank, off64)
+    return plan

@@ -141,7 +141,9 @@ def dispatch_overhead(device: torch.device, impls: list, quick: bool = False, mo
                         # vLLM's call: the layer's scale tensors are always passed, also with "auto"
                         ks = torch.ones(1, device=device)
                         engine: Callable = lambda a=a, ks=ks: kvd.reshape_and_cache_flash(*a, "auto", ks, ks)
-                        bare: Callable = lambda a=a, d=desc: backend.reshape_and_cache_flash(*a, d)
+                        # with a plans dict of its own where the backend keeps launch state there
+                        pk = {"plans": {}} if backend.takes_plans else {}
+                        bare: Callable = lambda a=a, d=desc, pk=pk: backend.reshape_and_cache_flash(*a, d, **pk)
                     else:
                         o = w.new_out()
                         kw = w.public_attention_kwargs(o)

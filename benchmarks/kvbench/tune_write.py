@@ -195,7 +195,7 @@ def host_overhead(results):
     a = w.args()
     fns = {
         "kvdispatch public op": lambda: kvd.reshape_and_cache_flash(*a),
-        "triton backend write() (no checks)": lambda: write.reshape_and_cache_flash(*a[:5], desc),
+        "triton backend write() (no checks)": lambda plans={}: write.reshape_and_cache_flash(*a[:5], desc, plans),
         "torch.ops.kvdispatch (custom op)": lambda: torch.ops.kvdispatch.reshape_and_cache_flash(*a),
     }
     try:
@@ -231,16 +231,18 @@ def _variants(layout):
 
 @contextlib.contextmanager
 def write_table(cfg):
-    """The Triton write uses ``cfg`` for every platform inside (its plans made afresh, before and after)."""
+    """The Triton write uses ``cfg`` for every platform inside (plans made inside come from it; the
+    public calls' plans live in their signatures' dicts, cleared before and after)."""
+    from kvdispatch import ops
     from kvdispatch.backends.triton import write
     real = write.config_for
     write.config_for = lambda *a, **k: cfg
-    write._plans.clear()
+    ops._WRITE_SEEN.clear()
     try:
         yield
     finally:
         write.config_for = real
-        write._plans.clear()
+        ops._WRITE_SEEN.clear()
 
 
 def sweep(results, copy_bw, save):
@@ -255,11 +257,13 @@ def sweep(results, copy_bw, save):
             for label, over, merge in _variants(layout):
                 cfg = DEFAULT.with_(**{"streaming": False, "min_programs_per_sm": 4, "merge": merge, **over})
 
-                def fn(k, v, kc, vc, s, kind, ks, vs):
-                    write.reshape_and_cache_flash(k, v, kc, vc, s, desc)
+                plans: dict = {}  # this variant's plans (compiled once, then launched directly)
 
-                with write_table(cfg):  # the variant as the platform's table entry, fresh plans
-                    plan = write.plan_for(w.key, w.value, w.kc, w.vc, w.slots, desc)
+                def fn(k, v, kc, vc, s, kind, ks, vs, plans=plans):
+                    write.reshape_and_cache_flash(k, v, kc, vc, s, desc, plans)
+
+                with write_table(cfg):  # the variant as the platform's table entry
+                    plan = write.plan_for(w.key, w.value, w.kc, w.vc, w.slots, desc, plans)
                     measure(results, f"sweep-{layout}", label, w, fn, copy_bw, rep=40, rows=plan.rows,
                             merged=plan.constexprs["MERGED"], plan_warps=plan.num_warps, **over)
             del w

@@ -95,7 +95,6 @@ def _write_both(layout, h=4, d=64, bs=16, nb=6, t=30, dtype=torch.bfloat16, conf
         if config is not None or over:
             cfg = (config or write.config_for(desc.platform, write._interpreting())).with_(**over)
             mp.setattr(write, "config_for", lambda *a, **k: cfg)
-            mp.setattr(write, "_plans", {})
         write.reshape_and_cache_flash(key, value, kc, vc, slots, desc)
         assert_cache_equal(kc.cpu(), rk.cpu(), False, f"{layout} key")
         assert_cache_equal(vc.cpu(), rv.cpu(), False, f"{layout} value")
