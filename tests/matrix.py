@@ -441,18 +441,26 @@ def lse_op_call(kw, lse, num_splits=0, **extra):
         kw.get("alibi_slopes"), kw.get("s_aux"), lse, num_splits)
 
 
-def run_poisoned_lse(case, device, num_splits=0, strided=False, seed=0, backend="triton"):
-    """``case`` through the custom op with out and softmax_lse NaN-poisoned (``strided``: lse the
-    transpose of a [total_q, Hq + 1] buffer), against the reference: out and LSE compared."""
+def _reference_run(case, device, seed: int, lse: bool):
+    """The case's inputs (custom-op form) and the reference's float32 out (and LSE with ``lse``),
+    NaN-poisoned before the call."""
     kw = make_attention_inputs(case, device, seed)
     kw.pop("return_softmax_lse", None)
     kw.pop("num_splits", None)
     total_q, hq = kw["q"].shape[0], kw["q"].shape[1]
-    nan = float("nan")
-    ref_out = torch.full(kw["out"].shape, nan, dtype=torch.float32, device=device)
-    ref_lse = torch.full((hq, total_q), nan, dtype=torch.float32, device=device)
+    ref_out = torch.full(kw["out"].shape, float("nan"), dtype=torch.float32, device=device)
+    ref_lse = torch.full((hq, total_q), float("nan"), dtype=torch.float32, device=device) if lse else None
     with force_backend("reference"):
         lse_op_call({**kw, "out": ref_out}, ref_lse)
+    return kw, ref_out, ref_lse
+
+
+def run_poisoned_lse(case, device, num_splits=0, strided=False, seed=0, backend="triton"):
+    """``case`` through the custom op with out and softmax_lse NaN-poisoned (``strided``: lse the
+    transpose of a [total_q, Hq + 1] buffer), against the reference: out and LSE compared."""
+    kw, ref_out, ref_lse = _reference_run(case, device, seed, lse=True)
+    total_q, hq = kw["q"].shape[0], kw["q"].shape[1]
+    nan = float("nan")
     if strided:
         buf = torch.full((total_q, hq + 1), nan, dtype=torch.float32, device=device)
         lse = buf.t()[:hq]
@@ -473,15 +481,9 @@ def run_with_hints(case, device, max_seqlen_q=None, max_seqlen_k=None, num_split
     """``case`` through the Triton backend with the given (wrong) ``max_seqlen_q`` / ``max_seqlen_k``
     hints and no value checks (the reference gets the right ones): out NaN-poisoned, two padding
     rows past cu_seqlens_q[-1] that must stay untouched, the LSE too with ``lse``."""
-    kw = make_attention_inputs(case, device, seed)
-    kw.pop("return_softmax_lse", None)
-    kw.pop("num_splits", None)
+    kw, ref_out, ref_lse = _reference_run(case, device, seed, lse)
     total_q, hq = kw["q"].shape[0], kw["q"].shape[1]
     nan = float("nan")
-    ref_out = torch.full(kw["out"].shape, nan, dtype=torch.float32, device=device)
-    ref_lse = torch.full((hq, total_q), nan, dtype=torch.float32, device=device) if lse else None
-    with force_backend("reference"):
-        lse_op_call({**kw, "out": ref_out}, ref_lse)
     kw["q"] = torch.cat([kw["q"], kw["q"][:2]])  # two padding rows past the last sequence
     kw["out"] = torch.full((total_q + 2,) + tuple(kw["out"].shape[1:]), nan, dtype=kw["out"].dtype,
                            device=device)
