@@ -303,9 +303,14 @@ def unit_stride(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.contiguous()
 
 
-def _launch(plan: _Plan, n: int, k_src, v_src, k_dst, v_dst, slot_mapping, k_scale, v_scale,
+def _pointers(*tensors) -> tuple:
+    return tuple(t.data_ptr() for t in tensors)
+
+
+def _launch(plan: _Plan, n: int, k_src, v_src, k_dst, v_dst, slot_mapping, k_scale, v_scale, ptrs: tuple,
             v_dst_offset: int = 0) -> None:
-    """Launch ``plan`` over ``n`` tokens; ``v_dst_offset`` shifts V's destination (MLA's k_pe)."""
+    """Launch ``plan`` over ``n`` tokens; ``ptrs``: k_src, v_src, k_dst, v_dst, slot_mapping's data
+    pointers (as plan_for saw them); ``v_dst_offset`` shifts V's destination (MLA's k_pe)."""
     n_rows = n * plan.heads
     grid = -(-n_rows // plan.rows)
     if plan.kernel is not None and _no_launch_hooks():
@@ -314,8 +319,7 @@ def _launch(plan: _Plan, n: int, k_src, v_src, k_dst, v_dst, slot_mapping, k_sca
         launch, head = plan.kernel
         ia = plan.int_args
         launch(grid, 1, 1, _stream(plan.device), *head,
-               k_src.data_ptr(), v_src.data_ptr(), k_dst.data_ptr(),
-               v_dst.data_ptr() + plan.v_dst_offset_bytes, slot_mapping.data_ptr(),
+               ptrs[0], ptrs[1], ptrs[2], ptrs[3] + plan.v_dst_offset_bytes, ptrs[4],
                None if k_scale is None else k_scale.data_ptr(),
                None if v_scale is None else v_scale.data_ptr(),
                n_rows, ia[0], ia[1], ia[2], ia[3], *plan.tail)
@@ -341,18 +345,19 @@ def _alignment(*ptrs: int):
     return 0 if a & 15 == 0 else tuple(p & 15 for p in ptrs)
 
 
-def plan_for(key, value, key_cache, value_cache, slot_mapping, desc, plans: Optional[dict] = None) -> _Plan:
+def plan_for(key, value, key_cache, value_cache, slot_mapping, desc, plans: Optional[dict] = None,
+             ptrs: Optional[tuple] = None) -> _Plan:
     """The launch plan ``reshape_and_cache_flash`` uses for these arguments, kept in ``plans``: the
     dict of the public call's signature (``Backend.takes_plans``), which fixes the descriptor, the
     inputs' dtypes and strides and the slot dtype, so a plan is keyed there by what varies within a
     signature: the pointers' alignment, the token-count bucket and the device. None: a plan for this
     call only. Its ``WriteConfig`` comes from ``config_for(platform)`` when the plan is made (the
-    tuning sweeps and the tests replace ``config_for``: no knob in the kernel API)."""
+    tuning sweeps and the tests replace ``config_for``: no knob in the kernel API). ``ptrs``: the five
+    tensors' data pointers when the caller has them (the launch uses the same)."""
     if plans is None:
         plans = {}
     n = slot_mapping.shape[0]
-    kp, vp, kcp, vcp, sp = (key.data_ptr(), value.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
-                            slot_mapping.data_ptr())
+    kp, vp, kcp, vcp, sp = ptrs or _pointers(key, value, key_cache, value_cache, slot_mapping)
     align = (kp | vp | kcp | vcp | sp) & 15
     if align:
         align = (kp & 15, vp & 15, kcp & 15, vcp & 15, sp & 15)
@@ -421,12 +426,13 @@ def reshape_and_cache_flash(key: torch.Tensor, value: torch.Tensor, key_cache: t
     if n == 0:
         return
     slot_mapping = unit_stride(slot_mapping)
-    plan = plan_for(key, value, key_cache, value_cache, slot_mapping, desc, plans)
+    ptrs = _pointers(key, value, key_cache, value_cache, slot_mapping)
+    plan = plan_for(key, value, key_cache, value_cache, slot_mapping, desc, plans, ptrs)
     if plan.quant == COPY:
-        _launch(plan, n, key, value, key_cache, value_cache, slot_mapping, None, None)
+        _launch(plan, n, key, value, key_cache, value_cache, slot_mapping, None, None, ptrs)
     else:
         _launch(plan, n, key, value, key_cache, value_cache, slot_mapping, unit_stride(desc.k_scale),
-                unit_stride(desc.v_scale))
+                unit_stride(desc.v_scale), ptrs)
 
 
 def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
@@ -440,15 +446,15 @@ def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch
     if plans is None:
         plans = {}
     rank = kv_c.shape[1]
-    cache_ptr = kv_cache.data_ptr()
+    ptrs = _pointers(kv_c, k_pe, kv_cache, kv_cache, slot_mapping)
     # the signature (plans) fixes the descriptor, the inputs' dtypes, strides and rank, the slot dtype
-    ck = ("mla", _alignment(kv_c.data_ptr(), k_pe.data_ptr(), cache_ptr, cache_ptr + rank * kv_cache.element_size(),
-                            slot_mapping.data_ptr()), n.bit_length(), kv_cache.get_device())
+    ck = ("mla", _alignment(ptrs[0], ptrs[1], ptrs[2], ptrs[3] + rank * kv_cache.element_size(), ptrs[4]),
+          n.bit_length(), kv_cache.get_device())
     plan = plans.get(ck)
     if plan is None or n > plan.max_n32:
         plan = _plan_mla(ck, n, kv_c, k_pe, kv_cache, desc, plans)
     scale = None if plan.quant == COPY else desc.k_scale
-    _launch(plan, n, kv_c, k_pe, kv_cache, kv_cache, slot_mapping, scale, scale, v_dst_offset=rank)
+    _launch(plan, n, kv_c, k_pe, kv_cache, kv_cache, slot_mapping, scale, scale, ptrs, v_dst_offset=rank)
 
 
 def _plan_mla(ck, n, kv_c, k_pe, kv_cache, desc, plans: dict) -> _Plan:
