@@ -65,11 +65,12 @@ def print_tables(console, info: dict, rows: list, overhead: list) -> None:
         console.print(t)
     if overhead:
         t = Table(title="dispatch overhead (tiny inputs)")
-        for col in ("implementation", "op", "size", "measure", "us"):
+        for col in ("implementation", "op", "size", "measure", "us", "over floor"):
             t.add_column(col)
         for o in overhead:
             t.add_row(_escape(o["impl"]), o["op"], o["size"],
-                      _escape(o["what"] + (f" ({o['reason']})" if o.get("reason") else "")), _fmt(o["us"], ".2f"))
+                      _escape(o["what"] + (f" ({o['reason']})" if o.get("reason") else "")), _fmt(o["us"], ".2f"),
+                      _fmt(o.get("over_floor"), "+.2f"))
         console.print(t)
 
 
@@ -120,11 +121,12 @@ def markdown(info: dict, vendors: list, rows: list, overhead: list) -> str:
             cells.append(_status_cell(r, rich=False).replace("|", "/"))
             lines.append("| " + " | ".join(cells) + " |")
     if overhead:
-        lines += ["", "## Dispatch overhead (tiny inputs)", "", "| implementation | op | size | measure | us |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += ["", "## Dispatch overhead (tiny inputs)", "", "| implementation | op | size | measure | us | over floor |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for o in overhead:
             lines.append(f"| {o['impl']} | {o['op']} | {o['size']} | {o['what']}"
-                         f"{' (' + o['reason'] + ')' if o.get('reason') else ''} | {_fmt(o['us'], '.2f')} |")
+                         f"{' (' + o['reason'] + ')' if o.get('reason') else ''} | {_fmt(o['us'], '.2f')} "
+                         f"| {_fmt(o.get('over_floor'), '+.2f')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,13 +5,14 @@ only if correct, time. Also the dispatch-overhead measurements."""
 from __future__ import annotations
 
 import gc
+import statistics
 import traceback
 from typing import Callable
 
 import torch
 
 from .cases import ATTENTION_OPS, WRITE_OPS, Case, Workload
-from .timing import empty_triton_launch, graph_replay_us, host_us_per_call, sync, time_us
+from .timing import empty_triton_launch, graph_replay_us, host_us_interleaved, host_us_per_call, sync, time_us
 from .vendors import Unsupported, Vendor
 
 __all__ = ["run_case", "finish_rows", "dispatch_overhead"]
@@ -116,16 +117,26 @@ def overhead_cases(quick: bool = False, more: bool = False) -> list:
 
 
 def dispatch_overhead(device: torch.device, impls: list, quick: bool = False, more: bool = False) -> list:
-    """Per-call host time of the public API vs a bare launch of the backend's kernel, and the
-    CUDA-graph replay time of the same call (cuda only), for :func:`overhead_cases`.
+    """Per-call host time of the public API (plain and vLLM's call pattern) and of the backend
+    method alone, each measured interleaved with a bare launch of an empty Triton kernel (the
+    floor) in the same rounds (:func:`host_us_interleaved`), and the CUDA-graph replay time of the
+    public call (cuda only), for :func:`overhead_cases`.
 
-    Rows: op, what, us (host microseconds per call, or device microseconds per graph replay).
+    Rows: op, what, us (host microseconds per call, or device microseconds per graph replay), and
+    for host rows ``over_floor`` (us minus the floor measured in the same rounds).
     """
     import kvdispatch as kvd
 
     out = []
     device = torch.device(device)
     calls = 300 if quick else 3000
+    floor = None
+    if device.type == "cuda":
+        try:
+            floor = empty_triton_launch(device)
+        except Exception as e:
+            out.append(dict(impl="(floor)", op="-", size="-", what="error", us=None, reason=_short(e)))
+    floors = []
     for impl in impls:
         if impl.kind != "kvdispatch":
             continue
@@ -156,11 +167,18 @@ def dispatch_overhead(device: torch.device, impls: list, quick: bool = False, mo
                         args = _attention_args(kvd, w)
                         bare = lambda o=o, d=desc, args=args: backend.flash_attn_varlen_func(
                             w.q, w.key_cache, w.value_cache, o, d, args)
-                    for what, fn in (("public API, host us/call", public),
-                                     ("public API, vLLM's call pattern, host us/call", engine),
-                                     ("backend method (no checks, no dispatch), host us/call", bare)):
-                        out.append(dict(impl=impl.label, op=case.op, size=case.size, what=what,
-                                        us=host_us_per_call(fn, device, calls)))
+                    fns = {"public API, host us/call": public,
+                           "public API, vLLM's call pattern, host us/call": engine,
+                           "backend method (no checks, no dispatch), host us/call": bare}
+                    if floor is not None:
+                        fns["floor"] = floor
+                    us = host_us_interleaved(fns, device, calls)
+                    f = us.pop("floor", None)
+                    if f is not None:
+                        floors.append(f)
+                    for what, v in us.items():
+                        out.append(dict(impl=impl.label, op=case.op, size=case.size, what=what, us=v,
+                                        over_floor=None if f is None else v - f))
                     if device.type == "cuda":
                         out.append(dict(impl=impl.label, op=case.op, size=case.size,
                                         what="CUDA graph replay of the public call, device us/call",
@@ -169,12 +187,10 @@ def dispatch_overhead(device: torch.device, impls: list, quick: bool = False, mo
                 out.append(dict(impl=impl.label, op=case.op, size=case.size, what="error", us=None, reason=_short(e)))
             finally:
                 gc.collect()
-    if device.type == "cuda":
-        try:
-            out.append(dict(impl="(floor)", op="-", size="-", what="empty Triton kernel launch, host us/call",
-                            us=host_us_per_call(empty_triton_launch(device), device, calls)))
-        except Exception as e:
-            out.append(dict(impl="(floor)", op="-", size="-", what="error", us=None, reason=_short(e)))
+    if floor is not None:
+        us = statistics.median(floors) if floors else host_us_per_call(floor, device, calls)
+        out.append(dict(impl="(floor)", op="-", size="-", us=us, over_floor=0.0,
+                        what="empty Triton kernel launch, host us/call (median of the rounds above)"))
     return out
 
 

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 __all__ = ["sync", "time_us", "copy_bandwidth", "matmul_tflops", "graph_replay_us", "host_us_per_call",
-           "empty_triton_launch"]
+           "host_us_interleaved", "empty_triton_launch"]
 
 
 def sync(device) -> None:
@@ -107,6 +107,20 @@ def host_us_per_call(fn: Callable, device: torch.device, calls: int = 2000) -> f
         fn()
     sync(device)
     return (time.perf_counter() - t0) / calls * 1e6
+
+
+def host_us_interleaved(fns: dict, device: torch.device, calls: int = 3000, rounds: int = 9) -> dict:
+    """Host us per call of each of ``fns`` (name -> callable), measured in ``rounds`` interleaved
+    rounds of ``calls // rounds`` calls each (every function once per round, the order rotated),
+    median over the rounds. A host's speed drifts within one process (clock ramp, other work);
+    measured this way every function sees the same drift, so differences between them are fair."""
+    per = max(calls // rounds, 20)
+    names = list(fns)
+    got = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            got[n].append(host_us_per_call(fns[n], device, per))
+    return {n: statistics.median(v) for n, v in got.items()}
 
 
 def graph_replay_us(fn, device: torch.device, calls_per_graph: int = 20, replays: int = 20,
