@@ -23,14 +23,6 @@ _SHORT = {"reshape_and_cache_flash": "write", "concat_and_cache_mla": "mla-write
           "flash_attn_varlen_func": "attention"}
 
 
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    if hasattr(torch, "xpu") and torch.xpu.is_available():
-        return torch.device("xpu", 0)
-    return torch.device("cpu")
-
-
 def visible_devices() -> list:
     devs = [torch.device("cpu")]
     if torch.cuda.is_available():

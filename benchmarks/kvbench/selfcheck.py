@@ -140,7 +140,9 @@ def run_checks(dev: torch.device, quick: bool = False) -> list:
 
 def main(args) -> int:
     """Print the check's table; exit status 1 when any op failed."""
-    from kvdispatch.cli import default_device, table
+    from kvdispatch.cli import table
+
+    from .suite import default_device
 
     dev = torch.device(args.device) if args.device else default_device()
     print(f"checking every op on {dev} ({platform_of(dev)}) against the reference on cpu")

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["run_suite", "run_overhead", "bench_info", "device_of"]
+__all__ = ["run_suite", "run_overhead", "bench_info", "device_of", "default_device"]
 
 
 def _driver() -> Optional[str]:
@@ -31,10 +31,16 @@ def _driver() -> Optional[str]:
         return None
 
 
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        return torch.device("xpu", 0)
+    return torch.device("cpu")
+
+
 def device_of(args) -> torch.device:
     """``--device`` (default: cuda if present, else xpu, else cpu), with its index."""
-    from kvdispatch.cli import default_device
-
     device = torch.device(args.device) if args.device else default_device()
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

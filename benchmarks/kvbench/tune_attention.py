@@ -210,7 +210,7 @@ def prefill_flops(kw):
 def run_tune_attention(args, argv) -> dict:
     """``kvdispatch bench --tune attention [--sections ...] [--tiles ...] [--json PATH] [--quick]``."""
     global DEV, SMOKE
-    from kvdispatch.cli import default_device
+    from .suite import default_device
 
     DEV = str(torch.device(args.device) if args.device else default_device())
     SMOKE = bool(args.quick)
