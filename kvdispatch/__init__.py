@@ -1,13 +1,6 @@
-"""kvdispatch: one call per paged-KV-cache operation, routed by the tensors' device.
-
-    import kvdispatch as kvd
-    kvd.reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping)
-    out = kvd.flash_attn_varlen_func(q, key_cache, value_cache, max_seqlen_q, cu_seqlens_q,
-                                     max_seqlen_k, seqused_k=seqused_k, block_table=block_table)
-
-Routing: NVIDIA/ROCm ``cuda`` tensors -> Triton kernels, Intel ``xpu`` -> the SYCL extension,
-everything else -> the PyTorch reference. ``KVDISPATCH_BACKEND=<name>`` forces a backend.
-"""
+"""kvdispatch: one call per paged-KV-cache operation, routed by the tensors' device: NVIDIA/ROCm ``cuda``
+tensors to Triton kernels, Intel ``xpu`` to the SYCL extension, everything else to the PyTorch reference
+(``KVDISPATCH_BACKEND=<name>`` forces a backend). README.md shows the calls."""
 
 from .hookspecs import hookimpl
 from .platform import Platform, platform_of

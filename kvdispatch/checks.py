@@ -1,7 +1,6 @@
-"""Value checks: they read tensor values (a device sync). The policy lives here, in
-:func:`checks_values`, for every backend: the public call runs them before a backend whose
-``always_check_values`` is set (the reference; a test lane that would write outside its buffers)
-and before every backend when ``KVDISPATCH_DEBUG=1``. They raise before anything is written."""
+"""Value checks: they read tensor values (a device sync) and raise before anything is written. Their one
+policy, :func:`checks_values`: before a backend that sets ``always_check_values`` (the reference; a test
+lane that would write outside its buffers), and before every backend under ``KVDISPATCH_DEBUG=1``."""
 
 from __future__ import annotations
 
@@ -24,18 +23,15 @@ def checks_values(backend) -> bool:
     return backend.always_check_values or debug()
 
 
-def check_slot_values(slot_mapping: torch.Tensor, desc: KVCacheDescriptor, duplicates: Optional[bool] = None) -> None:
-    """Slots in range; with ``duplicates`` (default: under ``KVDISPATCH_DEBUG=1``), no slot named
-    twice (engines never repeat a slot in one call, so a repeat is a caller bug; without the check
-    the reference keeps the last token, GPU kernels guarantee no winner)."""
-    if duplicates is None:
-        duplicates = debug()
+def check_slot_values(slot_mapping: torch.Tensor, desc: KVCacheDescriptor) -> None:
+    """Slots in range; under ``KVDISPATCH_DEBUG=1`` also no slot named twice (engines never repeat a slot
+    in one call, so a repeat is a caller bug: the reference keeps the last token, GPU kernels any)."""
     if slot_mapping.numel():
         hi, total = int(slot_mapping.max()), desc.num_blocks * desc.block_size
         if hi >= total:
             raise ValueError(f"slot_mapping: slot {hi} is out of range: the cache has {desc.num_blocks} blocks x "
                              f"{desc.block_size} = {total} slots (negative slots mark padding)")
-        if duplicates:
+        if debug():
             valid = slot_mapping[slot_mapping >= 0]
             uniq = torch.unique(valid)
             if uniq.numel() != valid.numel():
@@ -51,7 +47,7 @@ def _offsets(cu: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def check_attention_values(args: AttentionArgs, desc: KVCacheDescriptor, total_q: Optional[int] = None) -> None:
-    """Value checks (reference always; other backends with KVDISPATCH_DEBUG=1). Syncs."""
+    """Offsets, lengths against the max_seqlen and block-table capacity, live block ids in the cache."""
     cu = _offsets(args.cu_seqlens_q, "cu_seqlens_q")
     if cu.numel() and total_q is not None and int(cu[-1]) > total_q:
         raise ValueError(f"cu_seqlens_q: last offset {int(cu[-1])} exceeds q's {total_q} tokens")

@@ -1,17 +1,12 @@
-"""``KVCacheDescriptor``: one description of a paged KV cache that every backend consumes. Every
-supported layout is addressed by one formula over five numbers per cache (K and V each)::
+"""``KVCacheDescriptor``: the one description of a paged KV cache that every backend consumes. Every layout
+(4-D in any memory order, vLLM's 5-D head-major key cache, the 3-D MLA latent cache) is addressed by one
+formula over five numbers per cache (K and V each)::
 
     offset(block, token, head, d) = block*s_block + token*s_token + head*s_head + (d // x)*s_chunk + d % x
 
-* 4-D caches ``[block, token_in_block, head, dim]`` in any memory order (NHD, HND permuted views,
-  slices of a combined ``[blocks, 2, bs, H, D]`` buffer, one layer of a cross-layer buffer,
-  ``[..., :Dk]`` / ``[..., Dk:]`` "diffkv" slices): ``x = head_size``, so ``d // x == 0``.
-* vLLM's head-major layout: key ``[blocks, H, D // x, bs, x]`` (x = 16 bytes / element), value
-  ``[blocks, H, D, bs]`` (x = 1: dims are ``s_chunk`` apart).
-* the MLA latent cache ``[blocks, bs, kv_lora_rank + rope_dim]``: one head, no value cache.
-
-The strides are the tensors' REAL strides (in elements), never assumed from a layout name, so a
-kernel that addresses through them cannot write to the wrong place on a permuted view.
+``x`` is the head size for 4-D caches (``d // x == 0``), 16 bytes for the head-major key, 1 for its value.
+The strides are the tensors' REAL strides (in elements), never assumed from a layout name, so a kernel
+that addresses through them cannot write to the wrong place on a permuted view.
 """
 
 from __future__ import annotations
@@ -22,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .platform import Platform, platform_of
+from .platform import platform_of
 
 __all__ = ["KVCacheDescriptor", "CacheStrides", "FP8_DTYPES", "LAYOUTS_4D", "INT32_MAX", "max_offset",
            "normalize_kv_cache_dtype"]
@@ -96,34 +91,27 @@ def _check_scale(scale, name: str, num_heads: int, device: torch.device) -> str:
 
 
 class KVCacheDescriptor:
-    """Layout, real strides and fp8 scales of a paged KV cache.
+    """Layout, real strides and fp8 scales of a paged KV cache; build it with :meth:`from_tensors`.
 
-    Build it with :meth:`from_tensors` (cheap: cached by the tensors' metadata). Static fields: ``layout``
-    (a name for humans: ``"NHD"``, ``"HND"``, ``"combined"``, ``"cross-layer"``, ``"diffkv"``, ``"strided"``,
-    ``"head-major"``, ``"mla"``), ``num_blocks``, ``block_size``, ``num_kv_heads``, ``head_size_k``,
-    ``head_size_v``, ``storage_dtype`` (the tensor's dtype, maybe uint8), ``cache_dtype`` (the element
-    type kernels read and write, fp8 resolved), ``kv_cache_dtype`` (canonical), ``fp8`` (``None``,
-    ``"e4m3"``, ``"e5m2"``), ``k`` / ``v`` (:class:`CacheStrides`; ``v`` is None for the MLA latent cache),
-    ``scale_kinds`` (K's and V's: ``"none"``, ``"tensor"``, ``"head"``), ``scale_kind`` ("head" if either
-    is), ``packed`` (K and V are packed-contiguous NHD: the fast path), ``heads_contiguous`` (each token's
-    heads are one contiguous row in K and in V: NHD, combined, cross-layer), ``max_offset`` (largest
-    element offset of either cache), ``int32_offsets`` (it fits in int32), ``key`` (hashable, no tensors).
-    Per-instance: ``k_scale``, ``v_scale`` (float32 tensors or None), ``device``, ``platform``.
-    ``desc.write(key, value, key_cache, value_cache, slot_mapping)`` is ``reshape_and_cache_flash``
-    with the descriptor's kv_cache_dtype and scales (defined in ``ops.py``).
+    Fields: ``layout`` (for humans: one of ``LAYOUTS_4D``, ``"head-major"`` or ``"mla"``), ``num_blocks``,
+    ``block_size``, ``num_kv_heads``, ``head_size_k``, ``head_size_v``, ``storage_dtype`` (the tensor's,
+    maybe uint8), ``cache_dtype`` (the element type kernels read and write, fp8 resolved), ``kv_cache_dtype``
+    (canonical), ``fp8`` (None, ``"e4m3"``, ``"e5m2"``), ``k`` / ``v`` (:class:`CacheStrides`; ``v`` is None
+    for MLA), ``scale_kinds`` (K's and V's: ``"none"``, ``"tensor"``, ``"head"``; ``scale_kind`` is "head" if
+    either is), ``packed`` (K and V packed-contiguous NHD: the fast path), ``heads_contiguous`` (each token's
+    heads one contiguous row in K and V), ``max_offset`` (of either cache), ``int32_offsets`` (it fits in
+    int32), ``key`` (hashable, no tensors); per instance ``k_scale``, ``v_scale``, ``device``, ``platform``.
+    ``desc.write(key, value, key_cache, value_cache, slot_mapping)`` (attached by ``ops.py``) is
+    ``reshape_and_cache_flash`` with the descriptor's kv_cache_dtype and scales.
 
-    The scales are held WEAKLY: descriptors are cached for the life of the process (at most
-    ``_CACHE_LIMIT``), and a cache must not keep dropped tensors alive. Keep the scales alive while you
-    use a descriptor (engines hold them as layer buffers); once one is freed, ``k_scale`` / ``v_scale``
-    read None and the next call with a new scale tensor builds a new descriptor.
+    The scales are held WEAKLY: descriptors are cached for the life of the process and must not keep
+    dropped tensors alive. Keep the scales alive while you use a descriptor (engines hold them as layer
+    buffers); once one is freed, ``k_scale`` / ``v_scale`` read None and the next call builds a new one.
     """
 
-    __slots__ = (
-        "layout", "num_blocks", "block_size", "num_kv_heads", "head_size_k", "head_size_v",
-        "storage_dtype", "cache_dtype", "kv_cache_dtype", "fp8", "k", "v", "scale_kind", "scale_kinds",
-        "packed", "heads_contiguous", "max_offset", "int32_offsets", "key", "device", "platform",
-        "_k_scale", "_v_scale",
-    )
+    __slots__ = ("layout", "num_blocks", "block_size", "num_kv_heads", "head_size_k", "head_size_v", "storage_dtype",
+                 "cache_dtype", "kv_cache_dtype", "fp8", "k", "v", "scale_kind", "scale_kinds", "packed",
+                 "heads_contiguous", "max_offset", "int32_offsets", "key", "device", "platform", "_k_scale", "_v_scale")
     _cache: dict = {}
     _CACHE_LIMIT = 4096
 
@@ -131,12 +119,9 @@ class KVCacheDescriptor:
     def from_tensors(cls, key_cache: torch.Tensor, value_cache: Optional[torch.Tensor], kv_cache_dtype: str = "auto",
                      k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
                      ) -> "KVCacheDescriptor":
-        """Describe ``key_cache`` / ``value_cache`` (``value_cache=None``: MLA latent cache).
-
-        Raises ValueError/TypeError naming the argument for anything a backend could not address.
-        Cached by the tensors' shapes, strides, dtypes, device and the scale tensors' identity,
-        so calling it on every step costs a dict lookup.
-        """
+        """Describe ``key_cache`` / ``value_cache`` (``value_cache=None``: the MLA latent cache); raises
+        ValueError/TypeError naming the argument for anything a backend could not address. Cached by the
+        tensors' metadata and the scales' identity: calling it on every step costs a dict lookup."""
         if not isinstance(key_cache, torch.Tensor):
             raise TypeError(f"key_cache: expected a tensor, got {type(key_cache).__name__}")
         if kv_cache_dtype.__class__ is not str:
@@ -144,7 +129,7 @@ class KVCacheDescriptor:
         vc = value_cache
         # "auto" ignores scales (engines such as vLLM always pass their layer's scale tensors):
         # leave them out of the key so those calls hit the same descriptor
-        auto = kv_cache_dtype.__class__ is str and kv_cache_dtype == "auto"
+        auto = kv_cache_dtype == "auto"
         ks, vs = (None, None) if auto else (k_scale, v_scale)
         ck = (key_cache.shape, key_cache.stride(), key_cache.dtype, key_cache.device,
               None if vc is None else (vc.shape, vc.stride(), vc.dtype, vc.device)

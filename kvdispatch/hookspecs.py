@@ -1,20 +1,9 @@
-"""The plugin interface (pluggy project ``"kvdispatch"``): the one hook, the :class:`Backend` it returns
-and the :class:`AttentionArgs` a backend receives. A plugin is a module or object with
-``@kvdispatch.hookimpl`` functions, found through the ``kvdispatch`` entry-point group; the built-in
-backends register exactly that way, so a third-party backend is a peer of ours::
-
-    # pyproject.toml of a third-party package
-    [project.entry-points.kvdispatch]
-    mybackend = "my_package.kvdispatch_plugin"
-
-    # my_package/kvdispatch_plugin.py
-    import kvdispatch
-    @kvdispatch.hookimpl
-    def kvdispatch_backends():
-        return [MyBackend()]
-
-Selection is NOT a hook: the registry filters the declared backends itself, so
-``kvdispatch.select_backend()`` and ``kvdispatch info`` can explain every choice before anything runs.
+"""The plugin interface (pluggy project ``"kvdispatch"``): the one hook, the :class:`Backend` it returns and
+the :class:`AttentionArgs` a backend receives. Plugins (modules or objects with ``@kvdispatch.hookimpl``
+functions) are found through the ``kvdispatch`` entry-point group, the built-in backends exactly like a
+third-party one (README.md, "Writing a backend plugin", has a complete example). Selection is NOT a hook:
+the registry filters the declared backends itself, so ``select_backend()`` and ``kvdispatch info`` can
+explain every choice before anything runs.
 """
 
 from __future__ import annotations
@@ -65,47 +54,34 @@ class AttentionArgs(NamedTuple):
     v_descale: Optional[torch.Tensor]
     # float32 [num_q_heads] or [batch, num_q_heads], any strides: -slope * |p - j| after softcap
     alibi_slopes: Optional[torch.Tensor] = None
-    # sinks [num_q_heads] (float32 or the model's 16-bit dtype): a logit per query head in the softmax
-    # denominator (natural-log units, like the scaled scores), no value
+    # [num_q_heads], float32 or the model's dtype: one sink logit per query head in the softmax denominator
     s_aux: Optional[torch.Tensor] = None
-    # float32 [num_q_heads, total_q] (any strides) for each row's natural-log LSE (sink included; -inf
-    # for a row that sees no key and has no sink), or None
+    # float32 [num_q_heads, total_q], any strides: each row's natural-log LSE (-inf with neither key nor sink)
     softmax_lse: Optional[torch.Tensor] = None
     num_splits: int = 0  # split-KV: 0 = the backend chooses, 1 = never split, n = at most n splits
-    # a dict the backend may keep launch state in (plans, compiled kernels): the public call passes one
-    # per signature (every tensor's dtype, device, strides, shape up to the token count and batch), so
-    # what is stored there under the call's options holds for every later call with the same dict
+    # where the backend may keep launch state (plans, compiled kernels): the public call passes one dict
+    # per call signature (dtypes, devices, strides, shapes up to the token count and batch)
     plans: Optional[dict] = None
 
-    @property
-    def batch(self) -> int:
-        return self.cu_seqlens_q.shape[0] - 1
-
-    @property
-    def paged(self) -> bool:
-        return self.block_table is not None
+    batch = property(lambda self: self.cu_seqlens_q.shape[0] - 1)
+    paged = property(lambda self: self.block_table is not None)
 
 
 class Backend:
-    """Base class of every backend. Subclasses set the class attributes and implement the ops.
+    """Base class of every backend: subclasses set the class attributes and implement their ops.
 
-    * ``name``: what ``KVDISPATCH_BACKEND`` and ``select_backend`` use.
-    * ``priority``: higher wins among the backends that can serve a request.
-    * ``platforms``: platform names (``kvdispatch.platform``) this backend is chosen for
-      automatically; ``"*"`` means any. ``KVDISPATCH_BACKEND`` may force it elsewhere, where
-      ``available()`` still decides.
-    * ``ops``: the public op names it implements.
-    * ``always_check_values``: the value checks (``kvdispatch.checks``) run before every call, not only
-      under ``KVDISPATCH_DEBUG=1`` (the reference; lanes that would write outside their buffers).
-    * ``takes_plans``: the public write calls pass ``plans=`` (the dict of the call's signature, where
-      the backend may keep launch state; attention gets it as ``AttentionArgs.plans``).
-    * What it takes, checked by selection before ``supports()``; None (the default) takes anything,
-      a container is asked ``in`` (tuple, frozenset, range), a dict maps op names to containers:
-      ``dtypes`` (q's / key's / kv_c's dtype), ``kv_cache_dtypes`` (``desc.cache_dtype``),
-      ``block_sizes``, ``head_sizes`` (K's and V's), ``layouts`` (``desc.layout``).
+    * ``name``: what ``KVDISPATCH_BACKEND`` and ``select_backend`` say; ``priority``: the highest wins.
+    * ``platforms``: the platform names it is chosen for automatically (``"*"``: any); where
+      ``KVDISPATCH_BACKEND`` forces it, ``available()`` still decides. ``ops``: the op names it implements.
+    * ``always_check_values``: the value checks run before every call, not only under ``KVDISPATCH_DEBUG=1``.
+    * ``takes_plans``: the public writes pass ``plans=``, the call signature's dict for launch state
+      (attention gets it as ``AttentionArgs.plans``).
+    * Declarations, checked by selection before ``supports()``: None takes anything, a container is asked
+      ``in``, a dict maps op names to containers: ``dtypes`` (q's / key's / kv_c's), ``kv_cache_dtypes``
+      (``desc.cache_dtype``), ``block_sizes``, ``head_sizes`` (K's and V's), ``layouts`` (``desc.layout``).
 
-    Op methods receive validated arguments and the descriptor; they write into the given caches /
-    ``out`` and return None. They must not re-check what the public API already checked.
+    Op methods receive validated arguments and the descriptor, write into the given caches / ``out`` and
+    return None; they must not re-check what the public API checked.
     """
 
     name: str = ""
@@ -127,7 +103,7 @@ class Backend:
         return None
 
     def versions(self) -> dict:
-        """Versions of what this backend runs on, for ``kvdispatch info`` and benchmark records."""
+        """Versions of what this backend runs on, for benchmark records."""
         return {}
 
     def reshape_and_cache_flash(self, key, value, key_cache, value_cache, slot_mapping,

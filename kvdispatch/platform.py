@@ -1,9 +1,6 @@
-"""Platform detection: the one place that answers "what is this device?".
-
-Everything is read from torch alone (no subprocess, no vendor CLI), once per device, and cached.
-Kernels and backends ask a :class:`Platform` (is it ROCm, which fp8 type, does the hardware convert
-it, are Triton kernels interpreted) instead of looking at ``torch.version.hip`` themselves.
-"""
+"""The one place that answers "what is this device?": read from torch alone (no subprocess, no vendor
+CLI), once per device. Kernels and backends ask a :class:`Platform` (ROCm? which fp8 type? converted in
+hardware? interpreted?) instead of looking at ``torch.version.hip`` themselves."""
 
 from __future__ import annotations
 
@@ -13,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Platform", "platform_of", "cpu_platform", "as_device", "getenv", "interpreting"]
+__all__ = ["Platform", "platform_of", "getenv", "interpreting"]
 
 # os.environ.get encodes the key and decodes the value on every call (~1 us); on POSIX CPython
 # os.environ keeps a bytes dict it updates on every assignment: the same values at dict speed.
@@ -35,7 +32,7 @@ def interpreting() -> bool:
     return getenv(b"TRITON_INTERPRET") not in (None, "", "0")
 
 
-CPU, NVIDIA, ROCM, XPU = "cpu", "nvidia", "rocm", "xpu"  # as backends declare them in Backend.platforms
+NVIDIA, ROCM, XPU = "nvidia", "rocm", "xpu"  # as backends declare them in Backend.platforms
 # fp8 hardware per gfx arch as Triton lowers casts (triton-lang/triton, third_party/amd/lib/
 # TritonAMDGPUToLLVM/ConvertFpCastOpToLLVM.cpp): fnuz on CDNA3 (MI300, whose fp8 is fnuz), OCP
 # e4m3fn / e5m2 on CDNA4 (gfx950) and gfx1250; every other arch emulates them.
@@ -94,39 +91,20 @@ class Platform:
         return " ".join(p for p in (self.name, self.arch, self.device_name and f"({self.device_name})") if p)
 
 
-def as_device(tensor_or_device) -> torch.device:
-    """Accept a tensor, a ``torch.device`` or a device string."""
-    if isinstance(tensor_or_device, torch.Tensor):
-        return tensor_or_device.device
-    if isinstance(tensor_or_device, torch.device):
-        return tensor_or_device
-    if isinstance(tensor_or_device, str):
-        return torch.device(tensor_or_device)
-    raise TypeError(f"expected a tensor, a torch.device or a device string, got {type(tensor_or_device).__name__}")
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_platform() -> Platform:
-    return Platform(name=CPU, device_type="cpu")
-
-
 def _detect_cuda(index: int) -> Platform:
     props = torch.cuda.get_device_properties(index)
     common = dict(device_type="cuda", capability=(props.major, props.minor),
                   multiprocessors=props.multi_processor_count, device_name=props.name)
     if torch.version.hip:
         return Platform(name=ROCM, arch=(getattr(props, "gcnArchName", None) or "gfx").split(":")[0],
-                        extra={"warp_size": getattr(props, "warp_size", 64), "hip": torch.version.hip}, **common)
-    return Platform(name=NVIDIA, arch=f"sm{props.major}{props.minor}", **common, extra={
-        "warp_size": 32, "cuda": torch.version.cuda, "l2_bytes": getattr(props, "L2_cache_size", None)})
+                        extra={"warp_size": getattr(props, "warp_size", 64)}, **common)
+    return Platform(name=NVIDIA, arch=f"sm{props.major}{props.minor}", **common)
 
 
 @functools.lru_cache(maxsize=None)
 def _platform_cached(device_type: str, index: int | None) -> Platform:
-    if device_type == "cpu":
-        return cpu_platform()
     if device_type == "cuda" and torch.cuda.is_available():
-        return _detect_cuda(index if index is not None else torch.cuda.current_device())
+        return _detect_cuda(index)  # platform_of resolved None to the current device
     if device_type == "xpu":
         name = units = None
         try:
@@ -136,12 +114,12 @@ def _platform_cached(device_type: str, index: int | None) -> Platform:
         except Exception:  # torch built without XPU: the device type is still routable
             pass
         return Platform(name=XPU, device_type="xpu", arch=name, multiprocessors=units, device_name=name)
-    return Platform(name=device_type, device_type=device_type)
+    return Platform(name=device_type, device_type=device_type)  # "cpu", and others the reference serves
 
 
 def platform_of(tensor_or_device) -> Platform:
-    """The platform of a tensor or device; detection runs once per (type, index)."""
-    dev = as_device(tensor_or_device)
+    """The platform of a tensor, a ``torch.device`` or a device string; detected once per (type, index)."""
+    dev = tensor_or_device.device if isinstance(tensor_or_device, torch.Tensor) else torch.device(tensor_or_device)
     index = dev.index
     if index is None and dev.type == "cuda" and torch.cuda.is_available():
         index = torch.cuda.current_device()

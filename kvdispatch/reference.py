@@ -1,10 +1,8 @@
-"""The reference backend: plain PyTorch on any device, the embedded default on CPU (and wherever
-nothing else serves) and the ground truth of every test. Obviously correct rather than fast: caches
-are indexed through the caller's views (PyTorch applies the real strides), fp8 goes through
-``Tensor.to``, attention is a float32 softmax per sequence (writes vectorized over tokens). Value
-ranges are always checked first (``always_check_values``). NaN follows flash-attn: a NaN in a row's
-inputs gives NaN in that row; a row that sees no key is 0.
-"""
+"""The reference backend: plain PyTorch on any device, the default wherever nothing else serves and the
+ground truth of every test. Obviously correct rather than fast: caches are indexed through the caller's
+views (PyTorch applies the real strides), fp8 goes through ``Tensor.to``, attention is a float32 softmax
+per sequence. NaN follows flash-attn: a NaN in a row's inputs gives NaN in that row; a row that sees no
+key is 0."""
 
 from __future__ import annotations
 
@@ -15,22 +13,14 @@ import torch
 from .descriptor import KVCacheDescriptor
 from .hookspecs import OPS, AttentionArgs, Backend, hookimpl
 
-__all__ = ["ReferenceBackend", "quantize_fp8", "dequantize_fp8"]
+__all__ = ["ReferenceBackend", "quantize_fp8"]
 
 
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
-    """``x / scale`` rounded to ``fp8_dtype``, saturating at its largest finite value.
-
-    ``scale`` broadcasts against ``x`` (one element, or per head shaped to line up with x's heads).
-    Saturation matters: fp8 e4m3fn has no infinity, so an unclamped cast of 500.0 is NaN.
-    """
+    """``x / scale`` (broadcast) rounded to ``fp8_dtype``, saturating at its largest finite value: e4m3fn
+    has no infinity, so an unclamped cast of 500.0 would be NaN."""
     fmax = torch.finfo(fp8_dtype).max
     return (x.float() / scale).clamp(-fmax, fmax).to(fp8_dtype)
-
-
-def dequantize_fp8(x: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
-    y = x.float()
-    return y if scale is None else y * scale
 
 
 def _to_cache(x: torch.Tensor, cache_view: torch.Tensor, desc: KVCacheDescriptor, side: int) -> torch.Tensor:
@@ -122,12 +112,9 @@ class ReferenceBackend(Backend):
                 kb, vb = k[blocks, pos % bs], v[blocks, pos % bs]  # [lk, hkv, d]
             else:
                 kb, vb = k[0, starts_k[b]:starts_k[b] + lk], v[0, starts_k[b]:starts_k[b] + lk]
-            kf = dequantize_fp8(kb, _descale(args.k_descale, b, hkv))
-            vf = dequantize_fp8(vb, _descale(args.v_descale, b, hkv))
+            kf, vf = _descaled(kb, args.k_descale, b), _descaled(vb, args.v_descale, b)
             # query head h reads kv head h // group: view q as [lq, hkv, group, d]
-            qf = q[q0:q1].float().view(lq, hkv, group, -1)
-            if args.q_descale is not None:
-                qf = qf * _descale(args.q_descale, b, hkv).unsqueeze(-1)
+            qf = _descaled(q[q0:q1].view(lq, hkv, group, -1), args.q_descale, b)
             s = torch.einsum("qhgd,khd->hgqk", qf, kf) * args.softmax_scale  # [hkv, group, lq, lk]
             if args.softcap > 0:
                 s = args.softcap * torch.tanh(s / args.softcap)
@@ -174,11 +161,13 @@ def _weighted_values(p: torch.Tensor, vf: torch.Tensor) -> torch.Tensor:
     return torch.where(nan | (pos & neg) | torch.isnan(p).any(-1).permute(2, 0, 1)[..., None], float("nan"), o)
 
 
-def _descale(t: Optional[torch.Tensor], b: int, heads: int) -> Optional[torch.Tensor]:
-    """A descale for sequence ``b`` shaped to broadcast over ``[tokens, heads, dim]``."""
-    if t is None:
-        return None
-    return t.reshape(1, 1, 1) if t.numel() == 1 else t[b].reshape(1, heads, 1)
+def _descaled(x: torch.Tensor, descale: Optional[torch.Tensor], b: int) -> torch.Tensor:
+    """``x`` ``[tokens, kv_heads, ...]`` in float32, times sequence ``b``'s descale (one element or ``[batch,
+    kv_heads]``) if there is one."""
+    if descale is None:
+        return x.float()
+    d = descale.reshape(1) if descale.numel() == 1 else descale[b]
+    return x.float() * d.reshape(-1, *(1,) * (x.dim() - 2))
 
 
 @hookimpl

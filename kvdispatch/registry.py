@@ -47,10 +47,9 @@ class Registry:
 
     @property
     def plugin_manager(self) -> pluggy.PluginManager:
-        if self._pm is None:
-            with self._lock:
-                if self._pm is None:
-                    self._pm = self._load()
+        with self._lock:
+            if self._pm is None:
+                self._pm = self._load()
         return self._pm
 
     def _load(self) -> pluggy.PluginManager:
@@ -173,18 +172,13 @@ registry = Registry()
 
 
 def select_backend(op_name: str, tensor_or_device) -> str:
-    """Name of the backend that would run ``op_name`` for tensors on this device.
-
-    ``op_name`` is a public function name (``"reshape_and_cache_flash"``, ``"concat_and_cache_mla"``,
-    ``"flash_attn_varlen_func"``). Answers without running anything; honours ``KVDISPATCH_BACKEND``.
-    A backend may still decline a particular cache layout at call time (the error then says why).
-    """
+    """Name of the backend that would run ``op_name`` (a public function's name, one of ``OPS``) for
+    tensors on this device, without running anything; honours ``KVDISPATCH_BACKEND``. A backend may
+    still decline a particular cache at call time (the error then says why)."""
     return registry.select(op_name, platform_of(tensor_or_device)).name
 
 
 def list_backends() -> list:
-    """Names of every registered backend, available or not, highest priority first.
-
-    ``kvdispatch info`` (or ``registry.explain``) says which are available and why not.
-    """
+    """Names of every registered backend, available or not, highest priority first (``kvdispatch info``
+    says which are available, and why not)."""
     return [b.name for b in registry.backends]
