@@ -104,6 +104,39 @@ def _remember(seen: dict, sig, call: _Call) -> _Call:
     return call
 
 
+# The recent signatures of each op, each behind one C++ check of its tensors' metadata (dynamo's
+# TensorGuards: dispatch keys, dtype, device, sizes, strides of every tensor in about 0.2 us; the
+# signature dict's Python key costs several us per call). The token and batch dims are left free
+# there: the caller compares them with each other as the signature's relative sizes do.
+try:
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except ImportError:  # pragma: no cover - a torch without it keeps the signature dict alone
+    _TensorGuards = None
+
+
+def _fast(recent: list, call: _Call, extra, tensors: tuple, free: tuple) -> None:
+    """Put ``call`` first in ``recent`` (at most 4) behind a guard over ``tensors``; ``free``: per
+    tensor, the dim whose size may change (or None); ``extra``: what else a hit must match."""
+    if _TensorGuards is None:
+        return
+    try:
+        g = _TensorGuards(*tensors, dynamic_dims_sizes=[[None if d == f else n for d, n in enumerate(t.shape)]
+                                                        for t, f in zip(tensors, free)],
+                          dynamic_dims_strides=[list(t.stride()) for t in tensors])
+        if not g.check(*tensors):  # e.g. one tensor passed as two arguments: the dict serves these calls
+            return
+    except Exception:  # pragma: no cover - an API change: the signature dict still serves every call
+        return
+    recent.insert(0, (g.check, call, extra))
+    del recent[4:]
+
+
+def forget() -> None:
+    """Drop every remembered call signature (the sweeps and tests that swap a backend's config)."""
+    for seen in (_WRITE_SEEN, _MLA_SEEN, _ATTN_SEEN, _WRITE_RECENT, _ATTN_RECENT):
+        seen.clear()
+
+
 def _lead(t, n: int):
     """An optional tensor's metadata, its first dimension relative to ``n`` (the batch or token count)."""
     if t is None:
@@ -117,7 +150,36 @@ def _lead(t, n: int):
 _WRITE_SEEN: dict = {}
 
 
+_WRITE_RECENT: list = []
+_WRITE_FREE = (0, 0, None, None, 0)  # the token dim of key, value and slot_mapping
+
+
 def _write(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale) -> None:
+    call = None
+    try:
+        for check, c, kd in _WRITE_RECENT:
+            if (kv_cache_dtype.__class__ is str and kd == kv_cache_dtype and (kd == "auto" or (c.desc.k_scale is k_scale and c.desc.v_scale is v_scale))
+                    and check(key, value, key_cache, value_cache, slot_mapping)):
+                t = key.shape[0]
+                if value.shape[0] == t and slot_mapping.shape[0] <= t:
+                    call = c
+                    break
+    except (AttributeError, TypeError, IndexError):  # the checks below name the argument
+        pass
+    if call is None:
+        call = _write_call(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale)
+    backend = call.select("reshape_and_cache_flash", key.dtype)
+    desc = call.desc
+    if checks_values(backend):
+        check_slot_values(slot_mapping, desc)
+    if backend.takes_plans:
+        backend.reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, desc, plans=call.plans)
+    else:
+        backend.reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, desc)
+
+
+def _write_call(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale) -> _Call:
+    """The call of this signature from ``_WRITE_SEEN`` (checked on a miss), put first in the recent ones."""
     try:
         auto = kv_cache_dtype.__class__ is str and kv_cache_dtype == "auto"
         ks, vs = key.shape, value.shape
@@ -134,14 +196,9 @@ def _write(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_s
     if call is None or (not auto and (call.desc.k_scale is not k_scale or call.desc.v_scale is not v_scale)):
         call = _remember(_WRITE_SEEN, sig, _Call(_check_write(key, value, key_cache, value_cache, slot_mapping,
                                                               kv_cache_dtype, k_scale, v_scale)))
-    backend = call.select("reshape_and_cache_flash", key.dtype)
-    desc = call.desc
-    if checks_values(backend):
-        check_slot_values(slot_mapping, desc)
-    if backend.takes_plans:
-        backend.reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, desc, plans=call.plans)
-    else:
-        backend.reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, desc)
+    if sig is not None:
+        _fast(_WRITE_RECENT, call, kv_cache_dtype, (key, value, key_cache, value_cache, slot_mapping), _WRITE_FREE)
+    return call
 
 
 def _check_write(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale):
@@ -304,10 +361,86 @@ def _lse_sig(t, total_q: int):
 _ATTN_SEEN: dict = {}
 
 
+_ATTN_RECENT: list = []
+_make_args = AttentionArgs._make
+# absent optional tensors, to the guards (one per argument: a guard fails on a tensor passed twice)
+_ABSENT = tuple(torch.empty((0,) * 7, dtype=torch.bool, device="meta") for _ in range(9))
+
+
 def _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
                softmax_scale, causal, window_left, window_right, softcap, block_table,
                q_descale, k_descale, v_descale, alibi_slopes=None, s_aux=None, softmax_lse=None,
                num_splits=0) -> None:
+    call = None
+    if _ATTN_RECENT:
+        a = _ABSENT
+        ts = (q, k, v, out, cu_seqlens_q, a[0] if cu_seqlens_k is None else cu_seqlens_k,
+              a[1] if seqused_k is None else seqused_k, a[2] if block_table is None else block_table,
+              a[3] if q_descale is None else q_descale, a[4] if k_descale is None else k_descale,
+              a[5] if v_descale is None else v_descale, a[6] if alibi_slopes is None else alibi_slopes,
+              a[7] if s_aux is None else s_aux, a[8] if softmax_lse is None else softmax_lse)
+        try:
+            for check, c, rest in _ATTN_RECENT:
+                if check(*ts):
+                    # the free sizes, as valid calls relate them: out and the LSE have q's rows, every
+                    # batch dim (index tensors, [batch, heads] descales and slopes) cu_seqlens_q's - 1
+                    t, b1 = q.shape[0], cu_seqlens_q.shape[0]
+                    if (out.shape[0] != t or b1 < 1 or (cu_seqlens_k is not None and cu_seqlens_k.shape[0] != b1)
+                            or (seqused_k is not None and seqused_k.shape[0] != b1 - 1)
+                            or (block_table is not None and block_table.shape[0] != b1 - 1)):
+                        continue
+                    for j in rest:
+                        if (ts[13].shape[1] != t) if j == 13 else (ts[j].shape[0] != b1 - 1):
+                            break
+                    else:
+                        call = c
+                        break
+        except (AttributeError, TypeError, IndexError, RuntimeError):
+            pass
+    if call is None:
+        call = _attention_call(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, q_descale,
+                               k_descale, v_descale, alibi_slopes, s_aux, softmax_lse)
+    desc = call.desc
+    # scalars, every call: exact int / float types in range cost one test; the rest the full check
+    if max_seqlen_q.__class__ is not int or max_seqlen_q < 0:
+        _int_at_least("max_seqlen_q", max_seqlen_q, 0, "a non-negative int")
+    if max_seqlen_k.__class__ is not int or max_seqlen_k < 0:
+        _int_at_least("max_seqlen_k", max_seqlen_k, 0, "a non-negative int")
+    if softcap.__class__ is not float or not 0.0 <= softcap < _INF:
+        softcap = _real("softcap", softcap, "a finite float >= 0 (0 disables it)", zero_ok=True)
+    if window_left.__class__ is not int or window_right.__class__ is not int \
+            or window_left < -1 or window_right < -1:
+        for val in (window_left, window_right):
+            _int_at_least("window_size", val, -1, "(left, right) ints with -1 for unbounded",
+                          shown=(window_left, window_right))
+        window_left, window_right = int(window_left), int(window_right)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(call.d)
+    elif softmax_scale.__class__ is not float or not 0.0 < softmax_scale < _INF:
+        softmax_scale = _real("softmax_scale", softmax_scale, "a finite float > 0 (None: 1 / sqrt(head_size))")
+    if causal:
+        window_right = 0
+    if num_splits.__class__ is not int or num_splits < 0:
+        _int_at_least("num_splits", num_splits, 0, "an int >= 0 (0 = automatic, 1 = no split, n = at most n)")
+        num_splits = int(num_splits)
+    # the checks above leave exact ints and floats; _make skips the NamedTuple's Python __new__
+    args = _make_args((cu_seqlens_q, max_seqlen_q, cu_seqlens_k, seqused_k, max_seqlen_k, block_table, softmax_scale,
+                       causal.__class__ is bool and causal or bool(causal), window_left, window_right, softcap,
+                       q_descale, k_descale, v_descale, alibi_slopes, s_aux, softmax_lse, num_splits, call.plans))
+    backend = call.select("flash_attn_varlen_func", q.dtype)
+    if checks_values(backend):
+        check_attention_values(args, desc, q.shape[0])
+    paged = block_table is not None
+    if not paged and (k.shape[0] == 0 or v.shape[0] == 0):
+        _no_keys(q, out, args)
+        return
+    backend.flash_attn_varlen_func(q, k if paged else k.unsqueeze(0), v if paged else v.unsqueeze(0),
+                                   out, desc, args)
+
+
+def _attention_call(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, q_descale, k_descale,
+                    v_descale, alibi_slopes, s_aux, softmax_lse) -> _Call:
+    """The call of this signature from ``_ATTN_SEEN`` (checked on a miss), put first in the recent ones."""
     try:
         qs, os_ = q.shape, out.shape
         t = qs[0]
@@ -329,40 +462,22 @@ def _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlen
                                            q_descale, k_descale, v_descale)
         _check_extras(q, desc, cu_seqlens_q.shape[0] - 1, alibi_slopes, s_aux, softmax_lse)
         call = _remember(_ATTN_SEEN, sig, _Call(desc, d))
-    desc = call.desc
-    # scalars, every call: exact int / float types in range cost one test; the rest the full check
-    if max_seqlen_q.__class__ is not int or max_seqlen_q < 0:
-        _int_at_least("max_seqlen_q", max_seqlen_q, 0, "a non-negative int")
-    if max_seqlen_k.__class__ is not int or max_seqlen_k < 0:
-        _int_at_least("max_seqlen_k", max_seqlen_k, 0, "a non-negative int")
-    if softcap.__class__ is not float or not 0.0 <= softcap < _INF:
-        softcap = _real("softcap", softcap, "a finite float >= 0 (0 disables it)", zero_ok=True)
-    if window_left.__class__ is not int or window_right.__class__ is not int \
-            or window_left < -1 or window_right < -1:
-        for val in (window_left, window_right):
-            _int_at_least("window_size", val, -1, "(left, right) ints with -1 for unbounded",
-                          shown=(window_left, window_right))
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(call.d)
-    elif softmax_scale.__class__ is not float or not 0.0 < softmax_scale < _INF:
-        softmax_scale = _real("softmax_scale", softmax_scale, "a finite float > 0 (None: 1 / sqrt(head_size))")
-    if causal:
-        window_right = 0
-    if num_splits.__class__ is not int or num_splits < 0:
-        _int_at_least("num_splits", num_splits, 0, "an int >= 0 (0 = automatic, 1 = no split, n = at most n)")
-    args = AttentionArgs(cu_seqlens_q, max_seqlen_q, cu_seqlens_k, seqused_k, max_seqlen_k, block_table,
-                         float(softmax_scale), bool(causal), int(window_left), int(window_right),
-                         float(softcap), q_descale, k_descale, v_descale, alibi_slopes, s_aux, softmax_lse,
-                         int(num_splits), call.plans)
-    backend = call.select("flash_attn_varlen_func", q.dtype)
-    if checks_values(backend):
-        check_attention_values(args, desc, q.shape[0])
-    paged = block_table is not None
-    if not paged and (k.shape[0] == 0 or v.shape[0] == 0):
-        _no_keys(q, out, args)
-        return
-    backend.flash_attn_varlen_func(q, k if paged else k.unsqueeze(0), v if paged else v.unsqueeze(0),
-                                   out, desc, args)
+    if sig is not None and b1 > 0:
+        # the guard's free dims: q's and out's tokens, the batch dim of the index tensors, of
+        # [batch, heads] descales and ALiBi slopes (``rest``, with the LSE's tokens)
+        opt = (cu_seqlens_k, seqused_k, block_table, q_descale, k_descale, v_descale, alibi_slopes, s_aux,
+               softmax_lse)
+        ts = (q, k, v, out, cu_seqlens_q) + tuple(a if x is None else x for x, a in zip(opt, _ABSENT))
+        free = [0, None, None, 0, 0, 0, 0, 0]
+        rest = []
+        for j, x in enumerate(opt[3:], 8):
+            dim = None
+            if x is not None and j != 12 and x.dim() == 2 and x.numel() != 1:
+                dim = 1 if j == 13 else 0
+                rest.append(j)
+            free.append(dim)
+        _fast(_ATTN_RECENT, call, tuple(rest), ts, tuple(free))
+    return call
 
 
 def _no_keys(q, out, args: AttentionArgs) -> None:
@@ -538,7 +653,11 @@ def flash_attn_varlen_func(
             _fail("q" if q.dim() != 3 else "v", "3-D q and 3-D/4-D v", f"shapes {tuple(q.shape)}, {tuple(v.shape)}")
         out_dtype = torch.bfloat16 if q.dtype in FP8_DTYPES else q.dtype
         out = q.new_empty((q.shape[0], q.shape[1], v.shape[-1]), dtype=out_dtype)
-    if window_size is None:
+    if window_size.__class__ is tuple and len(window_size) == 2:
+        wl, wr = window_size
+        if wl is None or wr is None:
+            _fail("window_size", "two ints (-1 = unbounded)", repr(window_size))
+    elif window_size is None:
         wl = wr = -1
     else:
         if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:

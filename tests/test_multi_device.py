@@ -23,7 +23,8 @@ Caches and what keeps devices apart (read from the code):
 * ``platform._platform_cached``: keyed by (device type, index): each GPU is detected on its own.
 * ``Registry._selection``: (op, platform, desc.key, forced). Two GPUs of one model share an entry
   (correct: a Backend object holds no per-device state); two different GPUs do not.
-* ``ops._WRITE_SEEN`` / ``ops._MLA_SEEN`` / ``ops._ATTN_SEEN``: every tensor's ``.device`` is in the signature.
+* ``ops._WRITE_SEEN`` / ``ops._MLA_SEEN`` / ``ops._ATTN_SEEN``: every tensor's ``.device`` is in the signature;
+  ``ops._WRITE_RECENT`` / ``ops._ATTN_RECENT``: the C++ guard checks each tensor's device type and index.
 * Triton write plans (they hold the compiled kernel and its device) live in the call signature's
   ``plans`` dict (``Backend.takes_plans``) under (alignment, size bucket, ``key_cache.get_device()``);
   the MLA write likewise ``kv_cache.get_device()``.
@@ -205,6 +206,8 @@ def recorder(monkeypatch, fresh_descriptors):
     monkeypatch.setattr(ops, "_WRITE_SEEN", {})
     monkeypatch.setattr(ops, "_MLA_SEEN", {})
     monkeypatch.setattr(ops, "_ATTN_SEEN", {})
+    monkeypatch.setattr(ops, "_ATTN_RECENT", [])
+    monkeypatch.setattr(ops, "_WRITE_RECENT", [])
     monkeypatch.setattr(type(ops.registry), "select", lambda self, op, platform, desc=None, dtype=None: rec)
     monkeypatch.delenv("KVDISPATCH_DEBUG", raising=False)
     return rec

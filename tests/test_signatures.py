@@ -23,6 +23,8 @@ def fresh(monkeypatch):
     monkeypatch.setattr(ops, "_ATTN_SEEN", {})
     monkeypatch.setattr(ops, "_WRITE_SEEN", {})
     monkeypatch.setattr(ops, "_MLA_SEEN", {})
+    monkeypatch.setattr(ops, "_ATTN_RECENT", [])
+    monkeypatch.setattr(ops, "_WRITE_RECENT", [])
     monkeypatch.delenv("KVDISPATCH_BACKEND", raising=False)
     monkeypatch.delenv("KVDISPATCH_DEBUG", raising=False)
 
@@ -128,14 +130,77 @@ def test_size_relations_still_checked_on_a_known_signature(fresh, bad):
 def test_write_size_relations_still_checked(fresh):
     gen = torch.Generator().manual_seed(2)
     kc, vc = make_kv_cache("NHD", NB, BS, H, D, dtype=torch.float32)
-    key = torch.randn(6, H, D, generator=gen)
-    kvd.reshape_and_cache_flash(key, key, kc, vc, random_slots(6, NB, BS, generator=gen))
+    key, value = torch.randn(6, H, D, generator=gen), torch.randn(6, H, D, generator=gen)
+    kvd.reshape_and_cache_flash(key, value, kc, vc, random_slots(6, NB, BS, generator=gen))
+    assert len(ops._WRITE_RECENT) == 1  # the signature is also behind a guard now
     before = (kc.clone(), vc.clone())
     with pytest.raises(ValueError, match="value: expected"):
-        kvd.reshape_and_cache_flash(key, key[:5], kc, vc, random_slots(5, NB, BS, generator=gen))
+        kvd.reshape_and_cache_flash(key, value[:5], kc, vc, random_slots(5, NB, BS, generator=gen))
     with pytest.raises(ValueError, match="slot_mapping: expected at most one entry per key"):
-        kvd.reshape_and_cache_flash(key, key, kc, vc, random_slots(7, NB, BS, generator=gen))
+        kvd.reshape_and_cache_flash(key, value, kc, vc, random_slots(7, NB, BS, generator=gen))
+    with pytest.raises(TypeError, match="value: expected key's dtype"):
+        kvd.reshape_and_cache_flash(key, value.double(), kc, vc, random_slots(6, NB, BS, generator=gen))
+    with pytest.raises(ValueError, match="key: expected"):
+        kvd.reshape_and_cache_flash(key[:, :1], value[:, :1], kc, vc, random_slots(6, NB, BS, generator=gen))
     assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])
+
+
+def test_recent_guards_serve_repeat_calls(fresh, monkeypatch):
+    """After one call, calls of the same signature with other token counts and batches are served by
+    the C++ guard of ``_WRITE_RECENT`` / ``_ATTN_RECENT`` (no signature key built, no checks), and
+    give the reference's results."""
+    gen = torch.Generator().manual_seed(5)
+    kc, vc = make_kv_cache("NHD", NB, BS, H, D, dtype=torch.float32)
+    kc.normal_(generator=gen), vc.normal_(generator=gen)
+    kvd.reshape_and_cache_flash(torch.randn(4, H, D, generator=gen), torch.randn(4, H, D, generator=gen), kc, vc,
+                                random_slots(4, NB, BS, generator=gen))
+    kvd.flash_attn_varlen_func(**_attention(2, 1, gen, kc, vc))
+    missed = []
+    for name in ("_write_call", "_attention_call"):
+        orig = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _o=orig, _n=name: missed.append(_n) or _o(*a))
+    for t in (1, 9, 30):
+        key, value = torch.randn(t, H, D, generator=gen), torch.randn(t, H, D, generator=gen)
+        slots = random_slots(t, NB, BS, generator=gen)
+        kvd.reshape_and_cache_flash(key, value, kc, vc, slots)
+        assert torch.equal(kc.flatten(0, 1)[slots.long()], key) and torch.equal(vc.flatten(0, 1)[slots.long()], value)
+    for batch, q_len in ((1, 1), (3, 1), (2, 4)):
+        kw = _attention(batch, q_len, gen, kc, vc)
+        got = kvd.flash_attn_varlen_func(**kw)
+        ref = kvd.flash_attn_varlen_func(**dict(kw, out=None, window_size=[-1, -1]))  # a list: not the fast path
+        assert torch.equal(got, ref)
+    assert missed == [] and len(ops._WRITE_SEEN) == 1 and len(ops._ATTN_SEEN) == 1
+
+
+def test_guard_misses_on_anything_else(fresh):
+    """What the guard fixes (dtype, which optional tensors are present, one tensor passed twice)
+    gets a signature of its own; [batch, heads] descales keep their batch relation."""
+    gen = torch.Generator().manual_seed(6)
+    kc, vc = make_kv_cache("NHD", NB, BS, H, D, dtype=torch.float32)
+    kc.normal_(generator=gen), vc.normal_(generator=gen)
+    kw = _attention(3, 1, gen, kc, vc)
+    kvd.flash_attn_varlen_func(**kw)
+    with pytest.raises(TypeError, match="q: expected"):
+        kvd.flash_attn_varlen_func(**dict(kw, q=kw["q"].double(), out=None))
+    alibi = torch.rand(HQ, generator=gen)
+    with_alibi = kvd.flash_attn_varlen_func(**dict(kw, out=None, alibi_slopes=alibi))
+    assert not torch.equal(with_alibi, kvd.flash_attn_varlen_func(**dict(kw, out=None)))
+    assert len(ops._ATTN_SEEN) == 2 and len(ops._ATTN_RECENT) == 2
+    # fp8 with [batch, heads] descales: a batch of 3, then descales of 2 rows on the known signature
+    k8, v8 = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
+    ds = [torch.rand(3, H, generator=gen) + 0.5 for _ in range(3)]
+    kw8 = dict(kw, k=k8, v=v8, out=None, q_descale=ds[0], k_descale=ds[1], v_descale=ds[2])
+    kvd.flash_attn_varlen_func(**kw8)
+    assert ops._ATTN_RECENT[0][2] == (8, 9, 10)  # the descales' batch dims are checked on a hit
+    with pytest.raises(ValueError, match="v_descale: expected one element or shape"):
+        kvd.flash_attn_varlen_func(**dict(kw8, v_descale=ds[2][:2].clone()))
+    # one tensor as two arguments: never behind a guard (it would always fail), served by the dict
+    kvd.flash_attn_varlen_func(**dict(kw8, v_descale=ds[1]))
+    assert len(ops._ATTN_RECENT) == 3
+    key = torch.randn(5, H, D, generator=gen)
+    kvd.reshape_and_cache_flash(key, key, kc, vc, random_slots(5, NB, BS, generator=gen))
+    kvd.reshape_and_cache_flash(key, key, kc, vc, random_slots(5, NB, BS, generator=gen))
+    assert len(ops._WRITE_RECENT) == 0 and len(ops._WRITE_SEEN) == 1
 
 
 class _Recorder(kvd.Backend):

@@ -248,6 +248,10 @@ def run_tune_attention(args, argv) -> dict:
             kw = make_case(32, 1, 4096, layout=layout)
             decode_rows(results, "layouts", kw, f"decode b32x4096 {layout}", copy_bw, with_competitors=False,
                         splits=(None,))
+        for layout in ("NHD", "HND"):  # long context: split-KV, where the page order matters most
+            kw = make_case(1, 1, 32768, layout=layout)
+            decode_rows(results, "layouts", kw, f"decode b1x32768 {layout}", copy_bw, with_competitors=False,
+                        splits=(None,))
     if "fp8" in sections:
         for batch, L in ((32, 4096), (128, 4096), (4, 32768)):
             kw = make_case(batch, 1, L, fp8=torch.float8_e4m3fn)
@@ -315,7 +319,7 @@ def run_tune_attention(args, argv) -> dict:
             attention.config_for = lambda *a_, **k_: cfg
             if not f16:
                 continue  # fp8 K/V with bf16 q always computes in fp16 now (no switch in the kernel API)
-            ops._ATTN_SEEN.clear()  # the prepared launches hold their plans (and tiles)
+            ops.forget()  # the prepared launches hold their plans (and tiles)
             kw, ref = cases[kind], refs[kind]
             nm = (f"{kind} bm{tile.block_m} bn{tile.block_n} w{tile.num_warps} s{tile.num_stages}"
                   f" splits={splits or 'auto'}" + ("" if kind != "fp8" else f" fp16={f16}"))
@@ -327,7 +331,7 @@ def run_tune_attention(args, argv) -> dict:
                          if "us" in r else {})
             measure(results, "tiles", nm, kvd_call(kw, splits), ref, lambda o: o, extra)
         attention.config_for = orig
-        ops._ATTN_SEEN.clear()
+        ops.forget()
 
     if args.json:
         with open(args.json, "w") as f:

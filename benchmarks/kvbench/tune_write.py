@@ -237,12 +237,12 @@ def write_table(cfg):
     from kvdispatch.backends.triton import write
     real = write.config_for
     write.config_for = lambda *a, **k: cfg
-    ops._WRITE_SEEN.clear()
+    ops.forget()
     try:
         yield
     finally:
         write.config_for = real
-        ops._WRITE_SEEN.clear()
+        ops.forget()
 
 
 def sweep(results, copy_bw, save):
