@@ -8,6 +8,7 @@ import math
 from typing import Optional, Sequence
 
 import torch
+from torch._C._dynamo.guards import TensorGuards as _TensorGuards
 
 from .checks import check_attention_values, check_slot_values, checks_values
 from .descriptor import FP8_DTYPES, KVCacheDescriptor
@@ -96,78 +97,57 @@ class _Call:
         return self.backend
 
 
-def _remember(seen: dict, sig, call: _Call) -> _Call:
-    if sig is not None:
-        if len(seen) >= 4096:
-            seen.clear()
-        seen[sig] = call
+# The signatures seen by each op, most recent first, each behind one C++ check of its tensors'
+# metadata (dynamo's TensorGuards: dispatch keys, dtype, device, sizes, strides of every tensor in
+# about 0.2 us; a Python key of the same facts costs several us per call). The token and batch dims
+# are left free there: a hit also compares them with each other as the metadata checks relate them.
+_RECENT = 16  # signatures kept per op (engines use one or two: every layer shares its metadata)
+
+
+def _remember(recent: list, call: _Call, extra, tensors: tuple, free: tuple) -> _Call:
+    """Put ``call`` first in ``recent`` behind a guard over ``tensors``; ``free``: per tensor, the
+    dim whose size may change (or None); ``extra``: what else a hit must match."""
+    if len(set(map(id, tensors))) < len(tensors):
+        return call  # a guard fails on a tensor passed as two arguments: such calls are checked each time
+    g = _TensorGuards(*tensors, dynamic_dims_sizes=[[None if d == f else n for d, n in enumerate(t.shape)]
+                                                    for t, f in zip(tensors, free)],
+                      dynamic_dims_strides=[list(t.stride()) for t in tensors])
+    if g.check(*tensors):
+        recent.insert(0, (g.check, call, extra))
+        del recent[_RECENT:]
     return call
-
-
-# The recent signatures of each op, each behind one C++ check of its tensors' metadata (dynamo's
-# TensorGuards: dispatch keys, dtype, device, sizes, strides of every tensor in about 0.2 us; the
-# signature dict's Python key costs several us per call). The token and batch dims are left free
-# there: the caller compares them with each other as the signature's relative sizes do.
-try:
-    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
-except ImportError:  # pragma: no cover - a torch without it keeps the signature dict alone
-    _TensorGuards = None
-
-
-def _fast(recent: list, call: _Call, extra, tensors: tuple, free: tuple) -> None:
-    """Put ``call`` first in ``recent`` (at most 4) behind a guard over ``tensors``; ``free``: per
-    tensor, the dim whose size may change (or None); ``extra``: what else a hit must match."""
-    if _TensorGuards is None:
-        return
-    try:
-        g = _TensorGuards(*tensors, dynamic_dims_sizes=[[None if d == f else n for d, n in enumerate(t.shape)]
-                                                        for t, f in zip(tensors, free)],
-                          dynamic_dims_strides=[list(t.stride()) for t in tensors])
-        if not g.check(*tensors):  # e.g. one tensor passed as two arguments: the dict serves these calls
-            return
-    except Exception:  # pragma: no cover - an API change: the signature dict still serves every call
-        return
-    recent.insert(0, (g.check, call, extra))
-    del recent[4:]
 
 
 def forget() -> None:
     """Drop every remembered call signature (the sweeps and tests that swap a backend's config)."""
-    for seen in (_WRITE_SEEN, _MLA_SEEN, _ATTN_SEEN, _WRITE_RECENT, _ATTN_RECENT):
-        seen.clear()
+    for recent in (_WRITE_RECENT, _MLA_RECENT, _ATTN_RECENT):
+        recent.clear()
 
 
-def _lead(t, n: int):
-    """An optional tensor's metadata, its first dimension relative to ``n`` (the batch or token count)."""
-    if t is None:
-        return None
-    s = t.shape
-    return t.dtype, t.device, t.stride(), s[0] - n, s[1:]
+def _scales_hit(kd, kv_cache_dtype, desc, k_scale, v_scale) -> bool:
+    """The remembered kv_cache_dtype, and for fp8 the descriptor's own scale tensors (held weakly)."""
+    return (kv_cache_dtype.__class__ is str and kd == kv_cache_dtype
+            and (kd == "auto" or (desc.k_scale is k_scale and desc.v_scale is v_scale)))
 
 
-# -- reshape_and_cache_flash: calls whose checks passed, by a signature of every tensor property the
-# checks read (the token count relative), kv_cache_dtype and the scales' identity; a hit skips the checks
-_WRITE_SEEN: dict = {}
-
-
+# -- reshape_and_cache_flash ---------------------------------------------------------------------
 _WRITE_RECENT: list = []
 _WRITE_FREE = (0, 0, None, None, 0)  # the token dim of key, value and slot_mapping
 
 
 def _write(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale) -> None:
     call = None
-    try:
-        for check, c, kd in _WRITE_RECENT:
-            if (kv_cache_dtype.__class__ is str and kd == kv_cache_dtype and (kd == "auto" or (c.desc.k_scale is k_scale and c.desc.v_scale is v_scale))
-                    and check(key, value, key_cache, value_cache, slot_mapping)):
-                t = key.shape[0]
-                if value.shape[0] == t and slot_mapping.shape[0] <= t:
-                    call = c
-                    break
-    except (AttributeError, TypeError, IndexError):  # the checks below name the argument
-        pass
+    for check, c, kd in _WRITE_RECENT:
+        if _scales_hit(kd, kv_cache_dtype, c.desc, k_scale, v_scale) and check(key, value, key_cache, value_cache,
+                                                                                slot_mapping):
+            t = key.shape[0]
+            if value.shape[0] == t and slot_mapping.shape[0] <= t:
+                call = c
+                break
     if call is None:
-        call = _write_call(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale)
+        desc = _check_write(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale)
+        call = _remember(_WRITE_RECENT, _Call(desc), kv_cache_dtype, (key, value, key_cache, value_cache,
+                                                                      slot_mapping), _WRITE_FREE)
     backend = call.select("reshape_and_cache_flash", key.dtype)
     desc = call.desc
     if checks_values(backend):
@@ -176,29 +156,6 @@ def _write(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_s
         backend.reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, desc, plans=call.plans)
     else:
         backend.reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, desc)
-
-
-def _write_call(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale) -> _Call:
-    """The call of this signature from ``_WRITE_SEEN`` (checked on a miss), put first in the recent ones."""
-    try:
-        auto = kv_cache_dtype.__class__ is str and kv_cache_dtype == "auto"
-        ks, vs = key.shape, value.shape
-        t = ks[0]
-        sig = (key.dtype, key.device, key.stride(), ks[1], ks[2], value.dtype, value.device,
-               value.stride(), vs[0] - t, vs[1], vs[2], key_cache.shape, key_cache.stride(), key_cache.dtype,
-               key_cache.device, value_cache.shape, value_cache.stride(), value_cache.dtype,
-               value_cache.device, slot_mapping.dtype, slot_mapping.device, slot_mapping.dim(),
-               slot_mapping.shape[0] <= t, kv_cache_dtype, None if auto else id(k_scale),
-               None if auto else id(v_scale))
-        call = _WRITE_SEEN.get(sig)
-    except (AttributeError, TypeError, IndexError):  # not tensors, 0-D, unhashable: the checks name it
-        sig = call = None
-    if call is None or (not auto and (call.desc.k_scale is not k_scale or call.desc.v_scale is not v_scale)):
-        call = _remember(_WRITE_SEEN, sig, _Call(_check_write(key, value, key_cache, value_cache, slot_mapping,
-                                                              kv_cache_dtype, k_scale, v_scale)))
-    if sig is not None:
-        _fast(_WRITE_RECENT, call, kv_cache_dtype, (key, value, key_cache, value_cache, slot_mapping), _WRITE_FREE)
-    return call
 
 
 def _check_write(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale):
@@ -257,25 +214,21 @@ KVCacheDescriptor.write = _descriptor_write  # set here: the descriptor module s
 
 
 # -- concat_and_cache_mla ----------------------------------------------------------------------
-# MLA write calls whose checks passed, by the same kind of signature as _WRITE_SEEN's
-_MLA_SEEN: dict = {}
+_MLA_RECENT: list = []
+_MLA_FREE = (0, 0, None, 0)  # the token dim of kv_c, k_pe and slot_mapping
 
 
 def _write_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale) -> None:
-    try:
-        auto = kv_cache_dtype.__class__ is str and kv_cache_dtype == "auto"
-        cs, ps = kv_c.shape, k_pe.shape
-        t = cs[0]
-        sig = (kv_c.dtype, kv_c.device, kv_c.stride(), cs[1], k_pe.dtype, k_pe.device, k_pe.stride(), ps[0] - t,
-               ps[1], kv_cache.shape, kv_cache.stride(), kv_cache.dtype, kv_cache.device, slot_mapping.dtype,
-               slot_mapping.device, slot_mapping.dim(), slot_mapping.shape[0] <= t, kv_cache_dtype,
-               None if auto else id(scale))
-        call = _MLA_SEEN.get(sig)
-    except (AttributeError, TypeError, IndexError):  # not tensors, 0-D, unhashable: the checks name it
-        sig = call = None
-    if call is None or (not auto and call.desc.k_scale is not scale):
-        call = _remember(_MLA_SEEN, sig, _Call(_check_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype,
-                                                          scale)))
+    call = None
+    for check, c, kd in _MLA_RECENT:
+        if _scales_hit(kd, kv_cache_dtype, c.desc, scale, None) and check(kv_c, k_pe, kv_cache, slot_mapping):
+            t = kv_c.shape[0]
+            if k_pe.shape[0] == t and slot_mapping.shape[0] <= t:
+                call = c
+                break
+    if call is None:
+        desc = _check_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale)
+        call = _remember(_MLA_RECENT, _Call(desc), kv_cache_dtype, (kv_c, k_pe, kv_cache, slot_mapping), _MLA_FREE)
     backend = call.select("concat_and_cache_mla", kv_c.dtype)
     desc = call.desc
     if checks_values(backend):
@@ -337,30 +290,6 @@ def _int_at_least(name: str, val, lo: int, what: str, shown=None) -> None:
         _fail(name, what, repr(val) if shown is None else shown)
 
 
-def _meta(t):
-    return None if t is None else (t.shape, t.dtype, t.device, t.stride())
-
-
-def _descale_sig(t, batch: int):
-    """A descale's metadata: one element (any shape) absolute, ``[batch, heads]`` batch-relative."""
-    if t is None:
-        return None
-    return _meta(t) if t.numel() == 1 else _lead(t, batch)
-
-
-def _lse_sig(t, total_q: int):
-    """The LSE output's metadata, its token dimension (the second) relative to ``total_q``."""
-    if t is None:
-        return None
-    s = t.shape
-    return t.dtype, t.device, t.stride(), s[0], s[1] - total_q
-
-
-# Attention calls whose tensor checks passed, by a signature of every tensor property the checks read
-# (the token count and batch relative; k/v's whole shapes: a non-paged descriptor holds total_k).
-_ATTN_SEEN: dict = {}
-
-
 _ATTN_RECENT: list = []
 _make_args = AttentionArgs._make
 # absent optional tensors, to the guards (one per argument: a guard fails on a tensor passed twice)
@@ -372,33 +301,29 @@ def _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlen
                q_descale, k_descale, v_descale, alibi_slopes=None, s_aux=None, softmax_lse=None,
                num_splits=0) -> None:
     call = None
-    if _ATTN_RECENT:
-        a = _ABSENT
-        ts = (q, k, v, out, cu_seqlens_q, a[0] if cu_seqlens_k is None else cu_seqlens_k,
-              a[1] if seqused_k is None else seqused_k, a[2] if block_table is None else block_table,
-              a[3] if q_descale is None else q_descale, a[4] if k_descale is None else k_descale,
-              a[5] if v_descale is None else v_descale, a[6] if alibi_slopes is None else alibi_slopes,
-              a[7] if s_aux is None else s_aux, a[8] if softmax_lse is None else softmax_lse)
-        try:
-            for check, c, rest in _ATTN_RECENT:
-                if check(*ts):
-                    # the free sizes, as valid calls relate them: out and the LSE have q's rows, every
-                    # batch dim (index tensors, [batch, heads] descales and slopes) cu_seqlens_q's - 1
-                    t, b1 = q.shape[0], cu_seqlens_q.shape[0]
-                    if (out.shape[0] != t or b1 < 1 or (cu_seqlens_k is not None and cu_seqlens_k.shape[0] != b1)
-                            or (seqused_k is not None and seqused_k.shape[0] != b1 - 1)
-                            or (block_table is not None and block_table.shape[0] != b1 - 1)):
-                        continue
-                    for j in rest:
-                        if (ts[13].shape[1] != t) if j == 13 else (ts[j].shape[0] != b1 - 1):
-                            break
-                    else:
-                        call = c
-                        break
-        except (AttributeError, TypeError, IndexError, RuntimeError):
-            pass
+    a = _ABSENT
+    ts = (q, k, v, out, cu_seqlens_q, a[0] if cu_seqlens_k is None else cu_seqlens_k,
+          a[1] if seqused_k is None else seqused_k, a[2] if block_table is None else block_table,
+          a[3] if q_descale is None else q_descale, a[4] if k_descale is None else k_descale,
+          a[5] if v_descale is None else v_descale, a[6] if alibi_slopes is None else alibi_slopes,
+          a[7] if s_aux is None else s_aux, a[8] if softmax_lse is None else softmax_lse)
+    for check, c, rest in _ATTN_RECENT:
+        if check(*ts):
+            # the free sizes, as valid calls relate them: out and the LSE have q's rows, every batch
+            # dim (index tensors, [batch, heads] descales and slopes) is cu_seqlens_q's - 1
+            t, b1 = q.shape[0], cu_seqlens_q.shape[0]
+            if (out.shape[0] != t or b1 < 1 or (cu_seqlens_k is not None and cu_seqlens_k.shape[0] != b1)
+                    or (seqused_k is not None and seqused_k.shape[0] != b1 - 1)
+                    or (block_table is not None and block_table.shape[0] != b1 - 1)):
+                continue
+            for j in rest:
+                if (ts[13].shape[1] != t) if j == 13 else (ts[j].shape[0] != b1 - 1):
+                    break
+            else:
+                call = c
+                break
     if call is None:
-        call = _attention_call(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, q_descale,
+        call = _attention_call(ts, q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, q_descale,
                                k_descale, v_descale, alibi_slopes, s_aux, softmax_lse)
     desc = call.desc
     # scalars, every call: exact int / float types in range cost one test; the rest the full check
@@ -438,46 +363,23 @@ def _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlen
                                    out, desc, args)
 
 
-def _attention_call(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, q_descale, k_descale,
+def _attention_call(ts, q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, q_descale, k_descale,
                     v_descale, alibi_slopes, s_aux, softmax_lse) -> _Call:
-    """The call of this signature from ``_ATTN_SEEN`` (checked on a miss), put first in the recent ones."""
-    try:
-        qs, os_ = q.shape, out.shape
-        t = qs[0]
-        b1 = cu_seqlens_q.shape[0]
-        sig = (q.dtype, q.device, q.stride(), qs[1], qs[2], k.shape, k.dtype, k.device, k.stride(),
-               v.shape, v.dtype, v.device, v.stride(), out.dtype, out.device, out.stride(),
-               os_[0] - t, os_[1], os_[2], cu_seqlens_q.dtype, cu_seqlens_q.device, cu_seqlens_q.stride(),
-               b1 > 0, _lead(cu_seqlens_k, b1), _lead(seqused_k, b1), _lead(block_table, b1),
-               None if q_descale is None else _descale_sig(q_descale, b1 - 1),
-               None if k_descale is None else _descale_sig(k_descale, b1 - 1),
-               None if v_descale is None else _descale_sig(v_descale, b1 - 1),
-               None if alibi_slopes is None else _lead(alibi_slopes, b1 - 1 if alibi_slopes.dim() == 2 else 0),
-               None if s_aux is None else _meta(s_aux), None if softmax_lse is None else _lse_sig(softmax_lse, t))
-        call = _ATTN_SEEN.get(sig)
-    except (AttributeError, TypeError, IndexError, RuntimeError):  # the full checks below name the argument
-        sig = call = None
-    if call is None:
-        desc, d = _check_attention_tensors(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table,
-                                           q_descale, k_descale, v_descale)
-        _check_extras(q, desc, cu_seqlens_q.shape[0] - 1, alibi_slopes, s_aux, softmax_lse)
-        call = _remember(_ATTN_SEEN, sig, _Call(desc, d))
-    if sig is not None and b1 > 0:
-        # the guard's free dims: q's and out's tokens, the batch dim of the index tensors, of
-        # [batch, heads] descales and ALiBi slopes (``rest``, with the LSE's tokens)
-        opt = (cu_seqlens_k, seqused_k, block_table, q_descale, k_descale, v_descale, alibi_slopes, s_aux,
-               softmax_lse)
-        ts = (q, k, v, out, cu_seqlens_q) + tuple(a if x is None else x for x, a in zip(opt, _ABSENT))
-        free = [0, None, None, 0, 0, 0, 0, 0]
-        rest = []
-        for j, x in enumerate(opt[3:], 8):
-            dim = None
-            if x is not None and j != 12 and x.dim() == 2 and x.numel() != 1:
-                dim = 1 if j == 13 else 0
-                rest.append(j)
-            free.append(dim)
-        _fast(_ATTN_RECENT, call, tuple(rest), ts, tuple(free))
-    return call
+    """A new signature (``ts``: the guards' tensors): every metadata check, then remembered."""
+    desc, d = _check_attention_tensors(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table,
+                                       q_descale, k_descale, v_descale)
+    _check_extras(q, desc, cu_seqlens_q.shape[0] - 1, alibi_slopes, s_aux, softmax_lse)
+    # free dims: q's and out's tokens, the index tensors' batch dim, and (``rest``) the batch dim of
+    # [batch, heads] descales and ALiBi slopes and the LSE's tokens
+    free = [0, None, None, 0, 0, 0, 0, 0]
+    rest = []
+    for j, x in enumerate(ts[8:], 8):
+        dim = None
+        if j != 12 and x.dim() == 2 and x.numel() != 1:
+            dim = 1 if j == 13 else 0
+            rest.append(j)
+        free.append(dim)
+    return _remember(_ATTN_RECENT, _Call(desc, d), tuple(rest), ts, tuple(free))
 
 
 def _no_keys(q, out, args: AttentionArgs) -> None:

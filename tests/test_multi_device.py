@@ -23,8 +23,8 @@ Caches and what keeps devices apart (read from the code):
 * ``platform._platform_cached``: keyed by (device type, index): each GPU is detected on its own.
 * ``Registry._selection``: (op, platform, desc.key, forced). Two GPUs of one model share an entry
   (correct: a Backend object holds no per-device state); two different GPUs do not.
-* ``ops._WRITE_SEEN`` / ``ops._MLA_SEEN`` / ``ops._ATTN_SEEN``: every tensor's ``.device`` is in the signature;
-  ``ops._WRITE_RECENT`` / ``ops._ATTN_RECENT``: the C++ guard checks each tensor's device type and index.
+* ``ops._WRITE_RECENT`` / ``ops._MLA_RECENT`` / ``ops._ATTN_RECENT``: each signature's C++ guard checks
+  every tensor's device type and index.
 * Triton write plans (they hold the compiled kernel and its device) live in the call signature's
   ``plans`` dict (``Backend.takes_plans``) under (alignment, size bucket, ``key_cache.get_device()``);
   the MLA write likewise ``kv_cache.get_device()``.
@@ -203,11 +203,9 @@ class _Recorder(kvd.Backend):
 @pytest.fixture
 def recorder(monkeypatch, fresh_descriptors):
     rec = _Recorder()
-    monkeypatch.setattr(ops, "_WRITE_SEEN", {})
-    monkeypatch.setattr(ops, "_MLA_SEEN", {})
-    monkeypatch.setattr(ops, "_ATTN_SEEN", {})
-    monkeypatch.setattr(ops, "_ATTN_RECENT", [])
     monkeypatch.setattr(ops, "_WRITE_RECENT", [])
+    monkeypatch.setattr(ops, "_MLA_RECENT", [])
+    monkeypatch.setattr(ops, "_ATTN_RECENT", [])
     monkeypatch.setattr(type(ops.registry), "select", lambda self, op, platform, desc=None, dtype=None: rec)
     monkeypatch.delenv("KVDISPATCH_DEBUG", raising=False)
     return rec
@@ -235,7 +233,7 @@ def test_public_ops_keep_two_devices_apart(recorder):
         kvd.reshape_and_cache_flash(*x["write"])
         kvd.concat_and_cache_mla(*x["mla"])
         kvd.flash_attn_varlen_func(*x["attn"], **x["attn_kw"])
-    assert len(ops._WRITE_SEEN) == 2 and len(ops._MLA_SEEN) == 2 and len(ops._ATTN_SEEN) == 2
+    assert len(ops._WRITE_RECENT) == 2 and len(ops._MLA_RECENT) == 2 and len(ops._ATTN_RECENT) == 2
     for kind in ("write", "mla", "attn"):
         calls = [(dev, desc) for k, dev, desc in recorder.calls if k == kind]
         assert [dev for dev, _ in calls] == [CUDA0, CUDA1, CUDA0, CUDA1]

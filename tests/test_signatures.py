@@ -1,6 +1,6 @@
-"""The public calls' per-signature cache (``ops._Call``): calls that differ only in how many tokens
-and sequences they carry share one entry (checks, descriptor, selection and backend plans made
-once), every relation the metadata checks test between those sizes still raises its named error
+"""The public calls' per-signature cache (``ops._Call`` behind a C++ metadata guard, the most recent
+signatures of each op): calls that differ only in how many tokens and sequences they carry share one
+entry (checks, descriptor, selection and backend plans made once), every relation the metadata checks test between those sizes still raises its named error
 on a signature seen before, and the remembered selection follows ``KVDISPATCH_BACKEND`` and
 registrations made at run time."""
 
@@ -20,11 +20,9 @@ H, HQ, D, BS, NB = 2, 4, 32, 16, 16
 
 @pytest.fixture
 def fresh(monkeypatch):
-    monkeypatch.setattr(ops, "_ATTN_SEEN", {})
-    monkeypatch.setattr(ops, "_WRITE_SEEN", {})
-    monkeypatch.setattr(ops, "_MLA_SEEN", {})
     monkeypatch.setattr(ops, "_ATTN_RECENT", [])
     monkeypatch.setattr(ops, "_WRITE_RECENT", [])
+    monkeypatch.setattr(ops, "_MLA_RECENT", [])
     monkeypatch.delenv("KVDISPATCH_BACKEND", raising=False)
     monkeypatch.delenv("KVDISPATCH_DEBUG", raising=False)
 
@@ -54,16 +52,16 @@ def test_token_count_and_batch_share_one_signature(fresh):
         kw = _attention(batch, q_len, gen, kc, vc)
         out = kvd.flash_attn_varlen_func(**kw)
         assert torch.isfinite(out).all()
-    assert len(ops._ATTN_SEEN) == 1  # one signature: checked, described and selected once
+    assert len(ops._ATTN_RECENT) == 1  # one signature: checked, described and selected once
     for t in (3, 17, 8):
-        key = torch.randn(t, H, D, generator=gen)
-        kvd.reshape_and_cache_flash(key, key, kc, vc, random_slots(t, NB, BS, generator=gen))
-    assert len(ops._WRITE_SEEN) == 1
+        key, value = torch.randn(t, H, D, generator=gen), torch.randn(t, H, D, generator=gen)
+        kvd.reshape_and_cache_flash(key, value, kc, vc, random_slots(t, NB, BS, generator=gen))
+    assert len(ops._WRITE_RECENT) == 1
     cache = torch.zeros(NB, BS, 576)
     for t in (3, 17, 8):
         kvd.concat_and_cache_mla(torch.randn(t, 512, generator=gen), torch.randn(t, 64, generator=gen), cache,
                                  random_slots(t, NB, BS, generator=gen))
-    assert len(ops._MLA_SEEN) == 1
+    assert len(ops._MLA_RECENT) == 1
 
 
 def test_mla_size_relations_still_checked(fresh):
@@ -78,7 +76,7 @@ def test_mla_size_relations_still_checked(fresh):
         kvd.concat_and_cache_mla(kv_c, k_pe, cache, random_slots(7, NB, BS, generator=gen))
     with pytest.raises(ValueError, match="kv_c/k_pe"):
         kvd.concat_and_cache_mla(kv_c, k_pe[:, :32], cache, random_slots(6, NB, BS, generator=gen))
-    assert torch.equal(cache, before) and len(ops._MLA_SEEN) == 1
+    assert torch.equal(cache, before) and len(ops._MLA_RECENT) == 1
 
 
 @pytest.mark.parametrize("bad", ["out_rows", "seqused_rows", "block_table_rows", "cu_seqlens_k_rows",
@@ -97,7 +95,7 @@ def test_size_relations_still_checked_on_a_known_signature(fresh, bad):
     if bad == "lse_columns":
         extra["return_softmax_lse"] = True
     kvd.flash_attn_varlen_func(**kw, **extra)
-    seen = len(ops._ATTN_SEEN)
+    seen = len(ops._ATTN_RECENT)
     broken = dict(kw, **extra)
     if bad == "out_rows":
         broken["out"] = torch.empty(7, HQ, D)
@@ -120,11 +118,11 @@ def test_size_relations_still_checked_on_a_known_signature(fresh, bad):
             ops._attention(kw["q"], kc, vc, kw["out"], 2, kw["cu_seqlens_q"], kw["max_seqlen_k"], None,
                            kw["seqused_k"], None, True, -1, -1, 0.0, kw["block_table"], None, None, None,
                            None, None, lse, 0)
-        assert len(ops._ATTN_SEEN) == seen
+        assert len(ops._ATTN_RECENT) == seen
         return
     with pytest.raises(ValueError, match=match):
         kvd.flash_attn_varlen_func(**broken)
-    assert len(ops._ATTN_SEEN) == seen  # nothing remembered for a call that failed its checks
+    assert len(ops._ATTN_RECENT) == seen  # nothing remembered for a call that failed its checks
 
 
 def test_write_size_relations_still_checked(fresh):
@@ -132,7 +130,7 @@ def test_write_size_relations_still_checked(fresh):
     kc, vc = make_kv_cache("NHD", NB, BS, H, D, dtype=torch.float32)
     key, value = torch.randn(6, H, D, generator=gen), torch.randn(6, H, D, generator=gen)
     kvd.reshape_and_cache_flash(key, value, kc, vc, random_slots(6, NB, BS, generator=gen))
-    assert len(ops._WRITE_RECENT) == 1  # the signature is also behind a guard now
+    assert len(ops._WRITE_RECENT) == 1
     before = (kc.clone(), vc.clone())
     with pytest.raises(ValueError, match="value: expected"):
         kvd.reshape_and_cache_flash(key, value[:5], kc, vc, random_slots(5, NB, BS, generator=gen))
@@ -156,7 +154,7 @@ def test_recent_guards_serve_repeat_calls(fresh, monkeypatch):
                                 random_slots(4, NB, BS, generator=gen))
     kvd.flash_attn_varlen_func(**_attention(2, 1, gen, kc, vc))
     missed = []
-    for name in ("_write_call", "_attention_call"):
+    for name in ("_check_write", "_check_attention_tensors"):
         orig = getattr(ops, name)
         monkeypatch.setattr(ops, name, lambda *a, _o=orig, _n=name: missed.append(_n) or _o(*a))
     for t in (1, 9, 30):
@@ -169,7 +167,7 @@ def test_recent_guards_serve_repeat_calls(fresh, monkeypatch):
         got = kvd.flash_attn_varlen_func(**kw)
         ref = kvd.flash_attn_varlen_func(**dict(kw, out=None, window_size=[-1, -1]))  # a list: not the fast path
         assert torch.equal(got, ref)
-    assert missed == [] and len(ops._WRITE_SEEN) == 1 and len(ops._ATTN_SEEN) == 1
+    assert missed == [] and len(ops._WRITE_RECENT) == 1 and len(ops._ATTN_RECENT) == 1
 
 
 def test_guard_misses_on_anything_else(fresh):
@@ -185,7 +183,7 @@ def test_guard_misses_on_anything_else(fresh):
     alibi = torch.rand(HQ, generator=gen)
     with_alibi = kvd.flash_attn_varlen_func(**dict(kw, out=None, alibi_slopes=alibi))
     assert not torch.equal(with_alibi, kvd.flash_attn_varlen_func(**dict(kw, out=None)))
-    assert len(ops._ATTN_SEEN) == 2 and len(ops._ATTN_RECENT) == 2
+    assert len(ops._ATTN_RECENT) == 2
     # fp8 with [batch, heads] descales: a batch of 3, then descales of 2 rows on the known signature
     k8, v8 = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
     ds = [torch.rand(3, H, generator=gen) + 0.5 for _ in range(3)]
@@ -194,13 +192,13 @@ def test_guard_misses_on_anything_else(fresh):
     assert ops._ATTN_RECENT[0][2] == (8, 9, 10)  # the descales' batch dims are checked on a hit
     with pytest.raises(ValueError, match="v_descale: expected one element or shape"):
         kvd.flash_attn_varlen_func(**dict(kw8, v_descale=ds[2][:2].clone()))
-    # one tensor as two arguments: never behind a guard (it would always fail), served by the dict
+    # one tensor as two arguments: never behind a guard (it would always fail), checked every call
     kvd.flash_attn_varlen_func(**dict(kw8, v_descale=ds[1]))
     assert len(ops._ATTN_RECENT) == 3
     key = torch.randn(5, H, D, generator=gen)
     kvd.reshape_and_cache_flash(key, key, kc, vc, random_slots(5, NB, BS, generator=gen))
     kvd.reshape_and_cache_flash(key, key, kc, vc, random_slots(5, NB, BS, generator=gen))
-    assert len(ops._WRITE_RECENT) == 0 and len(ops._WRITE_SEEN) == 1
+    assert len(ops._WRITE_RECENT) == 0
 
 
 class _Recorder(kvd.Backend):
@@ -225,22 +223,22 @@ class _Plugin:
 def test_remembered_selection_follows_the_env_and_registrations(fresh):
     gen = torch.Generator().manual_seed(3)
     kc, vc = make_kv_cache("NHD", NB, BS, H, D, dtype=torch.float32)
-    key = torch.randn(4, H, D, generator=gen)
+    key, value = torch.randn(4, H, D, generator=gen), torch.randn(4, H, D, generator=gen)
     slots = random_slots(4, NB, BS, generator=gen)
-    kvd.reshape_and_cache_flash(key, key, kc, vc, slots)  # the reference, remembered for this signature
+    kvd.reshape_and_cache_flash(key, value, kc, vc, slots)  # the reference, remembered for this signature
     rec = _Recorder()
     plugin = _Plugin(rec)
     reg.registry.register(plugin, name="signature-test-recorder")
     try:
-        kvd.reshape_and_cache_flash(key, key, kc, vc, slots)
+        kvd.reshape_and_cache_flash(key, value, kc, vc, slots)
         assert rec.calls == 1  # a registration made after the first call: selected again
         with force_backend("reference"):
-            kvd.reshape_and_cache_flash(key, key, kc, vc, slots)
+            kvd.reshape_and_cache_flash(key, value, kc, vc, slots)
         assert rec.calls == 1  # KVDISPATCH_BACKEND set at run time: followed
-        kvd.reshape_and_cache_flash(key, key, kc, vc, slots)
+        kvd.reshape_and_cache_flash(key, value, kc, vc, slots)
         assert rec.calls == 2  # and unset again
     finally:
         reg.registry.unregister(plugin)
-    kvd.reshape_and_cache_flash(key, key, kc, vc, slots)
+    kvd.reshape_and_cache_flash(key, value, kc, vc, slots)
     assert rec.calls == 2  # unregistered: the reference again
-    assert len(ops._WRITE_SEEN) == 1
+    assert len(ops._WRITE_RECENT) == 1

@@ -402,8 +402,7 @@ def test_ptxas_crash_retries_with_fewer_stages(monkeypatch):
                              source="test")
     monkeypatch.setattr(attention, "config_for", lambda *a, **k: cfg)
     monkeypatch.setattr(attention, "_PTXAS_ERRORS", (FakePTXASError,))
-    monkeypatch.setattr(ops, "_ATTN_SEEN", {})  # the prepared launches of earlier tests hold their plans
-    monkeypatch.setattr(ops, "_ATTN_RECENT", [])
+    monkeypatch.setattr(ops, "_ATTN_RECENT", [])  # the prepared launches of earlier tests hold their plans
     real = attention._attention_kernel
     stages_tried = []
 

@@ -298,8 +298,7 @@ def fp8_bits(monkeypatch):
     of the test's own."""
     monkeypatch.setattr(attention, "_mode",
                         lambda dtype, platform, interpreting: attention._BITS_MODE.get(dtype, attention.PLAIN))
-    monkeypatch.setattr(ops, "_ATTN_SEEN", {})  # prepared launches of the fixture's own
-    monkeypatch.setattr(ops, "_ATTN_RECENT", [])
+    monkeypatch.setattr(ops, "_ATTN_RECENT", [])  # prepared launches of the fixture's own
 
 
 def _poke(kw, which: str, b: int, j: int, kvh: int, d: int, code: int) -> None:
