@@ -316,7 +316,7 @@ class WriteCase:
     key_kind: str  # "dense" / "wide" / "every-other" / "qkv" (key and value: slices of a fused qkv buffer)
     value_kind: str
     saturate: bool  # a few huge values (fp8 saturation) and +-inf
-    repeats: int  # tokens given another token's slot (without KVDISPATCH_DEBUG: one token wins, K and V alike)
+    repeats: int  # tokens given another token's slot (reference: the last wins, K and V alike; kernels: no winner)
     debug: bool
     seed: int
 
@@ -421,6 +421,15 @@ def _winners(kc, key, slots, c: WriteCase, args) -> torch.Tensor:
     return s
 
 
+def _without_repeats(slots: torch.Tensor) -> torch.Tensor:
+    """slot_mapping with every token of a repeated slot set to -1 (padding)."""
+    s = slots.clone()
+    vals, counts = torch.unique(slots, return_counts=True)
+    for v in vals[(counts > 1) & (vals >= 0)].tolist():
+        s[slots == v] = -1
+    return s
+
+
 def check_write(c: WriteCase, lane: str) -> None:
     kc, vc, key, value, slots, ks, vs = _write_inputs(c)
     args = (c.kv_cache_dtype, ks, vs)
@@ -433,10 +442,20 @@ def check_write(c: WriteCase, lane: str) -> None:
             kvd.reshape_and_cache_flash(key, value, ref_k, ref_v, slots, *args)
     with force_backend(lane), _debug(c.debug):
         kvd.reshape_and_cache_flash(key, value, kc, vc, slots, *args)
-    if c.repeats:
-        # any one token of a repeated slot may win (the reference keeps the last): the loop writes
-        # the winners the lane chose, so K and V of one slot from different tokens fail
+    if c.repeats and lane == "reference":
+        # the reference keeps one token of a repeated slot (the last), K and V alike: the loop
+        # writes the winners it chose, so K and V of one slot from different tokens fail
         loop_write(key, value, loop_k, loop_v, _winners(kc, key, slots, c, args), *args)
+    elif c.repeats:
+        # the kernels name no winner for a repeated slot (README): the loop writes every other
+        # slot, the repeated ones are taken from the lane's result (nothing else may change)
+        loop_write(key, value, loop_k, loop_v, _without_repeats(slots), *args)
+        for slot in set(slots.tolist()) - set(_without_repeats(slots).tolist()) - {-1}:
+            blk, off = divmod(slot, c.block_size)
+            at = (blk, slice(None), slice(None), off) if c.layout == "head-major" else (blk, off)
+            for lane_view, loop_view in ((kc, loop_k), (vc, loop_v)):
+                raw = (lambda t: t.view(torch.uint8)) if lane_view.element_size() == 1 else (lambda t: t)
+                raw(loop_view)[at] = raw(lane_view)[at]
     else:
         loop_write(key, value, loop_k, loop_v, slots, *args)
     # the reference computes what the loop does: bit for bit, fp8 included
