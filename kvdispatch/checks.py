@@ -10,17 +10,20 @@ import torch
 
 from .descriptor import KVCacheDescriptor
 from .hookspecs import AttentionArgs
-from .platform import getenv
+from .platform import env_bytes
+
+
+_OFF = (None, b"", b"0")
 
 
 def debug() -> bool:
     """``KVDISPATCH_DEBUG=1``: every backend gets the value checks (and the duplicate-slot check)."""
-    return getenv(b"KVDISPATCH_DEBUG") not in (None, "", "0")
+    return env_bytes(b"KVDISPATCH_DEBUG") not in _OFF
 
 
 def checks_values(backend) -> bool:
     """Does the public call run the value checks before ``backend``? The one policy."""
-    return backend.always_check_values or debug()
+    return backend.always_check_values or env_bytes(b"KVDISPATCH_DEBUG") not in _OFF
 
 
 def check_slot_values(slot_mapping: torch.Tensor, desc: KVCacheDescriptor) -> None:

@@ -13,7 +13,7 @@ from torch._C._dynamo.guards import TensorGuards as _TensorGuards
 from .checks import check_attention_values, check_slot_values, checks_values
 from .descriptor import FP8_DTYPES, KVCacheDescriptor
 from .hookspecs import AttentionArgs
-from .platform import getenv
+from .platform import env_bytes
 from .registry import registry
 
 __all__ = ["reshape_and_cache_flash", "concat_and_cache_mla", "flash_attn_varlen_func"]
@@ -89,7 +89,7 @@ class _Call:
     def select(self, op: str, dtype: Optional[torch.dtype] = None):
         """The backend (``dtype``: q's / key's), selected again only when ``KVDISPATCH_BACKEND`` or the
         registered backends changed since the last call."""
-        forced = getenv(b"KVDISPATCH_BACKEND")
+        forced = env_bytes(b"KVDISPATCH_BACKEND")  # raw: only compared with the last call's
         if self.forced != forced or self.generation != registry.generation or self.backend is None:
             self.backend = (registry.select(op, self.desc.platform, self.desc) if dtype is None
                             else registry.select(op, self.desc.platform, self.desc, dtype=dtype))
@@ -292,23 +292,34 @@ def _int_at_least(name: str, val, lo: int, what: str, shown=None) -> None:
 
 _ATTN_RECENT: list = []
 _make_args = AttentionArgs._make
-# absent optional tensors, to the guards (one per argument: a guard fails on a tensor passed twice)
-_ABSENT = tuple(torch.empty((0,) * 7, dtype=torch.bool, device="meta") for _ in range(9))
 
 
 def _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
                softmax_scale, causal, window_left, window_right, softcap, block_table,
                q_descale, k_descale, v_descale, alibi_slopes=None, s_aux=None, softmax_lse=None,
                num_splits=0) -> None:
+    # the guards' tensors: the five always there, then the optional ones present (``mask`` says which)
+    ts = [q, k, v, out, cu_seqlens_q]
+    mask = 0
+    if cu_seqlens_k is not None:
+        ts.append(cu_seqlens_k)
+        mask = 1
+    if seqused_k is not None:
+        ts.append(seqused_k)
+        mask |= 2
+    if block_table is not None:
+        ts.append(block_table)
+        mask |= 4
+    if mask != 6 or q_descale is not None or k_descale is not None or v_descale is not None \
+            or alibi_slopes is not None or s_aux is not None or softmax_lse is not None:
+        for bit, x in ((8, q_descale), (16, k_descale), (32, v_descale), (64, alibi_slopes), (128, s_aux),
+                       (256, softmax_lse)):
+            if x is not None:
+                ts.append(x)
+                mask |= bit
     call = None
-    a = _ABSENT
-    ts = (q, k, v, out, cu_seqlens_q, a[0] if cu_seqlens_k is None else cu_seqlens_k,
-          a[1] if seqused_k is None else seqused_k, a[2] if block_table is None else block_table,
-          a[3] if q_descale is None else q_descale, a[4] if k_descale is None else k_descale,
-          a[5] if v_descale is None else v_descale, a[6] if alibi_slopes is None else alibi_slopes,
-          a[7] if s_aux is None else s_aux, a[8] if softmax_lse is None else softmax_lse)
-    for check, c, rest in _ATTN_RECENT:
-        if check(*ts):
+    for check, c, (m, rest) in _ATTN_RECENT:
+        if m == mask and check(*ts):
             # the free sizes, as valid calls relate them: out and the LSE have q's rows, every batch
             # dim (index tensors, [batch, heads] descales and slopes) is cu_seqlens_q's - 1
             t, b1 = q.shape[0], cu_seqlens_q.shape[0]
@@ -316,15 +327,15 @@ def _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlen
                     or (seqused_k is not None and seqused_k.shape[0] != b1 - 1)
                     or (block_table is not None and block_table.shape[0] != b1 - 1)):
                 continue
-            for j in rest:
-                if (ts[13].shape[1] != t) if j == 13 else (ts[j].shape[0] != b1 - 1):
+            for j, lse in rest:
+                if (ts[j].shape[1] != t) if lse else (ts[j].shape[0] != b1 - 1):
                     break
             else:
                 call = c
                 break
     if call is None:
-        call = _attention_call(ts, q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, q_descale,
-                               k_descale, v_descale, alibi_slopes, s_aux, softmax_lse)
+        call = _attention_call(ts, mask, q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table,
+                               q_descale, k_descale, v_descale, alibi_slopes, s_aux, softmax_lse)
     desc = call.desc
     # scalars, every call: exact int / float types in range cost one test; the rest the full check
     if max_seqlen_q.__class__ is not int or max_seqlen_q < 0:
@@ -363,23 +374,26 @@ def _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlen
                                    out, desc, args)
 
 
-def _attention_call(ts, q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, q_descale, k_descale,
-                    v_descale, alibi_slopes, s_aux, softmax_lse) -> _Call:
-    """A new signature (``ts``: the guards' tensors): every metadata check, then remembered."""
+def _attention_call(ts, mask, q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, q_descale,
+                    k_descale, v_descale, alibi_slopes, s_aux, softmax_lse) -> _Call:
+    """A new signature (``ts``, ``mask``: the guards' tensors): every metadata check, then remembered."""
     desc, d = _check_attention_tensors(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table,
                                        q_descale, k_descale, v_descale)
     _check_extras(q, desc, cu_seqlens_q.shape[0] - 1, alibi_slopes, s_aux, softmax_lse)
     # free dims: q's and out's tokens, the index tensors' batch dim, and (``rest``) the batch dim of
     # [batch, heads] descales and ALiBi slopes and the LSE's tokens
-    free = [0, None, None, 0, 0, 0, 0, 0]
+    free = [0, None, None, 0, 0] + [0] * ((cu_seqlens_k is not None) + (seqused_k is not None)
+                                          + (block_table is not None))
     rest = []
-    for j, x in enumerate(ts[8:], 8):
+    for x in (q_descale, k_descale, v_descale, alibi_slopes, s_aux, softmax_lse):
+        if x is None:
+            continue
         dim = None
-        if j != 12 and x.dim() == 2 and x.numel() != 1:
-            dim = 1 if j == 13 else 0
-            rest.append(j)
+        if x is not s_aux and x.dim() == 2 and x.numel() != 1:
+            dim = 1 if x is softmax_lse else 0
+            rest.append((len(free), x is softmax_lse))
         free.append(dim)
-    return _remember(_ATTN_RECENT, _Call(desc, d), tuple(rest), ts, tuple(free))
+    return _remember(_ATTN_RECENT, _Call(desc, d), (mask, tuple(rest)), ts, tuple(free))
 
 
 def _no_keys(q, out, args: AttentionArgs) -> None:

@@ -10,13 +10,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Platform", "platform_of", "getenv", "interpreting"]
+__all__ = ["Platform", "platform_of", "getenv", "env_bytes", "interpreting"]
 
 # os.environ.get encodes the key and decodes the value on every call (~1 us); on POSIX CPython
 # os.environ keeps a bytes dict it updates on every assignment: the same values at dict speed.
 _ENV_BYTES = getattr(os.environ, "_data", None)
 if not (isinstance(_ENV_BYTES, dict) and all(isinstance(k, bytes) for k in list(_ENV_BYTES)[:1])):
     _ENV_BYTES = None
+
+
+# the raw value of a per-call flag (bytes or None): os.environ's bytes dict's own get, a C call
+env_bytes = _ENV_BYTES.get if _ENV_BYTES is not None else (
+    lambda name: None if (v := os.environ.get(name.decode())) is None else v.encode())
 
 
 def getenv(name: bytes) -> "str | None":
