@@ -23,7 +23,7 @@ def debug() -> bool:
 
 def checks_values(backend) -> bool:
     """Does the public call run the value checks before ``backend``? The one policy."""
-    return backend.always_check_values or env_bytes(b"KVDISPATCH_DEBUG") not in _OFF
+    return backend.always_check_values or debug()
 
 
 def check_slot_values(slot_mapping: torch.Tensor, desc: KVCacheDescriptor) -> None:

@@ -130,24 +130,29 @@ def _scales_hit(kd, kv_cache_dtype, desc, k_scale, v_scale) -> bool:
             and (kd == "auto" or (desc.k_scale is k_scale and desc.v_scale is v_scale)))
 
 
+def _write_hit(recent: list, kv_cache_dtype, k_scale, v_scale, tensors: tuple) -> Optional[_Call]:
+    """The remembered call of a write whose ``tensors`` are (rows, other rows, cache(s)..., slot_mapping):
+    the other rows as many as the rows, at most one slot per row (the checks' size relations)."""
+    x, other, slots = tensors[0], tensors[1], tensors[-1]
+    for check, c, kd in recent:
+        if _scales_hit(kd, kv_cache_dtype, c.desc, k_scale, v_scale) and check(*tensors):
+            t = x.shape[0]
+            if other.shape[0] == t and slots.shape[0] <= t:
+                return c
+    return None
+
+
 # -- reshape_and_cache_flash ---------------------------------------------------------------------
 _WRITE_RECENT: list = []
 _WRITE_FREE = (0, 0, None, None, 0)  # the token dim of key, value and slot_mapping
 
 
 def _write(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale) -> None:
-    call = None
-    for check, c, kd in _WRITE_RECENT:
-        if _scales_hit(kd, kv_cache_dtype, c.desc, k_scale, v_scale) and check(key, value, key_cache, value_cache,
-                                                                                slot_mapping):
-            t = key.shape[0]
-            if value.shape[0] == t and slot_mapping.shape[0] <= t:
-                call = c
-                break
+    tensors = (key, value, key_cache, value_cache, slot_mapping)
+    call = _write_hit(_WRITE_RECENT, kv_cache_dtype, k_scale, v_scale, tensors)
     if call is None:
         desc = _check_write(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale)
-        call = _remember(_WRITE_RECENT, _Call(desc), kv_cache_dtype, (key, value, key_cache, value_cache,
-                                                                      slot_mapping), _WRITE_FREE)
+        call = _remember(_WRITE_RECENT, _Call(desc), kv_cache_dtype, tensors, _WRITE_FREE)
     backend = call.select("reshape_and_cache_flash", key.dtype)
     desc = call.desc
     if checks_values(backend):
@@ -219,16 +224,11 @@ _MLA_FREE = (0, 0, None, 0)  # the token dim of kv_c, k_pe and slot_mapping
 
 
 def _write_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale) -> None:
-    call = None
-    for check, c, kd in _MLA_RECENT:
-        if _scales_hit(kd, kv_cache_dtype, c.desc, scale, None) and check(kv_c, k_pe, kv_cache, slot_mapping):
-            t = kv_c.shape[0]
-            if k_pe.shape[0] == t and slot_mapping.shape[0] <= t:
-                call = c
-                break
+    tensors = (kv_c, k_pe, kv_cache, slot_mapping)
+    call = _write_hit(_MLA_RECENT, kv_cache_dtype, scale, None, tensors)
     if call is None:
         desc = _check_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale)
-        call = _remember(_MLA_RECENT, _Call(desc), kv_cache_dtype, (kv_c, k_pe, kv_cache, slot_mapping), _MLA_FREE)
+        call = _remember(_MLA_RECENT, _Call(desc), kv_cache_dtype, tensors, _MLA_FREE)
     backend = call.select("concat_and_cache_mla", kv_c.dtype)
     desc = call.desc
     if checks_values(backend):
@@ -361,7 +361,7 @@ def _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlen
         num_splits = int(num_splits)
     # the checks above leave exact ints and floats; _make skips the NamedTuple's Python __new__
     args = _make_args((cu_seqlens_q, max_seqlen_q, cu_seqlens_k, seqused_k, max_seqlen_k, block_table, softmax_scale,
-                       causal.__class__ is bool and causal or bool(causal), window_left, window_right, softcap,
+                       bool(causal), window_left, window_right, softcap,
                        q_descale, k_descale, v_descale, alibi_slopes, s_aux, softmax_lse, num_splits, call.plans))
     backend = call.select("flash_attn_varlen_func", q.dtype)
     if checks_values(backend):
@@ -569,11 +569,7 @@ def flash_attn_varlen_func(
             _fail("q" if q.dim() != 3 else "v", "3-D q and 3-D/4-D v", f"shapes {tuple(q.shape)}, {tuple(v.shape)}")
         out_dtype = torch.bfloat16 if q.dtype in FP8_DTYPES else q.dtype
         out = q.new_empty((q.shape[0], q.shape[1], v.shape[-1]), dtype=out_dtype)
-    if window_size.__class__ is tuple and len(window_size) == 2:
-        wl, wr = window_size
-        if wl is None or wr is None:
-            _fail("window_size", "two ints (-1 = unbounded)", repr(window_size))
-    elif window_size is None:
+    if window_size is None:
         wl = wr = -1
     else:
         if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
