@@ -80,20 +80,23 @@ class _Call:
     """What the calls of one signature share: the checked descriptor (and head size), the selected
     backend, and ``plans`` (``AttentionArgs.plans``: the backend's launch state for the signature)."""
 
-    __slots__ = ("desc", "d", "plans", "backend", "forced", "generation")
+    __slots__ = ("desc", "d", "plans", "backend", "checks", "forced", "debug", "generation")
 
     def __init__(self, desc, d: int = 0):
         self.desc, self.d, self.plans = desc, d, {}
-        self.backend = self.forced = self.generation = None
+        self.backend = self.checks = self.forced = self.debug = self.generation = None
 
     def select(self, op: str, dtype: Optional[torch.dtype] = None):
-        """The backend (``dtype``: q's / key's), selected again only when ``KVDISPATCH_BACKEND`` or the
-        registered backends changed since the last call."""
-        forced = env_bytes(b"KVDISPATCH_BACKEND")  # raw: only compared with the last call's
-        if self.forced != forced or self.generation != registry.generation or self.backend is None:
+        """The backend (``dtype``: q's / key's), selected again only when ``KVDISPATCH_BACKEND``,
+        ``KVDISPATCH_DEBUG`` or the registered backends changed since the last call; ``self.checks``:
+        whether the value checks run before it (``checks_values``, asked on the same change)."""
+        forced, dbg = env_bytes(b"KVDISPATCH_BACKEND"), env_bytes(b"KVDISPATCH_DEBUG")  # raw: compared only
+        if self.forced != forced or self.debug != dbg or self.generation != registry.generation \
+                or self.backend is None:
             self.backend = (registry.select(op, self.desc.platform, self.desc) if dtype is None
                             else registry.select(op, self.desc.platform, self.desc, dtype=dtype))
-            self.forced, self.generation = forced, registry.generation
+            self.checks = checks_values(self.backend)
+            self.forced, self.debug, self.generation = forced, dbg, registry.generation
         return self.backend
 
 
@@ -155,7 +158,7 @@ def _write(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_s
         call = _remember(_WRITE_RECENT, _Call(desc), kv_cache_dtype, tensors, _WRITE_FREE)
     backend = call.select("reshape_and_cache_flash", key.dtype)
     desc = call.desc
-    if checks_values(backend):
+    if call.checks:
         check_slot_values(slot_mapping, desc)
     if backend.takes_plans:
         backend.reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, desc, plans=call.plans)
@@ -231,7 +234,7 @@ def _write_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale) -> Non
         call = _remember(_MLA_RECENT, _Call(desc), kv_cache_dtype, tensors, _MLA_FREE)
     backend = call.select("concat_and_cache_mla", kv_c.dtype)
     desc = call.desc
-    if checks_values(backend):
+    if call.checks:
         check_slot_values(slot_mapping, desc)
     if backend.takes_plans:
         backend.concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, desc, plans=call.plans)
@@ -299,21 +302,14 @@ def _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlen
                q_descale, k_descale, v_descale, alibi_slopes=None, s_aux=None, softmax_lse=None,
                num_splits=0) -> None:
     # the guards' tensors: the five always there, then the optional ones present (``mask`` says which)
-    ts = [q, k, v, out, cu_seqlens_q]
-    mask = 0
-    if cu_seqlens_k is not None:
-        ts.append(cu_seqlens_k)
-        mask = 1
-    if seqused_k is not None:
-        ts.append(seqused_k)
-        mask |= 2
-    if block_table is not None:
-        ts.append(block_table)
-        mask |= 4
-    if mask != 6 or q_descale is not None or k_descale is not None or v_descale is not None \
-            or alibi_slopes is not None or s_aux is not None or softmax_lse is not None:
-        for bit, x in ((8, q_descale), (16, k_descale), (32, v_descale), (64, alibi_slopes), (128, s_aux),
-                       (256, softmax_lse)):
+    if (cu_seqlens_k is None and seqused_k is not None and block_table is not None and q_descale is None
+            and k_descale is None and v_descale is None and alibi_slopes is None and s_aux is None
+            and softmax_lse is None):  # an engine's paged call
+        ts, mask = (q, k, v, out, cu_seqlens_q, seqused_k, block_table), 6
+    else:
+        ts, mask = [q, k, v, out, cu_seqlens_q], 0
+        for bit, x in ((1, cu_seqlens_k), (2, seqused_k), (4, block_table), (8, q_descale), (16, k_descale),
+                       (32, v_descale), (64, alibi_slopes), (128, s_aux), (256, softmax_lse)):
             if x is not None:
                 ts.append(x)
                 mask |= bit
@@ -364,7 +360,7 @@ def _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlen
                        bool(causal), window_left, window_right, softcap,
                        q_descale, k_descale, v_descale, alibi_slopes, s_aux, softmax_lse, num_splits, call.plans))
     backend = call.select("flash_attn_varlen_func", q.dtype)
-    if checks_values(backend):
+    if call.checks:
         check_attention_values(args, desc, q.shape[0])
     paged = block_table is not None
     if not paged and (k.shape[0] == 0 or v.shape[0] == 0):
@@ -494,9 +490,9 @@ def _check_attention_tensors(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k
     return desc, d
 
 
-# Engine hints that change nothing here (FA3's scheduler plans, the FA version): ignored; keywords taken
-# only at their no-op value (context parallelism, FA3's extra value input); any other is a TypeError.
-_IGNORED_HINTS = frozenset(("scheduler_metadata", "fa_version"))
+# Engine hints that change nothing here (FA3's scheduler plans, the FA version) are keyword parameters,
+# ignored (an unmatched keyword costs Python's binding about 0.2 us); keywords taken only at their no-op
+# value (context parallelism, FA3's extra value input) arrive in ``engine_hints``; any other is a TypeError.
 _DEFAULT_ONLY = {"cp_world_size": 1, "cp_rank": 0, "cp_tot_seqused_k": None, "q_v": None}
 
 
@@ -509,7 +505,7 @@ def _check_hints(hints: dict) -> None:
     for name, val in hints.items():
         if name in _DEFAULT_ONLY and val is not _DEFAULT_ONLY[name] and val != _DEFAULT_ONLY[name]:
             raise ValueError(f"{name}: only the default {_DEFAULT_ONLY[name]!r} is supported, got {val!r}")
-        if name not in _IGNORED_HINTS and name not in _DEFAULT_ONLY:
+        if name not in _DEFAULT_ONLY:
             raise TypeError(f"flash_attn_varlen_func() got an unexpected keyword argument {name!r}")
 
 
@@ -521,7 +517,8 @@ def flash_attn_varlen_func(
     q_descale: Optional[torch.Tensor] = None, k_descale: Optional[torch.Tensor] = None,
     v_descale: Optional[torch.Tensor] = None, alibi_slopes: Optional[torch.Tensor] = None,
     s_aux: Optional[torch.Tensor] = None, return_softmax_lse: bool = False, num_splits: int = 0, *,
-    dropout_p: float = 0.0, deterministic: bool = False, return_attn_probs: bool = False, **engine_hints,
+    dropout_p: float = 0.0, deterministic: bool = False, return_attn_probs: bool = False,
+    scheduler_metadata=None, fa_version: Optional[int] = None, **engine_hints,
 ):
     """Variable-length attention, paged or not (flash-attn / vLLM signature). Returns ``out``, or
     ``(out, softmax_lse)`` with ``return_softmax_lse=True``.

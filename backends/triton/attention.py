@@ -42,8 +42,6 @@ split) and the natural-log LSE of every row (written by the epilogue or the merg
 from __future__ import annotations
 
 import dataclasses
-from functools import reduce
-from operator import or_
 from typing import NamedTuple, Optional
 
 import torch
@@ -55,7 +53,7 @@ from kvdispatch.platform import interpreting as _interpreting  # the platform's 
 
 from .attention_configs import AttentionConfig, TileConfig, config_for
 from .backend import MAX_HEAD as _MAX_HEAD  # widest head (padded) one tile holds; MLA's 576 fits
-from .launch import keep as _keep, no_launch_hooks as _no_launch_hooks, stream as _stream
+from .launch import gatherer as _gatherer, keep as _keep, no_launch_hooks as _no_launch_hooks, stream as _stream
 from .write import unit_stride
 
 __all__ = ["supports", "flash_attn_varlen_func", "plan_for"]
@@ -631,13 +629,24 @@ class _Prepared:
     per call: a misaligned pointer takes Triton's own launch)."""
 
     __slots__ = ("plan", "decode", "device", "direct", "statics", "kv_limit", "tails", "group", "hkv", "scale_factor",
-                 "block_m", "block_n", "sms", "strided", "kernels", "merges", "merge_tail", "merge_statics")
+                 "block_m", "block_n", "sms", "strided", "kernels", "merges", "merge_tail", "merge_statics",
+                 "gathers", "last_split")
 
     def __init__(self, plan: Plan, decode: bool, device: int, direct: bool):
         self.plan, self.decode, self.device, self.direct = plan, decode, device, direct
         self.kernels: dict = {}  # split -> (launch, head) of the compiled kernel (launch.direct)
         self.merges: dict = {}  # num_splits -> the same for the merge kernel
         self.tails: dict = {}  # split -> the launch's last arguments (static ints, constexprs, SPLIT, INTERPRET)
+        self.gathers: dict = {}  # split -> the direct launch's pointer gatherer (launch.gatherer)
+        # the last call's split: ((batch, q_tiles, max_seqlen_k, num_splits), (splits, keys per split));
+        # an engine's layers repeat one step's metadata, so the heuristic runs once per step
+        self.last_split = (None, None)
+
+
+# the kernel's pointer arguments: the expressions the gatherer reads them from (``a``: AttentionArgs)
+_POINTERS = ("q", "k", "v", "out", "ws_o", "ws_ml", "a.cu_seqlens_q", "a.cu_seqlens_k", "a.seqused_k",
+             "a.block_table", "a.q_descale", "a.k_descale", "a.v_descale", "a.alibi_slopes", "a.s_aux",
+             "a.softmax_lse")
 
 
 def _prepare(q, k, out, desc, args, decode: bool, device: int) -> _Prepared:
@@ -671,7 +680,20 @@ def _prepare(q, k, out, desc, args, decode: bool, device: int) -> _Prepared:
     p.sms = desc.platform.multiprocessors or 1
     p.merge_tail = (q.shape[1], c["DV"], c["DV_VALID"], args.s_aux is not None, lse is not None)
     p.merge_statics = (out.stride(0), out.stride(1), s_lh, s_lt)
+    if p.direct:
+        p.gathers = _gathers(args)
     return p
+
+
+def _gathers(args) -> dict:
+    """split -> the pointer gatherer of a direct launch for the tensors ``args`` has (absent ones, and
+    the split workspace without a split, are never read: 0)."""
+    present = [True] * 4 + [False, False] + [True] + [getattr(args, e[2:]) is not None for e in _POINTERS[7:]]
+    out = {}
+    for split in (False, True):
+        present[4] = present[5] = split
+        out[split] = _gatherer("q, k, v, out, ws_o, ws_ml, a", tuple(e if on else None for e, on in zip(_POINTERS, present)))
+    return out
 
 
 def _decode_block_m(desc) -> int:
@@ -735,7 +757,13 @@ def _launch(prep: _Prepared, q, k, v, out, args, total_q: int, batch: int) -> No
     # the hint only sets how many programs share a sequence's q tiles (at least one: a hint of 0
     # below the real length must not skip the call); the kernel walks the real tile count
     q_tiles = max(1, -(-args.max_seqlen_q * prep.group // prep.block_m))
-    num_splits, split_keys = _splits(prep, args, batch, q_tiles)
+    key = (batch, q_tiles, args.max_seqlen_k, args.num_splits)
+    last, got = prep.last_split
+    if key == last:
+        num_splits, split_keys = got
+    else:
+        num_splits, split_keys = got = _splits(prep, args, batch, q_tiles)
+        prep.last_split = (key, got)
     split = num_splits > 1
     if split:
         ws_o = torch.empty((num_splits, total_q, q.shape[1], out.shape[2]), dtype=torch.float32, device=q.device)
@@ -745,18 +773,8 @@ def _launch(prep: _Prepared, q, k, v, out, args, total_q: int, batch: int) -> No
     cu = args.cu_seqlens_q
     keep = False
     if prep.direct and total_q <= _INT32_MAX and split_keys <= _INT32_MAX:
-        d = cu.data_ptr()
-        cuk, used, bt, qd, kd, vd, al, sk, lse = (args.cu_seqlens_k, args.seqused_k, args.block_table,
-                                                 args.q_descale, args.k_descale, args.v_descale,
-                                                 args.alibi_slopes, args.s_aux, args.softmax_lse)
-        o = out.data_ptr()
-        ptrs = (q.data_ptr(), k.data_ptr(), v.data_ptr(), o, ws_o.data_ptr() if split else o,
-                ws_ml.data_ptr() if split else o, d, d if cuk is None else cuk.data_ptr(),
-                d if used is None else used.data_ptr(), d if bt is None else bt.data_ptr(),
-                d if qd is None else qd.data_ptr(), d if kd is None else kd.data_ptr(),
-                d if vd is None else vd.data_ptr(), d if al is None else al.data_ptr(),
-                d if sk is None else sk.data_ptr(), d if lse is None else lse.data_ptr())
-        keep = reduce(or_, ptrs) & 15 == 0  # every pointer 16-byte aligned, as the kernel was compiled
+        ptrs = prep.gathers[split](q, k, v, out, ws_o, ws_ml, args)
+        keep = ptrs is not None  # every pointer 16-byte aligned, as the kernel was compiled
         direct = prep.kernels.get(split) if keep else None
         if direct is not None and _no_launch_hooks():
             # the compiled kernel of exactly this specialization (see _Prepared), with raw arguments
@@ -765,7 +783,7 @@ def _launch(prep: _Prepared, q, k, v, out, args, total_q: int, batch: int) -> No
                    args.softmax_scale * prep.scale_factor, args.softcap, plan.v_factor, args.window_left,
                    args.window_right, total_q, prep.kv_limit, split_keys, *prep.tails[split])
             if split:
-                _merge(prep, ws_o, ws_ml, out, cu, sk, lse, total_q, batch, num_splits, True)
+                _merge(prep, ws_o, ws_ml, out, cu, args.s_aux, args.softmax_lse, total_q, batch, num_splits, True)
             return
     c = plan.constexprs
     dummy = cu

@@ -5,18 +5,20 @@ arguments). The callers key each compiled kernel by everything it was specialize
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
+
+_RUNTIME = triton.knobs.runtime
 
 
 def no_launch_hooks() -> bool:
     """No profiler hook is installed (triton >= 3.5 keeps an empty HookChain, older ones None):
     a direct launch may skip the launch metadata the hooks would receive."""
-    knobs = triton.knobs.runtime
-    for hook in (knobs.launch_enter_hook, knobs.launch_exit_hook):
-        if hook is not None and getattr(hook, "calls", True):
-            return False
-    return True
+    enter, leave = _RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook
+    # a HookChain answers with its list of hooks, a hook set the older way (a function) with itself
+    return not (getattr(enter, "calls", enter) or getattr(leave, "calls", leave))
 
 
 def direct(compiled) -> tuple:
@@ -43,3 +45,22 @@ def keep(cache: dict, key, compiled) -> None:
 def stream(device: int):
     """The current stream of ``device`` as the raw handle launches take."""
     return torch._C._cuda_getCurrentRawStream(device)
+
+
+@functools.lru_cache(maxsize=None)
+def gatherer(params: str, pointers: tuple):
+    """A function of ``params`` returning the raw pointers of a direct launch, or None when one is
+    not 16-byte aligned (the compiled kernels assume it: such a call takes Triton's own launch).
+    ``pointers``: per pointer argument of the kernel, the expression of a tensor in ``params``
+    (``"out"``, ``"a.block_table"``), or None for an argument the kernel never reads in this
+    specialization (passed as 0). Generated once per combination, as Triton binds its own
+    launches: one ``data_ptr()`` per tensor and one test, where a loop over optional arguments
+    costs about 1 us per call."""
+    names = [f"x{i}" for i, e in enumerate(pointers) if e is not None]
+    body = [f"    {n} = {e}.data_ptr()" for n, e in zip(names, (e for e in pointers if e is not None))]
+    body.append(f"    if ({' | '.join(names) or '0'}) & 15:\n        return None")
+    ptrs = ", ".join("0" if e is None else f"x{i}" for i, e in enumerate(pointers))
+    body.append(f"    return ({ptrs},)")
+    scope: dict = {}
+    exec(f"def gather({params}):\n" + "\n".join(body), scope)  # noqa: S102 - our own fixed expressions
+    return scope["gather"]
