@@ -14,6 +14,11 @@ the 16-byte alignment that vectorizes the stores). On caches where a token's hea
 (NHD, combined and cross-layer slices) and the input's heads are too, a row is the whole token
 (``heads * head_size`` elements): fewer rows, one slot load per token, longer bursts.
 
+Head-major caches (vLLM's 5-D key / 4-D value pair) put a token's elements ``block_size`` apart, so
+rows would be stored as 2- or 16-byte pieces: ``_write_head_major_kernel`` takes a block's worth of
+tokens of one head per program and, when their slots are consecutive (a prefill's), stores the tile
+with the tokens in neighbouring lanes; other slot patterns take the row path in the same kernel.
+
 The MLA write is the same kernel with ``kv_c`` as "K" and ``k_pe`` as "V", both one head, "V"
 stored ``kv_lora_rank`` elements into the cache row.
 
@@ -95,6 +100,29 @@ def _fp8_encode(y, BIAS: tl.constexpr, MAN: tl.constexpr, FNUZ: tl.constexpr):
 
 
 @triton.jit
+def _convert(x, dst, scale, head, d, D: tl.constexpr, HEAD_DIM: tl.constexpr, MERGED: tl.constexpr,
+             QUANT: tl.constexpr, SCALE_PER_HEAD: tl.constexpr, FP8_MAX: tl.constexpr, FP8_BIAS: tl.constexpr,
+             FP8_MAN: tl.constexpr, FP8_FNUZ: tl.constexpr):
+    """Rows ``x`` (input dtype) -> the cache's element type: as they are, or ``x / scale`` in fp8."""
+    if QUANT != 0:
+        if SCALE_PER_HEAD:
+            if MERGED:  # the row holds every head: the head is d // HEAD_DIM
+                s = tl.load(scale + d // HEAD_DIM, mask=d < D, other=1.0)[None, :]
+            else:
+                s = tl.load(scale + head)[:, None]
+        else:
+            s = tl.load(scale)
+        y = x.to(tl.float32) * (1.0 / s)
+        # saturate (e4m3fn has no infinity) but keep NaN: plain min/max would turn it into -max
+        y = tl.clamp(y, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+        if QUANT == 1:
+            x = y.to(dst.dtype.element_ty)
+        else:
+            x = _fp8_encode(y, FP8_BIAS, FP8_MAN, FP8_FNUZ)
+    return x
+
+
+@triton.jit
 def _write_side(
     src, src_stride_t, src_stride_h, dst, scale,
     tok, head, blk, off, row_in, row_ok,
@@ -117,21 +145,8 @@ def _write_side(
         x = tl.load(src_ptrs, mask=row_in[:, None] & col_ok, eviction_policy="evict_first")
     else:
         x = tl.load(src_ptrs, mask=row_in[:, None] & col_ok)
-    if QUANT != 0:
-        if SCALE_PER_HEAD:
-            if MERGED:  # the row holds every head: the head is d // HEAD_DIM
-                s = tl.load(scale + d // HEAD_DIM, mask=d < D, other=1.0)[None, :]
-            else:
-                s = tl.load(scale + head)[:, None]
-        else:
-            s = tl.load(scale)
-        y = x.to(tl.float32) * (1.0 / s)
-        # saturate (e4m3fn has no infinity) but keep NaN: plain min/max would turn it into -max
-        y = tl.clamp(y, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-        if QUANT == 1:
-            x = y.to(dst.dtype.element_ty)
-        else:
-            x = _fp8_encode(y, FP8_BIAS, FP8_MAN, FP8_FNUZ)
+    x = _convert(x, dst, scale, head, d, D, HEAD_DIM, MERGED, QUANT, SCALE_PER_HEAD, FP8_MAX, FP8_BIAS, FP8_MAN,
+                 FP8_FNUZ)
     row_off = blk * S_BLOCK + off * S_TOKEN + head * S_HEAD
     dst_ptrs = dst + row_off[:, None] + ((d // X) * S_CHUNK + d % X)[None, :]
     mask = row_ok[:, None] & col_ok
@@ -184,6 +199,98 @@ def _write_kv_kernel(
                 QUANT, V_SCALE_HEAD, FP8_MAX, FP8_BIAS, FP8_MAN, FP8_FNUZ, STREAMING)
 
 
+@triton.jit
+def _head_major_runs(
+    src, src_stride_t, src_stride_h, dst, scale, tok, heads, t, n_here, run, base_a, base_b,
+    D: tl.constexpr, D_PAD: tl.constexpr, S_TOKEN: tl.constexpr, S_CHUNK: tl.constexpr, X: tl.constexpr,
+    QUANT: tl.constexpr, SCALE_PER_HEAD: tl.constexpr,
+    FP8_MAX: tl.constexpr, FP8_BIAS: tl.constexpr, FP8_MAN: tl.constexpr, FP8_FNUZ: tl.constexpr,
+    STREAMING: tl.constexpr,
+):
+    """One side of ``_write_head_major_kernel``'s fast path: tokens ``t < run`` go to the slots
+    from ``base_a`` on, the rest (to ``n_here``) to those from ``base_b`` (both relative to token 0):
+    each store's addresses are a scalar plus ``t * S_TOKEN``, so the compiler lays the tile out
+    with the tokens, which are consecutive in the cache, in neighbouring lanes."""
+    d = tl.arange(0, D_PAD)
+    col_ok = (d < D)[None, :]
+    here = t < n_here
+    src_ptrs = src + (tok * src_stride_t + heads * src_stride_h)[:, None] + d[None, :]
+    if STREAMING:
+        x = tl.load(src_ptrs, mask=here[:, None] & col_ok, eviction_policy="evict_first")
+    else:
+        x = tl.load(src_ptrs, mask=here[:, None] & col_ok)
+    x = _convert(x, dst, scale, heads, d, D, D, False, QUANT, SCALE_PER_HEAD, FP8_MAX, FP8_BIAS, FP8_MAN, FP8_FNUZ)
+    rel = (t * S_TOKEN)[:, None] + ((d // X) * S_CHUNK + d % X)[None, :]
+    first = t < run
+    tl.store(dst + base_a + rel, x, mask=(first & here)[:, None] & col_ok)
+    tl.store(dst + base_b + rel, x, mask=((t >= run) & here)[:, None] & col_ok)
+
+
+@triton.jit(do_not_specialize=["n_tokens"])
+def _write_head_major_kernel(
+    k_src, v_src, k_dst, v_dst, slot_mapping, k_scale, v_scale,
+    n_tokens, k_stride_t, k_stride_h, v_stride_t, v_stride_h,
+    HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SLOTS: tl.constexpr, ROWS: tl.constexpr,
+    OFF64: tl.constexpr, MERGED: tl.constexpr,
+    DK: tl.constexpr, DK_PAD: tl.constexpr, HEAD_DIM_K: tl.constexpr,
+    KB: tl.constexpr, KT: tl.constexpr, KH: tl.constexpr, KC: tl.constexpr, KX: tl.constexpr,
+    DV: tl.constexpr, DV_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    VB: tl.constexpr, VT: tl.constexpr, VH: tl.constexpr, VC: tl.constexpr, VX: tl.constexpr,
+    QUANT: tl.constexpr, K_SCALE_HEAD: tl.constexpr, V_SCALE_HEAD: tl.constexpr,
+    FP8_MAX: tl.constexpr, FP8_BIAS: tl.constexpr, FP8_MAN: tl.constexpr, FP8_FNUZ: tl.constexpr,
+    STREAMING: tl.constexpr,
+):
+    """Head-major caches (value ``[blocks, H, D, block_size]``, key ``[blocks, H, D // x, block_size, x]``):
+    program ``(c, h)`` writes tokens ``[c*ROWS, (c+1)*ROWS)`` (``ROWS <= BLOCK_SIZE``) of kv head ``h``.
+
+    A token's elements are ``block_size`` (value) or ``block_size * x`` (key) apart there, so the
+    row kernel's stores are 2- or 16-byte pieces each in its own memory sector. When the program's
+    tokens fill consecutive slots -- one run, or two when they cross into another block at its
+    start, as the tokens of a prefill do -- the tile is stored with the tokens in neighbouring
+    lanes: the slots of consecutive tokens are neighbours in the cache (``S_TOKEN`` apart). Any
+    other slot pattern (decode's one token per sequence, padding, repeats) takes the row kernel's
+    scattered stores (``_write_side``). Either way only slots in ``[0, NUM_SLOTS)`` are written.
+    """
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    t = tl.arange(0, ROWS)
+    first_tok = c * ROWS
+    n_here = tl.minimum(n_tokens - first_tok, ROWS)
+    tok = first_tok + t
+    in_range = t < n_here
+    slot = tl.load(slot_mapping + tok, mask=in_range, other=-1)
+    row_ok = (slot >= 0) & (slot < NUM_SLOTS)
+    s0 = tl.load(slot_mapping + first_tok)
+    run = BLOCK_SIZE - s0 % BLOCK_SIZE  # tokens left in the first token's block
+    s1 = tl.load(slot_mapping + first_tok + run, mask=run < n_here, other=0)
+    ok = (slot == tl.where(t < run, s0 + t, s1 + (t - run))) | ~in_range
+    fast = ((tl.min(ok.to(tl.int32), axis=0) == 1) & (s0 >= 0) & (s0 < NUM_SLOTS)
+            & ((run >= n_here) | ((s1 >= 0) & (s1 < NUM_SLOTS) & (s1 % BLOCK_SIZE + (n_here - run) <= BLOCK_SIZE))))
+    if OFF64:
+        slot, tok, s0, s1 = slot.to(tl.int64), tok.to(tl.int64), s0.to(tl.int64), s1.to(tl.int64)
+    else:
+        slot, s0, s1 = slot.to(tl.int32), s0.to(tl.int32), s1.to(tl.int32)
+    heads = tl.zeros([ROWS], dtype=tl.int32) + h
+    if fast:
+        # the slots of token 0 of each run, as offsets of (block, head, token) without the element
+        blk_a, off_a, blk_b, off_b = s0 // BLOCK_SIZE, s0 % BLOCK_SIZE, s1 // BLOCK_SIZE, s1 % BLOCK_SIZE - run
+        _head_major_runs(k_src, k_stride_t, k_stride_h, k_dst, k_scale, tok, heads, t, n_here, run,
+                         blk_a * KB + h * KH + off_a * KT, blk_b * KB + h * KH + off_b * KT,
+                         DK, DK_PAD, KT, KC, KX, QUANT, K_SCALE_HEAD, FP8_MAX, FP8_BIAS, FP8_MAN, FP8_FNUZ, STREAMING)
+        _head_major_runs(v_src, v_stride_t, v_stride_h, v_dst, v_scale, tok, heads, t, n_here, run,
+                         blk_a * VB + h * VH + off_a * VT, blk_b * VB + h * VH + off_b * VT,
+                         DV, DV_PAD, VT, VC, VX, QUANT, V_SCALE_HEAD, FP8_MAX, FP8_BIAS, FP8_MAN, FP8_FNUZ, STREAMING)
+    else:
+        blk = slot // BLOCK_SIZE
+        off = slot % BLOCK_SIZE
+        _write_side(k_src, k_stride_t, k_stride_h, k_dst, k_scale, tok, heads, blk, off, in_range, row_ok,
+                    DK, DK_PAD, HEAD_DIM_K, False, KB, KT, KH, KC, KX,
+                    QUANT, K_SCALE_HEAD, FP8_MAX, FP8_BIAS, FP8_MAN, FP8_FNUZ, STREAMING)
+        _write_side(v_src, v_stride_t, v_stride_h, v_dst, v_scale, tok, heads, blk, off, in_range, row_ok,
+                    DV, DV_PAD, HEAD_DIM_V, False, VB, VT, VH, VC, VX,
+                    QUANT, V_SCALE_HEAD, FP8_MAX, FP8_BIAS, FP8_MAN, FP8_FNUZ, STREAMING)
+
+
 # -- planning (cached per descriptor, input strides, alignment and batch bucket) -------------------
 def _fp8_mode(platform, fp8_dtype: torch.dtype) -> int:
     """fp32 -> ``fp8_dtype`` in hardware where the platform has the conversion, else (and under the
@@ -204,7 +311,7 @@ class _Plan:
     first launch compiled it, the compiled kernel (then launched directly)."""
 
     __slots__ = ("constexprs", "tail", "rows", "heads", "num_warps", "quant", "src_view", "dst_view",
-                 "kernel", "config", "int_args", "max_n32", "device", "v_dst_offset_bytes", "desc")
+                 "kernel", "config", "int_args", "max_n32", "device", "v_dst_offset_bytes", "desc", "head_major")
 
     def __repr__(self) -> str:
         c = self.constexprs
@@ -232,7 +339,7 @@ def _max_tokens_int32(a: torch.Tensor, b: torch.Tensor) -> int:
 
 def _make_plan(desc, k_strides, v_strides, dk: int, dv: int, heads: int, in_dtype: torch.dtype,
                mergeable: bool, n: int, off64: bool, k_scale_head: bool, v_scale_head: bool,
-               cfg: WriteConfig) -> _Plan:
+               cfg: WriteConfig, head_major: bool = False) -> _Plan:
     cache_dtype = desc.cache_dtype
     p = _Plan()
     p.config = cfg
@@ -261,6 +368,9 @@ def _make_plan(desc, k_strides, v_strides, dk: int, dv: int, heads: int, in_dtyp
     sms = desc.platform.multiprocessors or 1
     while rows > 1 and -(-n_rows // rows) < cfg.min_programs_per_sm * sms:
         rows //= 2
+    p.head_major = head_major
+    if head_major:  # a program's tokens (at most one block's: at most two runs of slots), one head
+        rows = _floor_pow2(min(desc.block_size, 64))
     # no more threads than 16-byte vectors in the tile (extra warps would only replicate)
     vectors = rows * row_bytes // 16
     p.num_warps = max(1, min(cfg.num_warps, _floor_pow2(max(vectors // 32, 1))))
@@ -311,14 +421,17 @@ def _launch(plan: _Plan, n: int, k_src, v_src, k_dst, v_dst, slot_mapping, k_sca
             v_dst_offset: int = 0) -> None:
     """Launch ``plan`` over ``n`` tokens; ``ptrs``: k_src, v_src, k_dst, v_dst, slot_mapping's data
     pointers (as plan_for saw them); ``v_dst_offset`` shifts V's destination (MLA's k_pe)."""
-    n_rows = n * plan.heads
-    grid = -(-n_rows // plan.rows)
+    if plan.head_major:  # programs (token tiles, heads); the kernel counts tokens
+        n_rows, grid, grid_y = n, -(-n // plan.rows), plan.heads
+    else:  # programs over rows (token x head, or whole tokens)
+        n_rows = n * plan.heads
+        grid, grid_y = -(-n_rows // plan.rows), 1
     if plan.kernel is not None and _no_launch_hooks():
         # The compiled kernel of exactly this specialization (the plan key holds everything
         # Triton specializes on), launched with raw pointers (launch.direct); constexpr slots last.
         launch, head = plan.kernel
         ia = plan.int_args
-        launch(grid, 1, 1, _stream(plan.device), *head,
+        launch(grid, grid_y, 1, _stream(plan.device), *head,
                ptrs[0], ptrs[1], ptrs[2], ptrs[3] + plan.v_dst_offset_bytes, ptrs[4],
                None if k_scale is None else k_scale.data_ptr(),
                None if v_scale is None else v_scale.data_ptr(),
@@ -326,7 +439,8 @@ def _launch(plan: _Plan, n: int, k_src, v_src, k_dst, v_dst, slot_mapping, k_sca
         return
     v_dst_t = v_dst[..., v_dst_offset:] if v_dst_offset else v_dst
     ia = plan.int_args
-    compiled = _write_kv_kernel[(grid, 1, 1)](
+    kernel = _write_head_major_kernel if plan.head_major else _write_kv_kernel
+    compiled = kernel[(grid, grid_y, 1)](
         _view(k_src, plan.src_view), _view(v_src, plan.src_view),
         _view(k_dst, plan.dst_view), _view(v_dst_t, plan.dst_view), slot_mapping,
         k_scale, v_scale, n_rows, ia[0], ia[1], ia[2], ia[3],
@@ -389,7 +503,8 @@ def _plan_kv(ck, n, key, value, key_cache, value_cache, desc, plans: dict) -> _P
     cfg = config_for(desc.platform, _interpreting())
     off64 = not desc.int32_offsets or in64 or bool(cfg.offsets64)
     plan = _make_plan(desc, desc.k, desc.v, dk, dv, h, quant_in, mergeable, _floor_pow2(n), off64,
-                      quant and desc.scale_kinds[0] == "head", quant and desc.scale_kinds[1] == "head", cfg)
+                      quant and desc.scale_kinds[0] == "head", quant and desc.scale_kinds[1] == "head", cfg,
+                      head_major=desc.is_head_major)
     plans[ck] = plan = _finish_plan(plan, key, value, key_cache, 0, off64)
     return plan
 

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from .compare import attention_mismatch, base, bases, caches_mismatch, clone_views, force_backend
-from .layouts import device_fill, make_kv_cache, make_mla_cache, random_block_table, random_slots
+from .layouts import block_slots, device_fill, make_kv_cache, make_mla_cache, random_block_table, random_slots
 
 __all__ = ["OPS", "Case", "Workload", "default_suite", "quick_suite", "select_cases",
            "ATTENTION_OPS", "WRITE_OPS", "DTYPES"]
@@ -43,7 +43,8 @@ class Case:
     e4m3 cache (writes quantize with per-tensor scales, attention dequantizes with descales).
     Writes use ``tokens``; attention uses ``batch`` sequences of ``kv_len`` keys with ``q_len``
     queries each; "mixed" makes the first ``prefills`` sequences chunked prefills of ``q_len``
-    queries and the rest decodes (one query).
+    queries and the rest decodes (one query). ``slots`` (writes): "random" (every token in a random
+    slot of its own), or "prefill" (random blocks filled by consecutive tokens, as a prefill writes).
     """
 
     op: str
@@ -62,6 +63,7 @@ class Case:
     causal: bool = True
     kv_lora_rank: int = 512
     rope_dim: int = 64
+    slots: str = "random"
 
     @property
     def act_dtype(self) -> torch.dtype:
@@ -89,7 +91,8 @@ class Case:
     def shape(self) -> str:
         if self.op == "write":
             dv = f"/{self.head_size_v}" if self.head_size_v else ""
-            return f"H{self.num_kv_heads}xD{self.head_size}{dv} bs{self.block_size}"
+            slots = "" if self.slots == "random" else f" {self.slots} slots"
+            return f"H{self.num_kv_heads}xD{self.head_size}{dv} bs{self.block_size}{slots}"
         if self.op == "mla-write":
             return f"{self.kv_lora_rank}+{self.rope_dim} bs{self.block_size}"
         dv = f"/{self.head_size_v}" if self.head_size_v else ""
@@ -117,6 +120,9 @@ def default_suite() -> list:
     cases = [replace(w, tokens=t) for t in (256, 4096, 32768)]
     for layout in ("HND", "combined", "combined-HND", "cross-layer", "head-major"):
         cases += [replace(w, layout=layout, tokens=t) for t in (4096, 32768)]
+    # a prefill's slots (consecutive tokens per block): what the head-major tile path is for
+    cases += [replace(w, layout=layout, tokens=32768, slots="prefill") for layout in ("NHD", "head-major")]
+    cases.append(replace(w, layout="head-major", tokens=4096, slots="prefill"))
     cases.append(replace(w, layout="diffkv", head_size=128, head_size_v=64, tokens=32768))
     cases += [replace(w, dtype="fp16", tokens=32768), replace(w, dtype="fp8", tokens=4096),
               replace(w, dtype="fp8", tokens=32768), replace(w, dtype="fp8", layout="HND", tokens=32768)]
@@ -266,7 +272,8 @@ class Workload:
         act = c.act_dtype
         self.t.update(key=torch.randn(t, h, dk, device=dev, dtype=act), value=torch.randn(t, h, dv, device=dev, dtype=act),
                       key_cache=kc, value_cache=vc,
-                      slot_mapping=random_slots(t, nb, c.block_size, dtype=torch.int64).to(dev),
+                      slot_mapping=(block_slots if c.slots == "prefill" else random_slots)(
+                          t, nb, c.block_size, dtype=torch.int64).to(dev),
                       k_scale=None, v_scale=None, kv_cache_dtype=c.kv_cache_dtype)
         if c.dtype == "fp8":
             self.t.update(k_scale=torch.tensor([0.02], device=dev), v_scale=torch.tensor([0.03], device=dev))

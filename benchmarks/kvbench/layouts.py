@@ -15,7 +15,7 @@ from kvdispatch.descriptor import FP8_DTYPES
 
 __all__ = [
     "LAYOUTS", "ATTENTION_LAYOUTS", "make_kv_cache", "make_mla_cache", "random_fill", "device_fill",
-    "random_slots", "random_block_table", "fp8_max",
+    "random_slots", "block_slots", "random_block_table", "fp8_max",
 ]
 
 # Layouts of a K/V cache pair (4-D views indexed [block, token, head, dim], or head-major).
@@ -150,6 +150,18 @@ def random_slots(num_tokens: int, num_blocks: int, block_size: int, dtype=torch.
     if pad_fraction > 0 and num_tokens:
         pad = torch.rand(num_tokens, generator=generator) < pad_fraction
         slots[pad] = -1
+    return slots.to(dtype=dtype, device=device)
+
+
+def block_slots(num_tokens: int, num_blocks: int, block_size: int, dtype=torch.int64, device="cpu",
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Slots of a prefill as an engine assigns them: distinct random blocks, filled by consecutive
+    tokens from their first slot on."""
+    blocks = -(-num_tokens // block_size)
+    if blocks > num_blocks:
+        raise ValueError(f"{num_tokens} tokens need {blocks} blocks, the cache has {num_blocks}")
+    order = torch.randperm(num_blocks, generator=generator)[:blocks]
+    slots = (order[:, None] * block_size + torch.arange(block_size)).flatten()[:num_tokens]
     return slots.to(dtype=dtype, device=device)
 
 

@@ -118,19 +118,22 @@ def test_int64_offsets_path(layout):
     assert _write_both(layout).constexprs["OFF64"] is False
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
-@pytest.mark.parametrize("slots_kind", ["aligned", "unaligned", "padded", "two_sequences"])
-def test_head_major_prefill_slots(slots_kind, kv_cache_dtype):
+@pytest.mark.parametrize("kv_cache_dtype,bs,slot_dtype", [("auto", 16, torch.int64), ("fp8", 16, torch.int64),
+                                                          ("auto", 32, torch.int32)])
+@pytest.mark.parametrize("slots_kind", ["aligned", "unaligned", "padded", "two_sequences", "blocks"])
+def test_head_major_prefill_slots(slots_kind, kv_cache_dtype, bs, slot_dtype):
     """Head-major caches with prefill-like slot mappings (consecutive slots aligned to blocks,
-    starting mid-block, with padding, two sequences) against the reference, fp8 quantizing included."""
+    starting mid-block, with padding, two sequences, runs in shuffled blocks: the kernel's tile path
+    and its row path) against the reference, fp8 quantizing included."""
     gen = torch.Generator().manual_seed(7)
-    h, d, bs, nb = 4, 64, 16, 12
+    h, d, nb = 4, 64, 192 // bs
     dtype = torch.float8_e4m3fn if kv_cache_dtype == "fp8" else torch.bfloat16
     kc, vc = make_kv_cache("head-major", nb, bs, h, d, dtype=dtype, device=DEVICE)
     slots = {"aligned": torch.arange(16, 16 + 80), "unaligned": torch.arange(5, 5 + 77),
              "padded": torch.cat([torch.arange(32, 60), torch.tensor([-1, -1]), torch.arange(60, 90)]),
-             "two_sequences": torch.cat([torch.arange(3, 40), torch.arange(96, 140)])}[slots_kind]
-    slots = slots.to(torch.int64).to(DEVICE)
+             "two_sequences": torch.cat([torch.arange(3, 40), torch.arange(96, 140)]),
+             "blocks": (torch.randperm(nb, generator=gen)[:5, None] * bs + torch.arange(bs)).flatten()[:-3]}[slots_kind]
+    slots = slots.to(slot_dtype).to(DEVICE)
     t = slots.shape[0]
     key = (torch.randn(t, h, d, generator=gen) * 2).bfloat16().to(DEVICE)
     value = (torch.randn(t, h, d, generator=gen) * 2).bfloat16().to(DEVICE)
