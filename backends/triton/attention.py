@@ -66,7 +66,8 @@ PLAIN, FP8_NATIVE, FP8_E4M3_BITS, FP8_E5M2_BITS, FP8_E4M3FNUZ_BITS = 0, 1, 2, 3,
 _BITS_FACTOR = {FP8_E4M3_BITS: 2.0 ** 8, FP8_E5M2_BITS: 1.0, FP8_E4M3FNUZ_BITS: 2.0 ** 7}
 _BITS_MODE = {torch.float8_e4m3fn: FP8_E4M3_BITS, torch.float8_e5m2: FP8_E5M2_BITS,
               torch.float8_e4m3fnuz: FP8_E4M3FNUZ_BITS}
-_PTXAS_ERRORS = tuple(e for e in (getattr(getattr(triton.runtime, "errors", None), "PTXASError", None),)
+_PTXAS_ERRORS = tuple(e for e in (getattr(getattr(triton.runtime, "errors", None), n, None)
+                                   for n in ("PTXASError", "OutOfResources"))
                       if e is not None)
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -125,7 +126,7 @@ def _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, 
           PAGED: tl.constexpr, INT64: tl.constexpr, KV_MODE: tl.constexpr,
           COMPUTE: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
           SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-          HAS_ALIBI: tl.constexpr, MASKED: tl.constexpr):
+          HAS_ALIBI: tl.constexpr, V_IS_K: tl.constexpr, MASKED: tl.constexpr):
     """One key tile ``[start, start + BLOCK_N)``: scores, (ALiBi), (masks), online-softmax update.
 
     ``slope2`` (HAS_ALIBI): each row's ALiBi slope in base-2 units (slope * log2(e)); unused otherwise.
@@ -223,7 +224,11 @@ def _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, 
     acc = acc * alpha[:, None]
 
     offs_dv = tl.arange(0, DV)
-    if DV_VALID < DV:
+    if V_IS_K:
+        # V is the first DV columns of K's rows (MLA's latent cache read as K and V): the tile
+        # already loaded, transposed in registers, instead of a second load of the same bytes
+        v = tl.trans(ka)
+    elif DV_VALID < DV:
         v_mask = offs_dv[None, :] < DV_VALID
         if MASKED:
             v_mask = v_mask & key_ok[:, None]
@@ -232,7 +237,8 @@ def _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, 
         v = tl.load(v_ptr + v_rows[:, None] + offs_dv[None, :], mask=key_ok[:, None], other=0.0)
     else:
         v = tl.load(v_ptr + v_rows[:, None] + offs_dv[None, :])
-    v = _to_compute(v, KV_MODE, COMPUTE)
+    if not V_IS_K:
+        v = _to_compute(v, KV_MODE, COMPUTE)
     if DOT_F32:
         acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
     elif IEEE:
@@ -263,7 +269,7 @@ def _attention_kernel(
     DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     HAS_QD: tl.constexpr, HAS_KD: tl.constexpr, HAS_VD: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_LSE: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_LSE: tl.constexpr, V_IS_K: tl.constexpr,
     SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """q ``(total_q, Hq, Dk)``, caches via the constexpr strides, out ``(total_q, Hq, Dv)``.
@@ -410,7 +416,7 @@ def _attention_kernel(
                                       window_left, window_right, qk_scale, softcap, slope2, K_SB, K_ST, K_SH, V_SB,
                                       V_ST, V_SH, PAGE, NUM_BLOCKS, BLOCK_N, DA, DB, DB_VALID, DV, DV_VALID, PAGED,
                                       INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP, HAS_LEFT, HAS_RIGHT, HAS_ALIBI,
-                                      region != 1)
+                                      V_IS_K, region != 1)
 
         offs_dv = tl.arange(0, DV)
         dv_ok = offs_dv[None, :] < DV_VALID
@@ -522,18 +528,19 @@ def _mode(dtype: torch.dtype, platform, interpreting: bool) -> int:
     return FP8_NATIVE if not interpreting and platform.native_fp8(dtype) else _BITS_MODE[dtype]
 
 
-def plan_for(q: torch.Tensor, out: torch.Tensor, desc, args, decode: bool) -> Plan:
-    """The kernel's constexprs and launch config for this call shape (kept by ``_prepare``)."""
+def plan_for(q: torch.Tensor, out: torch.Tensor, desc, args, decode: bool, v_is_k: bool = False) -> Plan:
+    """The kernel's constexprs and launch config for this call shape (kept by ``_prepare``); ``v_is_k``:
+    V is K's tensor read through its first ``head_size_v`` columns (``v_aliases_k``)."""
     interp = _interpreting()
     # every input of the constexprs and the tile below (the descriptor's key holds the cache's
     # dtypes, strides, head sizes, page size, int32 flag and device type)
     key = (desc.key, q.dtype, out.dtype, q.shape[1], decode, args.paged, args.seqused_k is not None,
            args.softcap > 0, args.window_left >= 0, args.window_right >= 0, args.q_descale is not None,
            args.k_descale is not None, args.v_descale is not None, args.alibi_slopes is not None,
-           args.s_aux is not None, args.softmax_lse is not None, interp, desc.platform)
+           args.s_aux is not None, args.softmax_lse is not None, interp, desc.platform, v_is_k)
     cfg = config_for(desc.platform, interp)
     dk, dv = desc.head_size_k, desc.head_size_v
-    tile = cfg.tile("decode" if decode else "prefill", max(dk, dv))
+    tile = cfg.tile(("decode_shared_kv" if v_is_k else "decode") if decode else "prefill", max(dk, dv))
     da = _pow2_floor(dk)
     rest = dk - da
     db = _pow2_ceil(rest) if rest else 0
@@ -574,7 +581,7 @@ def plan_for(q: torch.Tensor, out: torch.Tensor, desc, args, decode: bool) -> Pl
         HAS_VD=args.v_descale is not None, SOFTCAP=args.softcap > 0,
         HAS_LEFT=args.window_left >= 0, HAS_RIGHT=args.window_right >= 0,
         HAS_ALIBI=args.alibi_slopes is not None, HAS_SINKS=args.s_aux is not None,
-        HAS_LSE=args.softmax_lse is not None,
+        HAS_LSE=args.softmax_lse is not None, V_IS_K=v_is_k,
     )
     kv_factor = _BITS_FACTOR.get(kv_mode, 1.0)
     return Plan(key, tile, constexprs, kv_factor, kv_factor, _BITS_FACTOR.get(q_mode, 1.0) / q_pre, cfg)
@@ -649,8 +656,8 @@ _POINTERS = ("q", "k", "v", "out", "ws_o", "ws_ml", "a.cu_seqlens_q", "a.cu_seql
              "a.softmax_lse")
 
 
-def _prepare(q, k, out, desc, args, decode: bool, device: int) -> _Prepared:
-    plan = plan_for(q, out, desc, args, decode)
+def _prepare(q, k, out, desc, args, decode: bool, v_is_k: bool, device: int) -> _Prepared:
+    plan = plan_for(q, out, desc, args, decode, v_is_k)
     c = plan.constexprs
     p = _Prepared(plan, decode, device, q.is_cuda and desc.platform.is_nvidia and not _interpreting())
     p.strided = any(unit_stride(t) is not t for t in (args.cu_seqlens_q, args.cu_seqlens_k, args.seqused_k,
@@ -696,6 +703,15 @@ def _gathers(args) -> dict:
     return out
 
 
+def v_aliases_k(desc) -> bool:
+    """Can V be K's tensor read through its first ``head_size_v`` columns (MLA's latent cache passed
+    as both, ``k = cache``, ``v = cache[..., :kv_lora_rank]``)? Then, when the two pointers are equal,
+    the kernel reuses the K tile it loaded. Needs equal strides and V exactly K's power-of-two part."""
+    ks, vs = desc.k, desc.v
+    return (desc.head_size_v < desc.head_size_k and desc.head_size_v == _pow2_floor(desc.head_size_k)
+            and (ks.block, ks.token, ks.head) == (vs.block, vs.token, vs.head))
+
+
 def _decode_block_m(desc) -> int:
     cfg = config_for(desc.platform, _interpreting())
     return cfg.tile("decode", max(desc.head_size_k, desc.head_size_v)).block_m
@@ -722,13 +738,15 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
     plans = args.plans
     if plans is None:
         plans = {}
-    base = plans.get(None)  # the decode boundary of this signature: max_seqlen_q <= base[0]
+    # this signature's decode boundary (max_seqlen_q <= base[0]) and whether its V may be K's tensor
+    base = plans.get(None)
     if base is None:
-        base = plans[None] = (_decode_block_m(desc) // (q.shape[1] // desc.num_kv_heads),)
-    opts = (args.max_seqlen_q <= base[0], args.softcap > 0, args.window_left, args.window_right, _device_index(q))
+        base = plans[None] = (_decode_block_m(desc) // (q.shape[1] // desc.num_kv_heads), v_aliases_k(desc))
+    opts = (args.max_seqlen_q <= base[0], args.softcap > 0, args.window_left, args.window_right,
+            base[1] and k.data_ptr() == v.data_ptr(), _device_index(q))
     prep = plans.get(opts)
     if prep is None:
-        prep = plans[opts] = _prepare(q, k, out, desc, args, opts[0], opts[4])
+        prep = plans[opts] = _prepare(q, k, out, desc, args, opts[0], opts[4], opts[5])
     _launch(prep, q, k, v, out, args, total_q, batch)
 
 
@@ -806,8 +824,9 @@ def _launch(prep: _Prepared, q, k, v, out, args, total_q: int, batch: int) -> No
             )
             break
         except _PTXAS_ERRORS:
-            # ptxas (12.9, triton 3.6) segfaults on some multi-stage pipelines; the kernel is
-            # compiled before anything runs, so retrying with fewer stages is safe.
+            # ptxas (12.9, triton 3.6) segfaults on some multi-stage pipelines, and a pipeline may
+            # need more shared memory than the device has (wide heads whose V is not K's tile);
+            # nothing has run yet, so retrying with fewer stages is safe.
             if plan.tile.num_stages <= 1:
                 raise
             plan = prep.plan = plan._replace(tile=dataclasses.replace(plan.tile, num_stages=plan.tile.num_stages - 1))

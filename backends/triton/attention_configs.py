@@ -44,8 +44,13 @@ class AttentionConfig:
     split_programs_per_sm: int
     split_min_keys: int
     source: str
+    # decode tiles where V is read from K's tile (MLA's latent cache as both, ``v_aliases_k``): only
+    # K's tile takes shared memory there; empty: the decode tiles
+    decode_shared_kv: tuple = ()
 
     def tile(self, kind: str, head_size: int) -> TileConfig:
+        if kind == "decode_shared_kv" and not self.decode_shared_kv:
+            kind = "decode"
         for t in getattr(self, kind):
             if head_size <= t.max_head_size:
                 return t
@@ -66,6 +71,11 @@ class AttentionConfig:
 # per SM when splitting (b4 x 16384, 128 heads: 122 us with 16 splits, 140 us with 32, 267 us for
 # the earlier 32x32 tile; 2 stages do not fit in shared memory). Split-KV: whole waves of
 # 2 programs per SM, >= 512 keys per split (the best split count of every swept case).
+# MLA decode (V read from K's tile): 16x64, 4 warps, 2 stages, measured on an H200 (2026-12-02,
+# `kvdispatch bench --tune attention --sections copy,mla,tiles --tiles "mla16:..."`, results in
+# benchmarks/results/h200_mla_tiles.md): B32 x 4096, 16 q heads, page 64: 70.3 us (graph), against
+# 123.1 for the decode table's 16x32/8 warps/2 stages, 76.5 for 16x32/4/2, 85-93 for 64- and
+# 128-key tiles with 8 warps, 71.1 with 3 stages; automatic splits (8) beat 4 and 16.
 _H100 = AttentionConfig(
     decode=(
         TileConfig(128, block_m=16, block_n=128, num_warps=4, num_stages=2),
@@ -80,7 +90,9 @@ _H100 = AttentionConfig(
     ),
     split_programs_per_sm=2,
     split_min_keys=512,
-    source="H100 80GB HBM3 (sm90): kvdispatch bench --tune attention, see benchmarks/results/attention_h100.md",
+    source="H100 80GB HBM3 (sm90): kvdispatch bench --tune attention, see benchmarks/results/attention_h100.md; "
+           "MLA decode tile: H200, benchmarks/results/h200_mla_tiles.md",
+    decode_shared_kv=(TileConfig(1024, block_m=16, block_n=64, num_warps=4, num_stages=2),),
 )
 
 NVIDIA = {

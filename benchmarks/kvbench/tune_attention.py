@@ -173,7 +173,9 @@ def sdpa_check(kw):
 def kv_bytes(kw):
     lens = kw["seqused_k"].sum().item()
     k, v = kw["k"], kw["v"]
-    return lens * k.shape[2] * (k.shape[3] + v.shape[3]) * k.element_size()
+    # V read through K's first columns (MLA's latent cache): its bytes are K's
+    dims = k.shape[3] if v.data_ptr() == k.data_ptr() and v.stride() == k.stride() else k.shape[3] + v.shape[3]
+    return lens * k.shape[2] * dims * k.element_size()
 
 
 def decode_rows(results, section, kw, label, copy_bw, with_competitors=True, splits=(None, 1)):
@@ -290,6 +292,7 @@ def run_tune_attention(args, argv) -> dict:
             "fp8": make_case(32, 1, 4096, fp8=torch.float8_e4m3fn),
             "prefill": make_case(8, 2048, 2048),
             "mla128": make_case(4, 1, 16384, layout="mla-slices", hq=128, hkv=1, d=576, dv=512),
+            "mla16": make_case(32, 1, 4096, layout="mla-slices", hq=16, hkv=1, d=576, dv=512, bs=64),
         }
         refs = {k: reference(kw) for k, kw in cases.items()}
         T = ac.TileConfig
