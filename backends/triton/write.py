@@ -15,8 +15,8 @@ the 16-byte alignment that vectorizes the stores). On caches where a token's hea
 (``heads * head_size`` elements): fewer rows, one slot load per token, longer bursts.
 
 Head-major caches (vLLM's 5-D key / 4-D value pair) put a token's elements ``block_size`` apart, so
-rows would be stored as 2- or 16-byte pieces: ``_write_head_major_kernel`` takes a block's worth of
-tokens of one head per program and, when their slots are consecutive (a prefill's), stores the tile
+rows would be stored as 2- or 16-byte pieces: the kernel's ``HEAD_MAJOR`` form takes a block's worth
+of tokens of one head per program and, when their slots are consecutive (a prefill's), stores the tile
 with the tokens in neighbouring lanes; other slot patterns take the row path in the same kernel.
 
 The MLA write is the same kernel with ``kv_c`` as "K" and ``k_pe`` as "V", both one head, "V"
@@ -156,49 +156,6 @@ def _write_side(
         tl.store(dst_ptrs, x, mask=mask)
 
 
-@triton.jit(do_not_specialize=["n_rows"])
-def _write_kv_kernel(
-    k_src, v_src, k_dst, v_dst, slot_mapping, k_scale, v_scale,
-    n_rows, k_stride_t, k_stride_h, v_stride_t, v_stride_h,
-    HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SLOTS: tl.constexpr, ROWS: tl.constexpr,
-    OFF64: tl.constexpr, MERGED: tl.constexpr,
-    DK: tl.constexpr, DK_PAD: tl.constexpr, HEAD_DIM_K: tl.constexpr,
-    KB: tl.constexpr, KT: tl.constexpr, KH: tl.constexpr, KC: tl.constexpr, KX: tl.constexpr,
-    DV: tl.constexpr, DV_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    VB: tl.constexpr, VT: tl.constexpr, VH: tl.constexpr, VC: tl.constexpr, VX: tl.constexpr,
-    QUANT: tl.constexpr, K_SCALE_HEAD: tl.constexpr, V_SCALE_HEAD: tl.constexpr,
-    FP8_MAX: tl.constexpr, FP8_BIAS: tl.constexpr, FP8_MAN: tl.constexpr, FP8_FNUZ: tl.constexpr,
-    STREAMING: tl.constexpr,
-):
-    """Rows ``[pid*ROWS, (pid+1)*ROWS)`` of the ``n_rows = tokens * HEADS`` rows of K and V.
-
-    A row is (token, head) (``HEADS`` = kv heads) or a whole token (``HEADS`` = 1, ``MERGED``).
-    Slots < 0 are padding: those rows are not written. So are slots >= ``NUM_SLOTS`` (the cache's
-    ``num_blocks * block_size``): whatever slot_mapping holds, nothing is stored outside the cache
-    (one compare on the slot already in registers; the value check raises on them first when it runs).
-    """
-    pid = tl.program_id(0)
-    r = pid * ROWS + tl.arange(0, ROWS)
-    in_range = r < n_rows
-    tok = r // HEADS
-    head = r % HEADS
-    slot = tl.load(slot_mapping + tok, mask=in_range, other=-1)
-    row_ok = (slot >= 0) & (slot < NUM_SLOTS)
-    if OFF64:
-        slot = slot.to(tl.int64)
-        tok = tok.to(tl.int64)
-    else:
-        slot = slot.to(tl.int32)
-    blk = slot // BLOCK_SIZE
-    off = slot % BLOCK_SIZE
-    _write_side(k_src, k_stride_t, k_stride_h, k_dst, k_scale, tok, head, blk, off, in_range, row_ok,
-                DK, DK_PAD, HEAD_DIM_K, MERGED, KB, KT, KH, KC, KX,
-                QUANT, K_SCALE_HEAD, FP8_MAX, FP8_BIAS, FP8_MAN, FP8_FNUZ, STREAMING)
-    _write_side(v_src, v_stride_t, v_stride_h, v_dst, v_scale, tok, head, blk, off, in_range, row_ok,
-                DV, DV_PAD, HEAD_DIM_V, MERGED, VB, VT, VH, VC, VX,
-                QUANT, V_SCALE_HEAD, FP8_MAX, FP8_BIAS, FP8_MAN, FP8_FNUZ, STREAMING)
-
-
 @triton.jit
 def _head_major_runs(
     src, src_stride_t, src_stride_h, dst, scale, tok, heads, t, n_here, run, base_a, base_b,
@@ -207,7 +164,7 @@ def _head_major_runs(
     FP8_MAX: tl.constexpr, FP8_BIAS: tl.constexpr, FP8_MAN: tl.constexpr, FP8_FNUZ: tl.constexpr,
     STREAMING: tl.constexpr,
 ):
-    """One side of ``_write_head_major_kernel``'s fast path: tokens ``t < run`` go to the slots
+    """One side of the ``HEAD_MAJOR`` fast path of ``_write_kv_kernel``: tokens ``t < run`` go to the slots
     from ``base_a`` on, the rest (to ``n_here``) to those from ``base_b`` (both relative to token 0):
     each store's addresses are a scalar plus ``t * S_TOKEN``, so the compiler lays the tile out
     with the tokens, which are consecutive in the cache, in neighbouring lanes."""
@@ -226,10 +183,10 @@ def _head_major_runs(
     tl.store(dst + base_b + rel, x, mask=((t >= run) & here)[:, None] & col_ok)
 
 
-@triton.jit(do_not_specialize=["n_tokens"])
-def _write_head_major_kernel(
+@triton.jit(do_not_specialize=["n_rows"])
+def _write_kv_kernel(
     k_src, v_src, k_dst, v_dst, slot_mapping, k_scale, v_scale,
-    n_tokens, k_stride_t, k_stride_h, v_stride_t, v_stride_h,
+    n_rows, k_stride_t, k_stride_h, v_stride_t, v_stride_h,
     HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SLOTS: tl.constexpr, ROWS: tl.constexpr,
     OFF64: tl.constexpr, MERGED: tl.constexpr,
     DK: tl.constexpr, DK_PAD: tl.constexpr, HEAD_DIM_K: tl.constexpr,
@@ -238,56 +195,73 @@ def _write_head_major_kernel(
     VB: tl.constexpr, VT: tl.constexpr, VH: tl.constexpr, VC: tl.constexpr, VX: tl.constexpr,
     QUANT: tl.constexpr, K_SCALE_HEAD: tl.constexpr, V_SCALE_HEAD: tl.constexpr,
     FP8_MAX: tl.constexpr, FP8_BIAS: tl.constexpr, FP8_MAN: tl.constexpr, FP8_FNUZ: tl.constexpr,
-    STREAMING: tl.constexpr,
+    STREAMING: tl.constexpr, HEAD_MAJOR: tl.constexpr,
 ):
-    """Head-major caches (value ``[blocks, H, D, block_size]``, key ``[blocks, H, D // x, block_size, x]``):
-    program ``(c, h)`` writes tokens ``[c*ROWS, (c+1)*ROWS)`` (``ROWS <= BLOCK_SIZE``) of kv head ``h``.
+    """Row programs: rows ``[pid*ROWS, (pid+1)*ROWS)`` of the ``n_rows = tokens * HEADS`` rows of K
+    and V; a row is (token, head) (``HEADS`` = kv heads) or a whole token (``HEADS`` = 1, ``MERGED``).
 
-    A token's elements are ``block_size`` (value) or ``block_size * x`` (key) apart there, so the
-    row kernel's stores are 2- or 16-byte pieces each in its own memory sector. When the program's
-    tokens fill consecutive slots -- one run, or two when they cross into another block at its
-    start, as the tokens of a prefill do -- the tile is stored with the tokens in neighbouring
-    lanes: the slots of consecutive tokens are neighbours in the cache (``S_TOKEN`` apart). Any
-    other slot pattern (decode's one token per sequence, padding, repeats) takes the row kernel's
-    scattered stores (``_write_side``). Either way only slots in ``[0, NUM_SLOTS)`` are written.
+    ``HEAD_MAJOR`` (value ``[blocks, H, D, block_size]``, key ``[blocks, H, D // x, block_size, x]``;
+    ``n_rows`` = tokens): program ``(c, h)`` writes tokens ``[c*ROWS, (c+1)*ROWS)`` (``ROWS <=
+    BLOCK_SIZE``) of kv head ``h``. A token's elements are ``block_size`` (value) or ``block_size * x``
+    (key) apart there, so row stores are 2- or 16-byte pieces each in its own memory sector. When the
+    program's tokens fill consecutive slots -- one run, or two when they cross into another block at
+    its start, as the tokens of a prefill do -- the tile is stored with the tokens in neighbouring
+    lanes (``_head_major_runs``); any other slot pattern (decode's one token per sequence, padding,
+    repeats) takes the row stores.
+
+    Slots < 0 are padding: those rows are not written. So are slots >= ``NUM_SLOTS`` (the cache's
+    ``num_blocks * block_size``): whatever slot_mapping holds, nothing is stored outside the cache
+    (one compare on the slot already in registers; the value check raises on them first when it runs).
     """
-    c = tl.program_id(0)
-    h = tl.program_id(1)
-    t = tl.arange(0, ROWS)
-    first_tok = c * ROWS
-    n_here = tl.minimum(n_tokens - first_tok, ROWS)
-    tok = first_tok + t
-    in_range = t < n_here
+    if HEAD_MAJOR:
+        h = tl.program_id(1)
+        t = tl.arange(0, ROWS)
+        first_tok = tl.program_id(0) * ROWS
+        n_here = tl.minimum(n_rows - first_tok, ROWS)
+        tok = first_tok + t
+        in_range = t < n_here
+        head = tl.zeros([ROWS], dtype=tl.int32) + h
+    else:
+        r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        in_range = r < n_rows
+        tok = r // HEADS
+        head = r % HEADS
     slot = tl.load(slot_mapping + tok, mask=in_range, other=-1)
     row_ok = (slot >= 0) & (slot < NUM_SLOTS)
-    s0 = tl.load(slot_mapping + first_tok)
-    run = BLOCK_SIZE - s0 % BLOCK_SIZE  # tokens left in the first token's block
-    s1 = tl.load(slot_mapping + first_tok + run, mask=run < n_here, other=0)
-    ok = (slot == tl.where(t < run, s0 + t, s1 + (t - run))) | ~in_range
-    fast = ((tl.min(ok.to(tl.int32), axis=0) == 1) & (s0 >= 0) & (s0 < NUM_SLOTS)
-            & ((run >= n_here) | ((s1 >= 0) & (s1 < NUM_SLOTS) & (s1 % BLOCK_SIZE + (n_here - run) <= BLOCK_SIZE))))
+    fast: tl.constexpr = False  # a constexpr: the row programs compile no fast path
+    if HEAD_MAJOR:  # the fast path's test: the slots are s0, s0 + 1, ... then s1, s1 + 1, ...
+        s0 = tl.load(slot_mapping + first_tok)
+        run = BLOCK_SIZE - s0 % BLOCK_SIZE  # tokens left in the first token's block
+        s1 = tl.load(slot_mapping + first_tok + run, mask=run < n_here, other=0)
+        ok = (slot == tl.where(t < run, s0 + t, s1 + (t - run))) | ~in_range
+        fast = ((tl.min(ok.to(tl.int32), axis=0) == 1) & (s0 >= 0) & (s0 < NUM_SLOTS)
+                & ((run >= n_here) | ((s1 >= 0) & (s1 < NUM_SLOTS) & (s1 % BLOCK_SIZE + (n_here - run) <= BLOCK_SIZE))))
+        if OFF64:
+            s0, s1 = s0.to(tl.int64), s1.to(tl.int64)
+        else:
+            s0, s1 = s0.to(tl.int32), s1.to(tl.int32)
     if OFF64:
-        slot, tok, s0, s1 = slot.to(tl.int64), tok.to(tl.int64), s0.to(tl.int64), s1.to(tl.int64)
+        slot = slot.to(tl.int64)
+        tok = tok.to(tl.int64)
     else:
-        slot, s0, s1 = slot.to(tl.int32), s0.to(tl.int32), s1.to(tl.int32)
-    heads = tl.zeros([ROWS], dtype=tl.int32) + h
+        slot = slot.to(tl.int32)
     if fast:
         # the slots of token 0 of each run, as offsets of (block, head, token) without the element
         blk_a, off_a, blk_b, off_b = s0 // BLOCK_SIZE, s0 % BLOCK_SIZE, s1 // BLOCK_SIZE, s1 % BLOCK_SIZE - run
-        _head_major_runs(k_src, k_stride_t, k_stride_h, k_dst, k_scale, tok, heads, t, n_here, run,
+        _head_major_runs(k_src, k_stride_t, k_stride_h, k_dst, k_scale, tok, head, t, n_here, run,
                          blk_a * KB + h * KH + off_a * KT, blk_b * KB + h * KH + off_b * KT,
                          DK, DK_PAD, KT, KC, KX, QUANT, K_SCALE_HEAD, FP8_MAX, FP8_BIAS, FP8_MAN, FP8_FNUZ, STREAMING)
-        _head_major_runs(v_src, v_stride_t, v_stride_h, v_dst, v_scale, tok, heads, t, n_here, run,
+        _head_major_runs(v_src, v_stride_t, v_stride_h, v_dst, v_scale, tok, head, t, n_here, run,
                          blk_a * VB + h * VH + off_a * VT, blk_b * VB + h * VH + off_b * VT,
                          DV, DV_PAD, VT, VC, VX, QUANT, V_SCALE_HEAD, FP8_MAX, FP8_BIAS, FP8_MAN, FP8_FNUZ, STREAMING)
     else:
         blk = slot // BLOCK_SIZE
         off = slot % BLOCK_SIZE
-        _write_side(k_src, k_stride_t, k_stride_h, k_dst, k_scale, tok, heads, blk, off, in_range, row_ok,
-                    DK, DK_PAD, HEAD_DIM_K, False, KB, KT, KH, KC, KX,
+        _write_side(k_src, k_stride_t, k_stride_h, k_dst, k_scale, tok, head, blk, off, in_range, row_ok,
+                    DK, DK_PAD, HEAD_DIM_K, MERGED, KB, KT, KH, KC, KX,
                     QUANT, K_SCALE_HEAD, FP8_MAX, FP8_BIAS, FP8_MAN, FP8_FNUZ, STREAMING)
-        _write_side(v_src, v_stride_t, v_stride_h, v_dst, v_scale, tok, heads, blk, off, in_range, row_ok,
-                    DV, DV_PAD, HEAD_DIM_V, False, VB, VT, VH, VC, VX,
+        _write_side(v_src, v_stride_t, v_stride_h, v_dst, v_scale, tok, head, blk, off, in_range, row_ok,
+                    DV, DV_PAD, HEAD_DIM_V, MERGED, VB, VT, VH, VC, VX,
                     QUANT, V_SCALE_HEAD, FP8_MAX, FP8_BIAS, FP8_MAN, FP8_FNUZ, STREAMING)
 
 
@@ -382,6 +356,7 @@ def _make_plan(desc, k_strides, v_strides, dk: int, dv: int, heads: int, in_dtyp
         DV=sv[0], DV_PAD=sv[1], HEAD_DIM_V=sv[2], VB=sv[3], VT=sv[4], VH=sv[5], VC=sv[6], VX=sv[7],
         QUANT=p.quant, K_SCALE_HEAD=k_scale_head, V_SCALE_HEAD=v_scale_head,
         FP8_MAX=fmax, FP8_BIAS=bias, FP8_MAN=man, FP8_FNUZ=fnuz, STREAMING=cfg.streaming,
+        HEAD_MAJOR=head_major,
     )
     p.kernel = None
     p.desc = desc
@@ -439,8 +414,7 @@ def _launch(plan: _Plan, n: int, k_src, v_src, k_dst, v_dst, slot_mapping, k_sca
         return
     v_dst_t = v_dst[..., v_dst_offset:] if v_dst_offset else v_dst
     ia = plan.int_args
-    kernel = _write_head_major_kernel if plan.head_major else _write_kv_kernel
-    compiled = kernel[(grid, grid_y, 1)](
+    compiled = _write_kv_kernel[(grid, grid_y, 1)](
         _view(k_src, plan.src_view), _view(v_src, plan.src_view),
         _view(k_dst, plan.dst_view), _view(v_dst_t, plan.dst_view), slot_mapping,
         k_scale, v_scale, n_rows, ia[0], ia[1], ia[2], ia[3],
