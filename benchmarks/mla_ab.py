@@ -6,7 +6,7 @@
 import dataclasses, sys
 sys.path.insert(0, "benchmarks")
 import torch
-from kvdispatch import ops
+from kvdispatch.registry import registry
 from kvdispatch.backends.triton import attention, attention_configs as ac
 from kvbench import tune_attention as ta
 kw = ta.make_case(32, 1, 4096, layout="mla-slices", hq=16, hkv=1, d=576, dv=512, bs=64)
@@ -20,7 +20,7 @@ for alias in (True, False):
             c = orig_cfg(*a, **k)
             return c if tile == "new" else dataclasses.replace(c, decode_shared_kv=())
         attention.config_for = cfg
-        ops.forget()
+        registry.clear_selection()
         fn = ta.kvd_call(kw)
         try:
             out = fn()

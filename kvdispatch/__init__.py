@@ -10,8 +10,6 @@ from .ops import concat_and_cache_mla, flash_attn_varlen_func, reshape_and_cache
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "reshape_and_cache_flash", "concat_and_cache_mla", "flash_attn_varlen_func",
-    "KVCacheDescriptor", "CacheStrides", "select_backend", "list_backends",
-    "Backend", "AttentionArgs", "NoBackendError", "Platform", "platform_of", "hookimpl",
-]
+__all__ = ["reshape_and_cache_flash", "concat_and_cache_mla", "flash_attn_varlen_func", "KVCacheDescriptor",
+           "CacheStrides", "select_backend", "list_backends", "Backend", "AttentionArgs", "NoBackendError",
+           "Platform", "platform_of", "hookimpl"]

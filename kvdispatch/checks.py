@@ -13,12 +13,9 @@ from .hookspecs import AttentionArgs
 from .platform import env_bytes
 
 
-_OFF = (None, b"", b"0")
-
-
 def debug() -> bool:
     """``KVDISPATCH_DEBUG=1``: every backend gets the value checks (and the duplicate-slot check)."""
-    return env_bytes(b"KVDISPATCH_DEBUG") not in _OFF
+    return env_bytes(b"KVDISPATCH_DEBUG") not in (None, b"", b"0")
 
 
 def checks_values(backend) -> bool:
@@ -36,51 +33,44 @@ def check_slot_values(slot_mapping: torch.Tensor, desc: KVCacheDescriptor) -> No
                              f"{desc.block_size} = {total} slots (negative slots mark padding)")
         if debug():
             valid = slot_mapping[slot_mapping >= 0]
-            uniq = torch.unique(valid)
-            if uniq.numel() != valid.numel():
-                raise ValueError(f"slot_mapping: {valid.numel() - uniq.numel()} slot(s) named more than once "
+            if repeats := valid.numel() - torch.unique(valid).numel():
+                raise ValueError(f"slot_mapping: {repeats} slot(s) named more than once "
                                  "(each slot takes one token per call)")
 
 
-def _offsets(cu: torch.Tensor, name: str) -> torch.Tensor:
+def _lengths(cu: torch.Tensor, name: str, total: Optional[int]) -> torch.Tensor:
+    """The lengths of offsets ``cu`` (``cu_seqlens_q`` / ``_k``), checked, and their end against ``total`` tokens."""
     cu = cu.long()
     if cu.numel() and (int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any())):
         raise ValueError(f"{name}: expected non-decreasing offsets starting at 0")
-    return cu
+    if cu.numel() and total is not None and int(cu[-1]) > total:
+        raise ValueError(f"{name}: last offset {int(cu[-1])} exceeds {name[-1]}'s {total} tokens")
+    return cu[1:] - cu[:-1]
+
+
+def _check_max(lens: torch.Tensor, limit: int, name: str, what: str, unit: str) -> None:
+    longest = int(lens.max()) if lens.numel() else 0
+    if longest > limit:
+        raise ValueError(f"{name}: {limit} is below the longest {what} ({longest} {unit})")
 
 
 def check_attention_values(args: AttentionArgs, desc: KVCacheDescriptor, total_q: Optional[int] = None) -> None:
     """Offsets, lengths against the max_seqlen and block-table capacity, live block ids in the cache."""
-    cu = _offsets(args.cu_seqlens_q, "cu_seqlens_q")
-    if cu.numel() and total_q is not None and int(cu[-1]) > total_q:
-        raise ValueError(f"cu_seqlens_q: last offset {int(cu[-1])} exceeds q's {total_q} tokens")
-    longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
-    if longest > args.max_seqlen_q:
-        raise ValueError(f"max_seqlen_q: {args.max_seqlen_q} is below the longest query ({longest} tokens)")
-    if args.block_table is None:
-        ck = _offsets(args.cu_seqlens_k, "cu_seqlens_k")
-        if int(ck[-1]) > desc.block_size:  # non-paged: the "cache" is one block of total_k tokens
-            raise ValueError(f"cu_seqlens_k: last offset {int(ck[-1])} exceeds k's {desc.block_size} tokens")
-        lens = ck[1:] - ck[:-1]
+    lens = _lengths(args.cu_seqlens_q, "cu_seqlens_q", total_q)
+    _check_max(lens, args.max_seqlen_q, "max_seqlen_q", "query", "tokens")
+    if args.block_table is None:  # non-paged: the "cache" is one block of total_k tokens
+        lens = _lengths(args.cu_seqlens_k, "cu_seqlens_k", desc.block_size)
         if args.seqused_k is not None and lens.numel():
             lens = torch.minimum(lens, args.seqused_k.long())
-        return _check_max_k(args, lens)
-    used = args.seqused_k.long()
-    capacity = args.block_table.shape[1] * desc.block_size
+        return _check_max(lens, args.max_seqlen_k, "max_seqlen_k", "kv sequence", "keys")
+    used, width = args.seqused_k.long(), args.block_table.shape[1]
+    capacity = width * desc.block_size
     if used.numel() and (int(used.min()) < 0 or int(used.max()) > capacity):
-        raise ValueError(
-            f"seqused_k: expected lengths in [0, {capacity}] (block_table's {args.block_table.shape[1]} "
-            f"blocks x block_size {desc.block_size}), got range [{int(used.min())}, {int(used.max())}]")
-    _check_max_k(args, used)
-    nblk = (used + desc.block_size - 1) // desc.block_size
-    live = torch.arange(args.block_table.shape[1], device=used.device)[None, :] < nblk[:, None]
+        raise ValueError(f"seqused_k: expected lengths in [0, {capacity}] (block_table's {width} blocks x block_size "
+                         f"{desc.block_size}), got range [{int(used.min())}, {int(used.max())}]")
+    _check_max(used, args.max_seqlen_k, "max_seqlen_k", "kv sequence", "keys")
+    live = torch.arange(width, device=used.device)[None, :] * desc.block_size < used[:, None]  # the blocks in use
     ids = args.block_table.long()[live]
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= desc.num_blocks):
         raise ValueError(f"block_table: block ids must be in [0, {desc.num_blocks}) for the blocks a sequence uses, "
                          f"got range [{int(ids.min())}, {int(ids.max())}]")
-
-
-def _check_max_k(args: AttentionArgs, lens: torch.Tensor) -> None:
-    longest = int(lens.max()) if lens.numel() else 0
-    if longest > args.max_seqlen_k:
-        raise ValueError(f"max_seqlen_k: {args.max_seqlen_k} is below the longest kv sequence ({longest} keys)")

@@ -1,12 +1,12 @@
-"""``KVCacheDescriptor``: the one description of a paged KV cache that every backend consumes. Every layout
-(4-D in any memory order, vLLM's 5-D head-major key cache, the 3-D MLA latent cache) is addressed by one
-formula over five numbers per cache (K and V each)::
+"""``KVCacheDescriptor``: the one description of a paged KV cache that every backend consumes. Every layout (4-D in
+any memory order, vLLM's 5-D head-major key cache, the 3-D MLA latent cache) is addressed by one formula over five
+numbers per cache (K and V each)::
 
     offset(block, token, head, d) = block*s_block + token*s_token + head*s_head + (d // x)*s_chunk + d % x
 
-``x`` is the head size for 4-D caches (``d // x == 0``), 16 bytes for the head-major key, 1 for its value.
-The strides are the tensors' REAL strides (in elements), never assumed from a layout name, so a kernel
-that addresses through them cannot write to the wrong place on a permuted view.
+``x`` is the head size for 4-D caches (``d // x == 0``), 16 bytes for the head-major key, 1 for its value. The strides
+are the tensors' REAL strides (in elements), never assumed from a layout name, so a kernel that addresses through them
+cannot write to the wrong place on a permuted view.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ __all__ = ["KVCacheDescriptor", "CacheStrides", "FP8_DTYPES", "LAYOUTS_4D", "INT
 INT32_MAX = 2**31 - 1
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2)
 LAYOUTS_4D = ("NHD", "HND", "combined", "cross-layer", "diffkv", "strided")  # the others: head-major, mla
-_E4M3 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
+_FP8_NAMES = {torch.float8_e4m3fn: "e4m3", torch.float8_e4m3fnuz: "e4m3", torch.float8_e5m2: "e5m2"}
 _KV_CACHE_DTYPES = {"auto": "auto", "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
 
 
@@ -93,20 +93,19 @@ def _check_scale(scale, name: str, num_heads: int, device: torch.device) -> str:
 class KVCacheDescriptor:
     """Layout, real strides and fp8 scales of a paged KV cache; build it with :meth:`from_tensors`.
 
-    Fields: ``layout`` (for humans: one of ``LAYOUTS_4D``, ``"head-major"`` or ``"mla"``), ``num_blocks``,
-    ``block_size``, ``num_kv_heads``, ``head_size_k``, ``head_size_v``, ``storage_dtype`` (the tensor's,
-    maybe uint8), ``cache_dtype`` (the element type kernels read and write, fp8 resolved), ``kv_cache_dtype``
-    (canonical), ``fp8`` (None, ``"e4m3"``, ``"e5m2"``), ``k`` / ``v`` (:class:`CacheStrides`; ``v`` is None
-    for MLA), ``scale_kinds`` (K's and V's: ``"none"``, ``"tensor"``, ``"head"``; ``scale_kind`` is "head" if
-    either is), ``packed`` (K and V packed-contiguous NHD: the fast path), ``heads_contiguous`` (each token's
-    heads one contiguous row in K and V), ``max_offset`` (of either cache), ``int32_offsets`` (it fits in
-    int32), ``key`` (hashable, no tensors); per instance ``k_scale``, ``v_scale``, ``device``, ``platform``.
-    ``desc.write(key, value, key_cache, value_cache, slot_mapping)`` (attached by ``ops.py``) is
-    ``reshape_and_cache_flash`` with the descriptor's kv_cache_dtype and scales.
+    Fields: ``layout`` (for humans: one of ``LAYOUTS_4D``, "head-major", "mla"), ``num_blocks``, ``block_size``,
+    ``num_kv_heads``, ``head_size_k``, ``head_size_v``, ``storage_dtype`` (the tensor's, maybe uint8), ``cache_dtype``
+    (the element type kernels read and write, fp8 resolved), ``kv_cache_dtype`` (canonical), ``fp8`` (None, "e4m3",
+    "e5m2"), ``k`` / ``v`` (:class:`CacheStrides`; ``v`` is None for MLA), ``scale_kinds`` (K's and V's: "none",
+    "tensor", "head"; ``scale_kind`` is "head" if either is), ``packed`` (K and V packed-contiguous NHD: the fast
+    path), ``heads_contiguous`` (each token's heads one contiguous row in K and V), ``max_offset`` (of either cache),
+    ``int32_offsets`` (it fits in int32), ``key`` (hashable, no tensors); per instance ``k_scale``, ``v_scale``,
+    ``device``, ``platform``. ``desc.write(key, value, key_cache, value_cache, slot_mapping)`` (attached by
+    ``ops.py``) is ``reshape_and_cache_flash`` with the descriptor's kv_cache_dtype and scales.
 
-    The scales are held WEAKLY: descriptors are cached for the life of the process and must not keep
-    dropped tensors alive. Keep the scales alive while you use a descriptor (engines hold them as layer
-    buffers); once one is freed, ``k_scale`` / ``v_scale`` read None and the next call builds a new one.
+    The scales are held WEAKLY: descriptors are cached for the life of the process and must not keep dropped tensors
+    alive. Keep the scales alive while you use a descriptor (engines hold them as layer buffers); once one is freed,
+    ``k_scale`` / ``v_scale`` read None and the next call builds a new one.
     """
 
     __slots__ = ("layout", "num_blocks", "block_size", "num_kv_heads", "head_size_k", "head_size_v", "storage_dtype",
@@ -127,10 +126,8 @@ class KVCacheDescriptor:
         if kv_cache_dtype.__class__ is not str:
             normalize_kv_cache_dtype(kv_cache_dtype)  # raises, naming the argument
         vc = value_cache
-        # "auto" ignores scales (engines such as vLLM always pass their layer's scale tensors):
-        # leave them out of the key so those calls hit the same descriptor
-        auto = kv_cache_dtype == "auto"
-        ks, vs = (None, None) if auto else (k_scale, v_scale)
+        # "auto" ignores scales (vLLM always passes its layer's): keep them out of the key so such calls hit one entry
+        ks, vs = (None, None) if kv_cache_dtype == "auto" else (k_scale, v_scale)
         ck = (key_cache.shape, key_cache.stride(), key_cache.dtype, key_cache.device,
               None if vc is None else (vc.shape, vc.stride(), vc.dtype, vc.device)
               if isinstance(vc, torch.Tensor) else type(vc), kv_cache_dtype, id(ks), id(vs))
@@ -153,12 +150,9 @@ class KVCacheDescriptor:
             if kc.dim() != 3:
                 raise ValueError("kv_cache: the MLA latent cache must be 3-D [num_blocks, block_size, "
                                  f"kv_lora_rank + rope_dim], got shape {tuple(kc.shape)}")
-            nb, bs, dk = kc.shape
-            d.layout, d.num_blocks, d.block_size, d.num_kv_heads = "mla", nb, bs, 1
-            _check_sizes("kv_cache", bs, 1, dk)
-            d.head_size_k, d.head_size_v = dk, 0
-            d.k, d.v = CacheStrides(block=kc.stride(0), token=kc.stride(1), head=0, chunk=dk, x=dk), None
-            packed, max_off = kc.is_contiguous(), max_offset(kc)
+            (nb, bs, dk), h, dv = kc.shape, 1, 0
+            _check_sizes("kv_cache", bs, h, dk)
+            d.layout, d.packed, d.k, d.v = "mla", kc.is_contiguous(), CacheStrides(*kc.stride()[:2], 0, dk, dk), None
         else:
             if not isinstance(vc, torch.Tensor):
                 raise TypeError(f"value_cache: expected a tensor, got {type(vc).__name__}")
@@ -167,65 +161,50 @@ class KVCacheDescriptor:
                 raise ValueError(f"value_cache: expected the key_cache's device {kc.device}, got {vc.device}")
             if vc.dtype != kc.dtype:
                 raise TypeError(f"value_cache: expected the key_cache's dtype {kc.dtype}, got {vc.dtype}")
-            if kc.dim() == 5:  # head-major: key [blocks, H, D // x, bs, x], value [blocks, H, D, bs]
-                if vc.dim() != 4:
-                    raise ValueError("value_cache: with a 5-D head-major key_cache the value cache must be 4-D [num_"
-                                     f"blocks, num_kv_heads, head_size, block_size], got shape {tuple(vc.shape)}")
-                nb, h, nchunk, bs, x = kc.shape
-                vnb, vh, dv, vbs = vc.shape
-                d.layout, d.head_size_k, packed = "head-major", nchunk * x, False
-                d.k = CacheStrides(block=kc.stride(0), token=kc.stride(3), head=kc.stride(1), chunk=kc.stride(2), x=x)
-                d.v = CacheStrides(block=vc.stride(0), token=vc.stride(3), head=vc.stride(1), chunk=vc.stride(2), x=1)
-            elif kc.dim() == 4:
-                if vc.dim() != 4:
-                    raise ValueError("value_cache: expected 4-D [num_blocks, block_size, num_kv_heads, head_size] "
-                                     f"like key_cache, got shape {tuple(vc.shape)}")
-                nb, bs, h, dk = kc.shape
-                vnb, vbs, vh, dv = vc.shape
-                d.head_size_k = dk
-                d.k, d.v = (CacheStrides(*t.stride()[:3], chunk=t.shape[3], x=t.shape[3]) for t in (kc, vc))
-                packed = kc.is_contiguous() and vc.is_contiguous()
-                d.layout = _name_4d(d.k, bs, h, dk, dv, packed)
-            else:
+            if kc.dim() not in (4, 5):
                 raise ValueError("key_cache: expected 4-D [num_blocks, block_size, num_kv_heads, head_size], "
                                  "5-D head-major [num_blocks, num_kv_heads, head_size // x, block_size, x], "
                                  f"or 3-D MLA with value_cache=None; got shape {tuple(kc.shape)}")
+            if vc.dim() != 4:
+                want = ("[num_blocks, num_kv_heads, head_size, block_size] with a 5-D head-major key_cache"
+                        if kc.dim() == 5 else "[num_blocks, block_size, num_kv_heads, head_size] like key_cache")
+                raise ValueError(f"value_cache: expected 4-D {want}, got shape {tuple(vc.shape)}")
+            if kc.dim() == 5:  # head-major: key [blocks, H, D // x, bs, x], value [blocks, H, D, bs]
+                (nb, h, nchunk, bs, x), (vnb, vh, dv, vbs) = kc.shape, vc.shape
+                d.layout, dk, d.packed = "head-major", nchunk * x, False
+                d.k = CacheStrides(block=kc.stride(0), token=kc.stride(3), head=kc.stride(1), chunk=kc.stride(2), x=x)
+                d.v = CacheStrides(block=vc.stride(0), token=vc.stride(3), head=vc.stride(1), chunk=vc.stride(2), x=1)
+            else:
+                (nb, bs, h, dk), (vnb, vbs, vh, dv) = kc.shape, vc.shape
+                d.k, d.v = (CacheStrides(*t.stride()[:3], chunk=t.shape[3], x=t.shape[3]) for t in (kc, vc))
+                d.packed = kc.is_contiguous() and vc.is_contiguous()
+                d.layout = _name_4d(d.k, bs, h, dk, dv, d.packed)
             if (vnb, vbs, vh) != (nb, bs, h):
                 raise ValueError("value_cache: expected the key_cache's num_blocks, block_size and num_kv_heads "
                                  f"{(nb, bs, h)}, got {(vnb, vbs, vh)}")
-            d.num_blocks, d.block_size, d.num_kv_heads, d.head_size_v = nb, bs, h, dv
-            _check_sizes("key_cache", bs, h, d.head_size_k)
+            _check_sizes("key_cache", bs, h, dk)
             _check_sizes("value_cache", bs, h, dv)
-            max_off = max(max_offset(kc), max_offset(vc))
-        d.storage_dtype = storage = kc.dtype
-        if kind == "auto":
-            if storage == torch.uint8:
+        d.num_blocks, d.block_size, d.num_kv_heads, d.head_size_k, d.head_size_v = nb, bs, h, dk, dv
+        d.storage_dtype = d.cache_dtype = kc.dtype
+        d.kv_cache_dtype, d.fp8 = kind, _FP8_NAMES.get(kc.dtype)
+        if kc.dtype == torch.uint8:
+            if kind == "auto":
                 raise TypeError("kv_cache_dtype: 'auto' cannot read a uint8 cache; say 'fp8_e4m3' or 'fp8_e5m2'")
-            d.cache_dtype = storage
-            d.fp8 = "e4m3" if storage in _E4M3 else "e5m2" if storage == torch.float8_e5m2 else None
-        elif storage == torch.uint8:
             d.cache_dtype, d.fp8 = d.platform.fp8_dtype(kind), kind[4:]
-        elif storage in (_E4M3 if kind == "fp8_e4m3" else (torch.float8_e5m2,)):
-            d.cache_dtype, d.fp8 = storage, kind[4:]
-        else:
+        elif kind != "auto" and d.fp8 != kind[4:]:
             raise TypeError(f"{'kv_cache' if vc is None else 'key_cache'}: kv_cache_dtype={kind!r} needs a cache "
-                            f"of an fp8 {kind[4:]} dtype or a uint8 view, got {storage}")
-        d.kv_cache_dtype = kind
-        # Scales: required for an explicit fp8 kv_cache_dtype (the write quantizes with them);
-        # optional with "auto" (an fp8 cache written by a copy of fp8 inputs).
+                            f"of an fp8 {kind[4:]} dtype or a uint8 view, got {kc.dtype}")
+        # scales: an explicit fp8 kv_cache_dtype needs them (the write quantizes); "auto" ignores them (it copies)
+        ks = vs = "none"
+        d._k_scale = d._v_scale = None
         if kind != "auto":
             ks = _check_scale(k_scale, "scale" if vc is None else "k_scale", d.num_kv_heads, kc.device)
             vs = "none" if vc is None else _check_scale(v_scale, "v_scale", d.num_kv_heads, kc.device)
             d._k_scale, d._v_scale = weakref.ref(k_scale), None if v_scale is None else weakref.ref(v_scale)
-        else:
-            ks = vs = "none"
-            d._k_scale = d._v_scale = None
-        d.scale_kinds = (ks, vs)
-        d.scale_kind = "head" if "head" in d.scale_kinds else ks
-        d.packed = bool(packed)
-        d.heads_contiguous = (vc is not None and d.k.x == d.head_size_k == d.k.head
-                              and d.v.x == d.head_size_v == d.v.head)
-        d.max_offset, d.int32_offsets = max_off, max_off <= INT32_MAX
+        d.scale_kinds, d.scale_kind = (ks, vs), "head" if "head" in (ks, vs) else ks
+        d.heads_contiguous = vc is not None and all(s.x == n == s.head for s, n in ((d.k, dk), (d.v, dv)))
+        d.max_offset = max(max_offset(t) for t in (kc, vc) if t is not None)
+        d.int32_offsets = d.max_offset <= INT32_MAX
         d.key = (d.layout, d.num_blocks, d.block_size, d.num_kv_heads, d.head_size_k, d.head_size_v,
                  d.storage_dtype, d.cache_dtype, d.kv_cache_dtype, d.fp8, d.k.as_tuple(),
                  None if d.v is None else d.v.as_tuple(), d.scale_kinds, d.packed, d.int32_offsets, kc.device.type)
@@ -240,10 +219,9 @@ class KVCacheDescriptor:
     def __repr__(self) -> str:
         v = "" if self.v is None else f", v_strides={self.v.as_tuple()}"
         fp8 = f", fp8={self.fp8}({self.cache_dtype}), scales={self.scale_kind}" if self.fp8 else ""
-        return (f"KVCacheDescriptor(layout={self.layout!r}, blocks={self.num_blocks}, "
-                f"block_size={self.block_size}, kv_heads={self.num_kv_heads}, "
-                f"head_size={self.head_size_k}/{self.head_size_v}, dtype={self.storage_dtype}{fp8}, "
-                f"k_strides={self.k.as_tuple()}{v} (block, token, head, chunk, x), "
+        return (f"KVCacheDescriptor(layout={self.layout!r}, blocks={self.num_blocks}, block_size={self.block_size}, "
+                f"kv_heads={self.num_kv_heads}, head_size={self.head_size_k}/{self.head_size_v}, "
+                f"dtype={self.storage_dtype}{fp8}, k_strides={self.k.as_tuple()}{v} (block, token, head, chunk, x), "
                 f"packed={self.packed}, int32_offsets={self.int32_offsets}, device={self.device})")
 
     def __eq__(self, other) -> bool:

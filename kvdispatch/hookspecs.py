@@ -1,10 +1,8 @@
-"""The plugin interface (pluggy project ``"kvdispatch"``): the one hook, the :class:`Backend` it returns and
-the :class:`AttentionArgs` a backend receives. Plugins (modules or objects with ``@kvdispatch.hookimpl``
-functions) are found through the ``kvdispatch`` entry-point group, the built-in backends exactly like a
-third-party one (README.md, "Writing a backend plugin", has a complete example). Selection is NOT a hook:
-the registry filters the declared backends itself, so ``select_backend()`` and ``kvdispatch info`` can
-explain every choice before anything runs.
-"""
+"""The plugin interface (pluggy project ``"kvdispatch"``): the one hook, the :class:`Backend` it returns and the
+:class:`AttentionArgs` a backend receives. Plugins (modules or objects with ``@kvdispatch.hookimpl`` functions) are
+found through the ``kvdispatch`` entry-point group, the built-in backends exactly like a third-party one (README.md,
+"Writing a backend plugin", has a complete example). Selection is NOT a hook: the registry filters the declared
+backends itself, so ``select_backend()`` and ``kvdispatch info`` can explain every choice before anything runs."""
 
 from __future__ import annotations
 
@@ -25,18 +23,15 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @hookspec
 def kvdispatch_backends():
-    """Return the :class:`kvdispatch.Backend` instances this plugin provides.
-
-    Called by the registry once, when it first loads its plugins (the first public call,
-    ``list_backends()`` or ``kvdispatch info``). Return every backend the plugin knows, available on
-    this machine or not: ``Backend.available()`` says which, and why not.
-    """
+    """Return every :class:`kvdispatch.Backend` this plugin knows, available on this machine or not
+    (``Backend.available()`` says which, and why not). Called once, when the registry first loads its plugins
+    (the first public call, ``list_backends()`` or ``kvdispatch info``)."""
 
 
 class AttentionArgs(NamedTuple):
-    """Everything about one ``flash_attn_varlen_func`` call except q/k/v/out, resolved. Windows are -1
-    for unbounded, ``causal`` already folded into ``window_right = 0`` (bottom-right aligned);
-    ``block_table`` None: not paged, ``cu_seqlens_k`` gives the key ranges (paged: ``seqused_k``)."""
+    """Everything about one ``flash_attn_varlen_func`` call except q/k/v/out, resolved. Windows are -1 for
+    unbounded, ``causal`` already folded into ``window_right = 0`` (bottom-right aligned); ``block_table`` None:
+    not paged, ``cu_seqlens_k`` gives the key ranges (paged: ``seqused_k``)."""
 
     cu_seqlens_q: torch.Tensor
     max_seqlen_q: int
@@ -70,19 +65,19 @@ class AttentionArgs(NamedTuple):
 class Backend:
     """Base class of every backend: subclasses set the class attributes and implement their ops.
 
-    * ``name``: what ``KVDISPATCH_BACKEND`` and ``select_backend`` say; ``priority``: the highest wins.
-    * ``platforms``: the platform names it is chosen for automatically (``"*"``: any); where
-      ``KVDISPATCH_BACKEND`` forces it, ``available()`` still decides. ``ops``: the op names it implements.
+    * ``name``: what ``KVDISPATCH_BACKEND`` and ``select_backend`` say; ``priority``: the highest wins; ``ops``: the
+      op names it implements; ``description``: one line of free text about it.
+    * ``platforms``: the platform names it is chosen for automatically (``"*"``: any); where ``KVDISPATCH_BACKEND``
+      forces it, ``available()`` still decides.
     * ``always_check_values``: the value checks run before every call, not only under ``KVDISPATCH_DEBUG=1``.
-    * ``takes_plans``: the public writes pass ``plans=``, the call signature's dict for launch state
-      (attention gets it as ``AttentionArgs.plans``).
-    * Declarations, checked by selection before ``supports()``: None takes anything, a container is asked
-      ``in``, a dict maps op names to containers: ``dtypes`` (q's / key's / kv_c's), ``kv_cache_dtypes``
-      (``desc.cache_dtype``), ``block_sizes``, ``head_sizes`` (K's and V's), ``layouts`` (``desc.layout``).
+    * ``takes_plans``: the public writes pass ``plans=``, the call signature's dict for launch state (attention gets
+      it as ``AttentionArgs.plans``).
+    * Declarations, checked by selection before ``supports()``: None takes anything, a container is asked ``in``, a
+      dict maps op names to containers: ``dtypes`` (q's / key's / kv_c's), ``kv_cache_dtypes`` (``desc.cache_dtype``),
+      ``block_sizes``, ``head_sizes`` (K's and V's), ``layouts`` (``desc.layout``).
 
-    Op methods receive validated arguments and the descriptor, write into the given caches / ``out`` and
-    return None; they must not re-check what the public API checked.
-    """
+    Op methods receive validated arguments and the descriptor, write into the given caches / ``out`` and return
+    None; they must not re-check what the public API checked."""
 
     name: str = ""
     priority: int = 0

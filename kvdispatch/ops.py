@@ -57,8 +57,7 @@ def _rows(t: torch.Tensor, name: str, dims: int, what: str) -> None:
 
 
 def _check_write_inputs(x, x_name: str, other, other_name: str, desc: KVCacheDescriptor, slot_mapping) -> None:
-    """The write checks common to both ops: the dtype of ``x`` (key / kv_c) against the cache's, the
-    devices, and ``slot_mapping`` (int32/int64 1-D, at most one entry per row of ``x``)."""
+    """Both writes: ``x``'s dtype (key / kv_c) against the cache's, devices, ``slot_mapping`` (1-D, <= x's rows)."""
     if desc.kv_cache_dtype == "auto":
         if x.dtype != desc.cache_dtype:
             raise TypeError(f"{x_name}: with kv_cache_dtype='auto' the dtype must equal the cache's "
@@ -77,8 +76,7 @@ def _check_write_inputs(x, x_name: str, other, other_name: str, desc: KVCacheDes
 
 # -- call signatures -----------------------------------------------------------------------------
 class _Call:
-    """What the calls of one signature share: the checked descriptor (and head size), the selected
-    backend, and ``plans`` (``AttentionArgs.plans``: the backend's launch state for the signature)."""
+    """What one signature's calls share: the checked descriptor (and head size), the selected backend, ``plans``."""
 
     __slots__ = ("desc", "d", "plans", "backend", "checks", "forced", "debug", "generation")
 
@@ -86,24 +84,24 @@ class _Call:
         self.desc, self.d, self.plans = desc, d, {}
         self.backend = self.checks = self.forced = self.debug = self.generation = None
 
-    def select(self, op: str, dtype: Optional[torch.dtype] = None):
-        """The backend (``dtype``: q's / key's), selected again only when ``KVDISPATCH_BACKEND``,
-        ``KVDISPATCH_DEBUG`` or the registered backends changed since the last call; ``self.checks``:
-        whether the value checks run before it (``checks_values``, asked on the same change)."""
+    def select(self, op: str, dtype: torch.dtype):
+        """The backend (``dtype``: q's / key's), selected again only when ``KVDISPATCH_BACKEND``, ``KVDISPATCH_DEBUG``
+        or the registry changed (fresh ``plans`` after ``registry.clear_selection()``, which the tuning sweeps call
+        after swapping a config); ``self.checks``: whether the value checks run before it (``checks_values``)."""
         forced, dbg = env_bytes(b"KVDISPATCH_BACKEND"), env_bytes(b"KVDISPATCH_DEBUG")  # raw: compared only
         if self.forced != forced or self.debug != dbg or self.generation != registry.generation \
                 or self.backend is None:
-            self.backend = (registry.select(op, self.desc.platform, self.desc) if dtype is None
-                            else registry.select(op, self.desc.platform, self.desc, dtype=dtype))
+            self.backend = registry.select(op, self.desc.platform, self.desc, dtype=dtype)
+            if self.generation != registry.generation:  # clear_selection(): the plans made before are stale
+                self.plans = {}
             self.checks = checks_values(self.backend)
             self.forced, self.debug, self.generation = forced, dbg, registry.generation
         return self.backend
 
 
-# The signatures seen by each op, most recent first, each behind one C++ check of its tensors'
-# metadata (dynamo's TensorGuards: dispatch keys, dtype, device, sizes, strides of every tensor in
-# about 0.2 us; a Python key of the same facts costs several us per call). The token and batch dims
-# are left free there: a hit also compares them with each other as the metadata checks relate them.
+# The signatures seen by each op, most recent first, each behind one C++ check of its tensors' metadata
+# (dynamo's TensorGuards: dispatch keys, dtype, device, sizes, strides in ~0.2 us; a Python key costs several
+# us). Token and batch dims are left free: a hit compares them with each other as the checks relate them.
 _RECENT = 16  # signatures kept per op (engines use one or two: every layer shares its metadata)
 
 
@@ -121,28 +119,26 @@ def _remember(recent: list, call: _Call, extra, tensors: tuple, free: tuple) -> 
     return call
 
 
-def forget() -> None:
-    """Drop every remembered call signature (the sweeps and tests that swap a backend's config)."""
-    for recent in (_WRITE_RECENT, _MLA_RECENT, _ATTN_RECENT):
-        recent.clear()
-
-
-def _scales_hit(kd, kv_cache_dtype, desc, k_scale, v_scale) -> bool:
-    """The remembered kv_cache_dtype, and for fp8 the descriptor's own scale tensors (held weakly)."""
-    return (kv_cache_dtype.__class__ is str and kd == kv_cache_dtype
-            and (kd == "auto" or (desc.k_scale is k_scale and desc.v_scale is v_scale)))
-
-
-def _write_hit(recent: list, kv_cache_dtype, k_scale, v_scale, tensors: tuple) -> Optional[_Call]:
-    """The remembered call of a write whose ``tensors`` are (rows, other rows, cache(s)..., slot_mapping):
-    the other rows as many as the rows, at most one slot per row (the checks' size relations)."""
+def _write_op(op: str, recent: list, free: tuple, check, tensors: tuple, kv_cache_dtype, k_scale, v_scale) -> None:
+    """Either write; ``tensors``: (rows, other rows, cache(s)..., slot_mapping). A remembered signature serves when
+    its kv_cache_dtype, for fp8 the descriptor's own (weakly held) scales, the guard and the checks' size relations
+    (as many other rows as rows, at most one slot per row) hold; else ``check`` (metadata) describes the cache."""
     x, other, slots = tensors[0], tensors[1], tensors[-1]
-    for check, c, kd in recent:
-        if _scales_hit(kd, kv_cache_dtype, c.desc, k_scale, v_scale) and check(*tensors):
-            t = x.shape[0]
-            if other.shape[0] == t and slots.shape[0] <= t:
-                return c
-    return None
+    for guard, call, kd in recent:
+        if (kv_cache_dtype.__class__ is str and kd == kv_cache_dtype
+                and (kd == "auto" or (call.desc.k_scale is k_scale and call.desc.v_scale is v_scale))
+                and guard(*tensors) and other.shape[0] == x.shape[0] >= slots.shape[0]):
+            break
+    else:
+        desc = check(*tensors, kv_cache_dtype, k_scale, v_scale)
+        call = _remember(recent, _Call(desc), kv_cache_dtype, tensors, free)
+    backend = call.select(op, x.dtype)
+    if call.checks:
+        check_slot_values(slots, call.desc)
+    if backend.takes_plans:
+        getattr(backend, op)(*tensors, call.desc, plans=call.plans)
+    else:
+        getattr(backend, op)(*tensors, call.desc)
 
 
 # -- reshape_and_cache_flash ---------------------------------------------------------------------
@@ -150,20 +146,11 @@ _WRITE_RECENT: list = []
 _WRITE_FREE = (0, 0, None, None, 0)  # the token dim of key, value and slot_mapping
 
 
-def _write(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale) -> None:
-    tensors = (key, value, key_cache, value_cache, slot_mapping)
-    call = _write_hit(_WRITE_RECENT, kv_cache_dtype, k_scale, v_scale, tensors)
-    if call is None:
-        desc = _check_write(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale)
-        call = _remember(_WRITE_RECENT, _Call(desc), kv_cache_dtype, tensors, _WRITE_FREE)
-    backend = call.select("reshape_and_cache_flash", key.dtype)
-    desc = call.desc
-    if call.checks:
-        check_slot_values(slot_mapping, desc)
-    if backend.takes_plans:
-        backend.reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, desc, plans=call.plans)
-    else:
-        backend.reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, desc)
+def _write(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+           slot_mapping: torch.Tensor, kv_cache_dtype: str, k_scale: Optional[torch.Tensor],
+           v_scale: Optional[torch.Tensor]) -> None:  # also the custom op's body
+    _write_op("reshape_and_cache_flash", _WRITE_RECENT, _WRITE_FREE, _check_write,
+              (key, value, key_cache, value_cache, slot_mapping), kv_cache_dtype, k_scale, v_scale)
 
 
 def _check_write(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale):
@@ -191,19 +178,15 @@ def reshape_and_cache_flash(key: torch.Tensor, value: torch.Tensor, key_cache: t
                             k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None) -> None:
     """Write each token's key/value into the paged cache at its slot (vLLM's signature).
 
-    Args:
-        key: ``(num_tokens, num_kv_heads, head_size)``; any token stride, last dim contiguous.
-        value: ``(num_tokens, num_kv_heads, head_size_v)``.
-        key_cache, value_cache: 4-D ``(num_blocks, block_size, num_kv_heads, head_size[_v])`` views in any
-            memory order (NHD, HND, combined/cross-layer slices, diffkv), or the head-major pair
-            ``(num_blocks, num_kv_heads, head_size // x, block_size, x)`` /
-            ``(num_blocks, num_kv_heads, head_size, block_size)``.
-        slot_mapping: int32/int64 ``(n,)`` with ``n <= num_tokens`` (extra key rows, e.g. CUDA-graph
-            padding, are ignored); slot ``s`` goes to block ``s // block_size``, offset
-            ``s % block_size``; ``s < 0`` is a padding token and is skipped.
-        kv_cache_dtype: ``"auto"`` (cache dtype == key dtype), ``"fp8"``/``"fp8_e4m3"``, ``"fp8_e5m2"``:
-            stores ``x / scale`` rounded to the cache's fp8 type, saturating at its max.
-        k_scale, v_scale: float32, one element or ``(num_kv_heads,)``; required for fp8.
+    key ``(num_tokens, num_kv_heads, head_size)`` and value ``(..., head_size_v)``: any token stride,
+    last dim contiguous. key_cache, value_cache: 4-D ``(num_blocks, block_size, num_kv_heads,
+    head_size[_v])`` views in any memory order (NHD, HND, combined/cross-layer slices, diffkv), or the
+    head-major pair ``(num_blocks, num_kv_heads, head_size // x, block_size, x)`` / ``(num_blocks,
+    num_kv_heads, head_size, block_size)``. slot_mapping: int32/int64 ``(n,)``, ``n <= num_tokens``
+    (extra rows, e.g. CUDA-graph padding, are ignored); slot ``s`` is block ``s // block_size``, offset
+    ``s % block_size``; ``s < 0`` is padding, skipped. kv_cache_dtype: ``"auto"`` (cache dtype == key
+    dtype), ``"fp8"``/``"fp8_e4m3"``, ``"fp8_e5m2"``: stores ``x / scale`` rounded to the cache's fp8
+    type, saturating at its max; k_scale, v_scale: float32, one element or ``(num_kv_heads,)``.
     """
     if _compiling():
         torch.ops.kvdispatch.reshape_and_cache_flash(
@@ -212,13 +195,9 @@ def reshape_and_cache_flash(key: torch.Tensor, value: torch.Tensor, key_cache: t
     _write(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale)
 
 
-def _descriptor_write(self, key, value, key_cache, value_cache, slot_mapping) -> None:
-    """``reshape_and_cache_flash`` with this descriptor's kv_cache_dtype and scales."""
-    reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping,
-                            self.kv_cache_dtype, self.k_scale, self.v_scale)
-
-
-KVCacheDescriptor.write = _descriptor_write  # set here: the descriptor module sits below this one
+# reshape_and_cache_flash with the descriptor's kv_cache_dtype and scales (set here: descriptor.py is below)
+KVCacheDescriptor.write = lambda self, key, value, key_cache, value_cache, slot_mapping: reshape_and_cache_flash(
+    key, value, key_cache, value_cache, slot_mapping, self.kv_cache_dtype, self.k_scale, self.v_scale)
 
 
 # -- concat_and_cache_mla ----------------------------------------------------------------------
@@ -226,23 +205,13 @@ _MLA_RECENT: list = []
 _MLA_FREE = (0, 0, None, 0)  # the token dim of kv_c, k_pe and slot_mapping
 
 
-def _write_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale) -> None:
-    tensors = (kv_c, k_pe, kv_cache, slot_mapping)
-    call = _write_hit(_MLA_RECENT, kv_cache_dtype, scale, None, tensors)
-    if call is None:
-        desc = _check_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale)
-        call = _remember(_MLA_RECENT, _Call(desc), kv_cache_dtype, tensors, _MLA_FREE)
-    backend = call.select("concat_and_cache_mla", kv_c.dtype)
-    desc = call.desc
-    if call.checks:
-        check_slot_values(slot_mapping, desc)
-    if backend.takes_plans:
-        backend.concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, desc, plans=call.plans)
-    else:
-        backend.concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, desc)
+def _write_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+               kv_cache_dtype: str, scale: Optional[torch.Tensor]) -> None:  # also the custom op's body
+    _write_op("concat_and_cache_mla", _MLA_RECENT, _MLA_FREE, _check_mla, (kv_c, k_pe, kv_cache, slot_mapping),
+              kv_cache_dtype, scale, None)
 
 
-def _check_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale) -> KVCacheDescriptor:
+def _check_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale, _=None) -> KVCacheDescriptor:
     """Every check of ``concat_and_cache_mla`` that reads only metadata; returns the descriptor."""
     _tensor(kv_c, "kv_c")
     _tensor(k_pe, "k_pe")
@@ -263,13 +232,10 @@ def _check_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale) -> KVC
 
 def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
                          kv_cache_dtype: str = "auto", scale: Optional[torch.Tensor] = None) -> None:
-    """Write MLA latents: ``kv_cache[slot] = concat(kv_c, k_pe)`` (vLLM's signature).
-
-    Args:
-        kv_c: ``(num_tokens, kv_lora_rank)``; k_pe: ``(num_tokens, rope_dim)``; last dims contiguous.
-        kv_cache: ``(num_blocks, block_size, kv_lora_rank + rope_dim)``, any strides, last dim contiguous.
-        slot_mapping, kv_cache_dtype: as in :func:`reshape_and_cache_flash`; ``scale``: one float32 element.
-    """
+    """Write MLA latents: ``kv_cache[slot] = concat(kv_c, k_pe)`` (vLLM's signature). kv_c ``(num_tokens,
+    kv_lora_rank)``, k_pe ``(num_tokens, rope_dim)``, kv_cache ``(num_blocks, block_size, kv_lora_rank +
+    rope_dim)``: any strides, last dims contiguous; slot_mapping, kv_cache_dtype as in
+    :func:`reshape_and_cache_flash`; ``scale``: one float32 element."""
     if _compiling():
         torch.ops.kvdispatch.concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale)
         return
@@ -294,7 +260,7 @@ def _int_at_least(name: str, val, lo: int, what: str, shown=None) -> None:
 
 
 _ATTN_RECENT: list = []
-_make_args = AttentionArgs._make
+_make_args = AttentionArgs._make  # skips the NamedTuple's Python __new__ (the checks leave exact ints and floats)
 
 
 def _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
@@ -313,23 +279,18 @@ def _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlen
             if x is not None:
                 ts.append(x)
                 mask |= bit
-    call = None
-    for check, c, (m, rest) in _ATTN_RECENT:
+    # a remembered signature also needs the free sizes as valid calls relate them: out and the LSE
+    # have q's rows, every batch dim (index tensors, [batch, heads] descales and slopes) is cu_seqlens_q's - 1
+    for check, call, (m, rest) in _ATTN_RECENT:
         if m == mask and check(*ts):
-            # the free sizes, as valid calls relate them: out and the LSE have q's rows, every batch
-            # dim (index tensors, [batch, heads] descales and slopes) is cu_seqlens_q's - 1
             t, b1 = q.shape[0], cu_seqlens_q.shape[0]
-            if (out.shape[0] != t or b1 < 1 or (cu_seqlens_k is not None and cu_seqlens_k.shape[0] != b1)
-                    or (seqused_k is not None and seqused_k.shape[0] != b1 - 1)
-                    or (block_table is not None and block_table.shape[0] != b1 - 1)):
-                continue
-            for j, lse in rest:
-                if (ts[j].shape[1] != t) if lse else (ts[j].shape[0] != b1 - 1):
-                    break
-            else:
-                call = c
+            if (out.shape[0] == t and b1 >= 1 and (cu_seqlens_k is None or cu_seqlens_k.shape[0] == b1)
+                    and (seqused_k is None or seqused_k.shape[0] == b1 - 1)
+                    and (block_table is None or block_table.shape[0] == b1 - 1)
+                    and (not rest or all((ts[j].shape[1] == t) if lse else (ts[j].shape[0] == b1 - 1)
+                                         for j, lse in rest))):
                 break
-    if call is None:
+    else:
         call = _attention_call(ts, mask, q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table,
                                q_descale, k_descale, v_descale, alibi_slopes, s_aux, softmax_lse)
     desc = call.desc
@@ -355,11 +316,10 @@ def _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlen
     if num_splits.__class__ is not int or num_splits < 0:
         _int_at_least("num_splits", num_splits, 0, "an int >= 0 (0 = automatic, 1 = no split, n = at most n)")
         num_splits = int(num_splits)
-    # the checks above leave exact ints and floats; _make skips the NamedTuple's Python __new__
+    backend = call.select("flash_attn_varlen_func", q.dtype)
     args = _make_args((cu_seqlens_q, max_seqlen_q, cu_seqlens_k, seqused_k, max_seqlen_k, block_table, softmax_scale,
                        bool(causal), window_left, window_right, softcap,
                        q_descale, k_descale, v_descale, alibi_slopes, s_aux, softmax_lse, num_splits, call.plans))
-    backend = call.select("flash_attn_varlen_func", q.dtype)
     if call.checks:
         check_attention_values(args, desc, q.shape[0])
     paged = block_table is not None
@@ -374,8 +334,7 @@ def _attention_call(ts, mask, q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_
                     k_descale, v_descale, alibi_slopes, s_aux, softmax_lse) -> _Call:
     """A new signature (``ts``, ``mask``: the guards' tensors): every metadata check, then remembered."""
     desc, d = _check_attention_tensors(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table,
-                                       q_descale, k_descale, v_descale)
-    _check_extras(q, desc, cu_seqlens_q.shape[0] - 1, alibi_slopes, s_aux, softmax_lse)
+                                       q_descale, k_descale, v_descale, alibi_slopes, s_aux, softmax_lse)
     # free dims: q's and out's tokens, the index tensors' batch dim, and (``rest``) the batch dim of
     # [batch, heads] descales and ALiBi slopes and the LSE's tokens
     free = [0, None, None, 0, 0] + [0] * ((cu_seqlens_k is not None) + (seqused_k is not None)
@@ -395,34 +354,16 @@ def _attention_call(ts, mask, q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_
 def _no_keys(q, out, args: AttentionArgs) -> None:
     """Non-paged, zero keys: out 0, LSE the sink or -inf (rows past ``cu_seqlens_q[-1]`` kept); no sync."""
     rows = torch.arange(q.shape[0], device=q.device) < args.cu_seqlens_q[-1]
-    out.copy_(torch.where(rows[:, None, None], torch.zeros((), dtype=out.dtype, device=out.device), out))
+    out.masked_fill_(rows[:, None, None], 0.0)
     if args.softmax_lse is not None:
-        fill = (args.s_aux.float()[:, None] if args.s_aux is not None
-                else torch.full((1, 1), float("-inf"), device=q.device))
-        args.softmax_lse.copy_(torch.where(rows[None, :], fill, args.softmax_lse))
-
-
-def _check_extras(q, desc, batch: int, alibi_slopes, s_aux, softmax_lse) -> None:
-    """Metadata checks of the engine-facing extras (ALiBi slopes, sinks, the LSE output)."""
-    total_q, hq = q.shape[0], q.shape[1]
-    if alibi_slopes is not None:
-        _check(alibi_slopes, "alibi_slopes", (torch.float32,), lambda s: s in ((hq,), (batch, hq)),
-               f"shape [{hq}] or [{batch}, {hq}] (num_q_heads, or batch x num_q_heads)", desc.device)
-    if s_aux is not None:
-        _check(s_aux, "s_aux", _FLOAT_IN, lambda s: s == (hq,), f"shape [{hq}] (one sink logit per query head)",
-               desc.device, shown="float32 (or float16/bfloat16)")
-    if softmax_lse is not None:
-        _tensor(softmax_lse, "softmax_lse")
-        if softmax_lse.dtype != torch.float32 or tuple(softmax_lse.shape) != (hq, total_q):
-            _fail("softmax_lse", f"float32 [{hq}, {total_q}] (num_q_heads, total_q)",
-                  f"{softmax_lse.dtype} {tuple(softmax_lse.shape)}")
-        _same_device(softmax_lse, "softmax_lse", desc.device)
+        sink = float("-inf") if args.s_aux is None else args.s_aux.float()[:, None]
+        args.softmax_lse.copy_(torch.where(rows[None, :], sink, args.softmax_lse))
 
 
 def _check_attention_tensors(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table,
-                             q_descale, k_descale, v_descale):
-    """Every check of ``flash_attn_varlen_func`` that reads only tensor metadata; returns
-    ``(descriptor, head_size)``."""
+                             q_descale, k_descale, v_descale, alibi_slopes, s_aux, softmax_lse):
+    """Every check of ``flash_attn_varlen_func`` that reads only tensor metadata (the engine-facing
+    extras, ALiBi slopes, sinks and the LSE output, last); returns ``(descriptor, head_size)``."""
     for t, name in ((q, "q"), (k, "k"), (v, "v"), (out, "out")):
         _tensor(t, name)
     paged = block_table is not None
@@ -487,12 +428,24 @@ def _check_attention_tensors(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k
         if t is not None:
             _check(t, name, (torch.float32,), lambda s: math.prod(s) == 1 or s == (batch, hkv),
                    f"one element or shape [{batch}, {hkv}] (batch, num_kv_heads)", dev)
+    if alibi_slopes is not None:
+        _check(alibi_slopes, "alibi_slopes", (torch.float32,), lambda s: s in ((hq,), (batch, hq)),
+               f"shape [{hq}] or [{batch}, {hq}] (num_q_heads, or batch x num_q_heads)", dev)
+    if s_aux is not None:
+        _check(s_aux, "s_aux", _FLOAT_IN, lambda s: s == (hq,), f"shape [{hq}] (one sink logit per query head)",
+               dev, shown="float32 (or float16/bfloat16)")
+    if softmax_lse is not None:
+        _tensor(softmax_lse, "softmax_lse")
+        if softmax_lse.dtype != torch.float32 or tuple(softmax_lse.shape) != (hq, total_q):
+            _fail("softmax_lse", f"float32 [{hq}, {total_q}] (num_q_heads, total_q)",
+                  f"{softmax_lse.dtype} {tuple(softmax_lse.shape)}")
+        _same_device(softmax_lse, "softmax_lse", dev)
     return desc, d
 
 
-# Engine hints that change nothing here (FA3's scheduler plans, the FA version) are keyword parameters,
-# ignored (an unmatched keyword costs Python's binding about 0.2 us); keywords taken only at their no-op
-# value (context parallelism, FA3's extra value input) arrive in ``engine_hints``; any other is a TypeError.
+# Engine hints that change nothing here (FA3's scheduler plans, the FA version) are keyword parameters, ignored (an
+# unmatched keyword costs Python's binding ~0.2 us); keywords taken only at their no-op value (context parallelism,
+# FA3's extra value input) arrive in ``engine_hints``; any other is a TypeError.
 _DEFAULT_ONLY = {"cp_world_size": 1, "cp_rank": 0, "cp_tot_seqused_k": None, "q_v": None}
 
 
@@ -501,7 +454,11 @@ def _new_lse(q: torch.Tensor) -> torch.Tensor:
     return torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
 
 
-def _check_hints(hints: dict) -> None:
+def _check_hints(hints: dict, dropout_p, return_attn_probs) -> None:
+    if dropout_p:
+        _fail("dropout_p", "0.0 (kvdispatch's attention is for inference)", dropout_p)
+    if return_attn_probs:
+        _fail("return_attn_probs", "False (the probabilities are never materialized)", return_attn_probs)
     for name, val in hints.items():
         if name in _DEFAULT_ONLY and val is not _DEFAULT_ONLY[name] and val != _DEFAULT_ONLY[name]:
             raise ValueError(f"{name}: only the default {_DEFAULT_ONLY[name]!r} is supported, got {val!r}")
@@ -523,61 +480,41 @@ def flash_attn_varlen_func(
     """Variable-length attention, paged or not (flash-attn / vLLM signature). Returns ``out``, or
     ``(out, softmax_lse)`` with ``return_softmax_lse=True``.
 
-    Args:
-        q: ``(total_q, num_q_heads, head_size)``; ``cu_seqlens_q`` int32 ``(batch + 1,)``.
-        k, v: paged (``block_table`` given): caches ``(num_blocks, block_size, num_kv_heads, head_size[_v])``
-            in any memory order, with ``block_table`` int32 ``(batch, max_blocks_per_seq)`` and
-            ``seqused_k`` int32 ``(batch,)``. Not paged: ``(total_k, num_kv_heads, head_size[_v])`` with
-            ``cu_seqlens_k`` int32 ``(batch + 1,)``. num_q_heads % num_kv_heads == 0 (GQA/MQA).
-        causal: bottom-right aligned. With Lq = 2 queries and Lk = 5 keys (1 = attends)::
-
-                keys  0 1 2 3 4
-                q0    1 1 1 1 0
-                q1    1 1 1 1 1
-
-        window_size: ``(left, right)`` (or None = unbounded): query i (aligned as above, at key position
-            p = i + Lk - Lq) sees keys in ``[p - left, p + right]``; -1 = unbounded.
-        softcap: > 0 applies ``softcap * tanh(s / softcap)`` to the scaled scores.
-        softmax_scale: default ``1 / sqrt(head_size)``. out: optional ``(total_q, num_q_heads, head_size_v)``,
-            written in place.
-        q_descale, k_descale, v_descale: float32, one element or ``(batch, num_kv_heads)`` (stride-0
-            ``expand``-ed views included); multiply the stored fp8 values.
-        alibi_slopes: float32 ``(num_q_heads,)`` or ``(batch, num_q_heads)``: adds ``-slope * |p - j|`` to
-            the (soft-capped) score of key j.
-        s_aux: ``(num_q_heads,)`` attention-sink logits: each joins its head's softmax denominator
-            (``exp(s_aux)``) and contributes no value.
-        return_softmax_lse: also return float32 ``(num_q_heads, total_q)``: the natural log of each row's
-            softmax denominator (sink included), -inf for a row that sees nothing.
-        num_splits: split-KV: 0 = automatic, 1 = never split, n = at most n splits.
-        dropout_p: only 0.0 (inference); deterministic: accepted (every backend is deterministic);
-        return_attn_probs: only False; scheduler_metadata, fa_version: accepted and ignored (FA3 hints).
+    q ``(total_q, num_q_heads, head_size)``, ``cu_seqlens_q`` int32 ``(batch + 1,)``. Paged (``block_table``
+    int32 ``(batch, max_blocks_per_seq)`` and ``seqused_k`` int32 ``(batch,)`` given): k, v are caches
+    ``(num_blocks, block_size, num_kv_heads, head_size[_v])`` in any memory order; not paged: ``(total_k,
+    num_kv_heads, head_size[_v])`` with ``cu_seqlens_k`` int32 ``(batch + 1,)``. num_q_heads % num_kv_heads
+    == 0 (GQA/MQA). ``causal`` is bottom-right aligned: query i sits at key position p = i + Lk - Lq
+    (Lq = 2, Lk = 5: q0 sees keys 0-3, q1 keys 0-4); ``window_size`` ``(left, right)`` (None: unbounded)
+    keeps keys in ``[p - left, p + right]``, -1 unbounded. ``softcap`` > 0: ``softcap * tanh(s / softcap)``
+    on the scaled scores; ``softmax_scale`` default ``1 / sqrt(head_size)``; ``out``: optional ``(total_q,
+    num_q_heads, head_size_v)``, written in place. ``q_descale`` / ``k_descale`` / ``v_descale``: float32,
+    one element or ``(batch, num_kv_heads)`` (stride-0 ``expand``-ed views too), multiply the stored fp8
+    values. ``alibi_slopes``: float32 ``(num_q_heads,)`` or ``(batch, num_q_heads)``, adds ``-slope * |p -
+    j|`` to the (soft-capped) score of key j. ``s_aux`` ``(num_q_heads,)``: attention-sink logits, each
+    joins its head's softmax denominator (``exp(s_aux)``) and contributes no value. ``return_softmax_lse``:
+    also float32 ``(num_q_heads, total_q)``, the natural log of each row's denominator (sink included),
+    -inf for a row that sees nothing. ``num_splits``: split-KV, 0 automatic, 1 never, n at most n.
+    ``dropout_p`` only 0.0, ``return_attn_probs`` only False (inference); ``deterministic`` accepted
+    (every backend is); ``scheduler_metadata``, ``fa_version``: FA3 hints, accepted and ignored.
     Rows that see no key (empty sequence, window excluding all) are 0.
     """
-    if engine_hints:
-        _check_hints(engine_hints)
-    if dropout_p:
-        _fail("dropout_p", "0.0 (kvdispatch's attention is for inference)", dropout_p)
-    if return_attn_probs:
-        _fail("return_attn_probs", "False (the probabilities are never materialized)", return_attn_probs)
+    if engine_hints or dropout_p or return_attn_probs:
+        _check_hints(engine_hints, dropout_p, return_attn_probs)
+    _tensor(q, "q")
     if out is None:
-        _tensor(q, "q")
         _tensor(v, "v")
         if q.dim() != 3 or v.dim() not in (3, 4):
             _fail("q" if q.dim() != 3 else "v", "3-D q and 3-D/4-D v", f"shapes {tuple(q.shape)}, {tuple(v.shape)}")
-        out_dtype = torch.bfloat16 if q.dtype in FP8_DTYPES else q.dtype
-        out = q.new_empty((q.shape[0], q.shape[1], v.shape[-1]), dtype=out_dtype)
+        out = q.new_empty((q.shape[0], q.shape[1], v.shape[-1]), dtype=torch.bfloat16 if q.dtype in FP8_DTYPES
+                          else q.dtype)
     if window_size is None:
         wl = wr = -1
+    elif not isinstance(window_size, (tuple, list)) or len(window_size) != 2 or None in window_size:
+        _fail("window_size", "a (left, right) pair of ints (-1 = unbounded) or None", repr(window_size))
     else:
-        if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
-            _fail("window_size", "a (left, right) pair or None", repr(window_size))
         wl, wr = window_size
-        if wl is None or wr is None:
-            _fail("window_size", "two ints (-1 = unbounded)", repr(window_size))
-    lse = None
-    if return_softmax_lse:
-        _tensor(q, "q")
-        lse = _new_lse(q)
+    lse = _new_lse(q) if return_softmax_lse else None
     if _compiling():
         torch.ops.kvdispatch.flash_attn_varlen_func(
             q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, seqused_k,
@@ -591,17 +528,9 @@ def flash_attn_varlen_func(
 
 
 # -- torch.library registration (the fake kernels return None: the mutated arguments say it all) --
-@torch.library.custom_op("kvdispatch::reshape_and_cache_flash", mutates_args=("key_cache", "value_cache"))
-def _reshape_and_cache_flash_op(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
-                                value_cache: torch.Tensor, slot_mapping: torch.Tensor, kv_cache_dtype: str,
-                                k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor]) -> None:
-    _write(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale)
-
-
-@torch.library.custom_op("kvdispatch::concat_and_cache_mla", mutates_args=("kv_cache",))
-def _concat_and_cache_mla_op(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                             kv_cache_dtype: str, scale: Optional[torch.Tensor]) -> None:
-    _write_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale)
+_write_op_def = torch.library.custom_op("kvdispatch::reshape_and_cache_flash", _write,
+                                        mutates_args=("key_cache", "value_cache"))
+_mla_op_def = torch.library.custom_op("kvdispatch::concat_and_cache_mla", _write_mla, mutates_args=("kv_cache",))
 
 
 @torch.library.custom_op("kvdispatch::flash_attn_varlen_func", mutates_args=("out", "softmax_lse"))
@@ -619,5 +548,5 @@ def _flash_attn_varlen_func_op(
                q_descale, k_descale, v_descale, alibi_slopes, s_aux, softmax_lse, num_splits)
 
 
-for _op in (_reshape_and_cache_flash_op, _concat_and_cache_mla_op, _flash_attn_varlen_func_op):
+for _op in (_write_op_def, _mla_op_def, _flash_attn_varlen_func_op):
     _op.register_fake(lambda *args: None)

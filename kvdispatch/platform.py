@@ -12,24 +12,18 @@ import torch
 
 __all__ = ["Platform", "platform_of", "getenv", "env_bytes", "interpreting"]
 
-# os.environ.get encodes the key and decodes the value on every call (~1 us); on POSIX CPython
-# os.environ keeps a bytes dict it updates on every assignment: the same values at dict speed.
+# os.environ.get encodes the key and decodes the value on every call (~1 us); on POSIX CPython os.environ keeps
+# a bytes dict it updates on every assignment: the same values at dict speed. env_bytes: a per-call flag's raw
+# value (bytes or None), that dict's own get (a C call) where it exists.
 _ENV_BYTES = getattr(os.environ, "_data", None)
-if not (isinstance(_ENV_BYTES, dict) and all(isinstance(k, bytes) for k in list(_ENV_BYTES)[:1])):
-    _ENV_BYTES = None
-
-
-# the raw value of a per-call flag (bytes or None): os.environ's bytes dict's own get, a C call
-env_bytes = _ENV_BYTES.get if _ENV_BYTES is not None else (
-    lambda name: None if (v := os.environ.get(name.decode())) is None else v.encode())
+_FAST = isinstance(_ENV_BYTES, dict) and all(isinstance(k, bytes) for k in list(_ENV_BYTES)[:1])
+env_bytes = (_ENV_BYTES.get if _FAST else
+             lambda name: None if (v := os.environ.get(name.decode())) is None else v.encode())
 
 
 def getenv(name: bytes) -> "str | None":
     """``os.environ.get`` for the per-call flags (``KVDISPATCH_BACKEND``, ``KVDISPATCH_DEBUG``)."""
-    if _ENV_BYTES is not None:
-        v = _ENV_BYTES.get(name)
-        return None if v is None else v.decode()
-    return os.environ.get(name.decode())
+    return None if (v := env_bytes(name)) is None else v.decode()
 
 
 def interpreting() -> bool:
@@ -38,22 +32,18 @@ def interpreting() -> bool:
 
 
 NVIDIA, ROCM, XPU = "nvidia", "rocm", "xpu"  # as backends declare them in Backend.platforms
-# fp8 hardware per gfx arch as Triton lowers casts (triton-lang/triton, third_party/amd/lib/
-# TritonAMDGPUToLLVM/ConvertFpCastOpToLLVM.cpp): fnuz on CDNA3 (MI300, whose fp8 is fnuz), OCP
-# e4m3fn / e5m2 on CDNA4 (gfx950) and gfx1250; every other arch emulates them.
+# fp8 hardware per gfx arch as Triton lowers casts (triton-lang/triton, third_party/amd/lib/TritonAMDGPUToLLVM/
+# ConvertFpCastOpToLLVM.cpp): fnuz on CDNA3 (MI300), OCP e4m3fn / e5m2 on CDNA4 (gfx950) and gfx1250, else emulated.
 _FNUZ_ARCHS, _OCP_FP8_ARCHS = ("gfx940", "gfx941", "gfx942"), ("gfx950", "gfx1250")
 _FNUZ, _OCP = (torch.float8_e4m3fnuz, torch.float8_e5m2fnuz), (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @dataclass(frozen=True)
 class Platform:
-    """What kvdispatch needs to know about one device.
-
-    ``name`` is the routing key: ``"cpu"``, ``"nvidia"``, ``"rocm"``, ``"xpu"``, or the raw torch
-    device type for anything else (``"mps"``, ``"meta"``, ...), which the reference backend serves.
-    ``arch`` is ``"sm90"``-style for NVIDIA, the gfx name for ROCm, the device name for XPU.
-    ``extra``: free-form facts (warp size, ...) kept out of hashing and equality.
-    """
+    """What kvdispatch needs to know about one device. ``name`` is the routing key: ``"cpu"``, ``"nvidia"``,
+    ``"rocm"``, ``"xpu"``, or the raw torch device type for anything else (``"mps"``, ``"meta"``, ...), which the
+    reference backend serves. ``arch``: ``"sm90"``-style for NVIDIA, the gfx name for ROCm, the device name for XPU.
+    ``extra``: free-form facts (warp size, ...) kept out of hashing and equality."""
 
     name: str
     device_type: str
@@ -79,11 +69,9 @@ class Platform:
     interpreting = staticmethod(interpreting)
 
     def fp8_dtype(self, kind: str) -> torch.dtype:
-        """The fp8 type of ``kind`` ("e4m3" / "e5m2", or "fp8_e4m3" ...): e4m3 is fnuz on MI300 (what
-        ``kv_cache_dtype="fp8"`` means), e5m2 always float8_e5m2."""
-        if kind.endswith("e5m2"):
-            return torch.float8_e5m2
-        return torch.float8_e4m3fnuz if self.fnuz else torch.float8_e4m3fn
+        """``kind``'s fp8 type ("e4m3", "fp8_e5m2"...): e4m3 (``kv_cache_dtype="fp8"``) is fnuz on MI300, e5m2 never."""
+        e4m3 = torch.float8_e4m3fnuz if self.fnuz else torch.float8_e4m3fn
+        return torch.float8_e5m2 if kind.endswith("e5m2") else e4m3
 
     def native_fp8(self, dtype: torch.dtype) -> bool:
         """Does the hardware convert fp8 ``dtype`` (one instruction in Triton's lowering; elsewhere
@@ -111,13 +99,12 @@ def _platform_cached(device_type: str, index: int | None) -> Platform:
     if device_type == "cuda" and torch.cuda.is_available():
         return _detect_cuda(index)  # platform_of resolved None to the current device
     if device_type == "xpu":
-        name = units = None
         try:
             props = torch.xpu.get_device_properties(index or 0)
-            name = props.name
-            units = getattr(props, "gpu_subslice_count", None) or getattr(props, "max_compute_units", None)
         except Exception:  # torch built without XPU: the device type is still routable
-            pass
+            props = None
+        name = getattr(props, "name", None)
+        units = getattr(props, "gpu_subslice_count", None) or getattr(props, "max_compute_units", None)
         return Platform(name=XPU, device_type="xpu", arch=name, multiprocessors=units, device_name=name)
     return Platform(name=device_type, device_type=device_type)  # "cpu", and others the reference serves
 

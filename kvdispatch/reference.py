@@ -1,8 +1,7 @@
-"""The reference backend: plain PyTorch on any device, the default wherever nothing else serves and the
-ground truth of every test. Obviously correct rather than fast: caches are indexed through the caller's
-views (PyTorch applies the real strides), fp8 goes through ``Tensor.to``, attention is a float32 softmax
-per sequence. NaN follows flash-attn: a NaN in a row's inputs gives NaN in that row; a row that sees no
-key is 0."""
+"""The reference backend: plain PyTorch on any device, the default wherever nothing else serves and the ground truth
+of every test. Obviously correct rather than fast: caches are indexed through the caller's views (PyTorch applies the
+real strides), fp8 goes through ``Tensor.to``, attention is a float32 softmax per sequence. NaN follows flash-attn:
+a NaN in a row's inputs gives NaN in that row; a row that sees no key is 0."""
 
 from __future__ import annotations
 
@@ -90,28 +89,23 @@ class ReferenceBackend(Backend):
 
     @torch.no_grad()
     def flash_attn_varlen_func(self, q, k, v, out, desc, args: AttentionArgs) -> None:
-        batch = args.batch
         cu_q = args.cu_seqlens_q.tolist()
-        if args.paged:
-            lens_k, starts_k = args.seqused_k.tolist(), [0] * batch
-        else:
-            cu_k = args.cu_seqlens_k.tolist()
-            starts_k, lens_k = cu_k[:-1], [cu_k[b + 1] - cu_k[b] for b in range(batch)]
-            if args.seqused_k is not None:
-                lens_k = [min(a, b) for a, b in zip(lens_k, args.seqused_k.tolist())]
+        cu_k = None if args.paged else args.cu_seqlens_k.tolist()
+        used = [float("inf")] * args.batch if args.seqused_k is None else args.seqused_k.tolist()  # inf: no cap
         hq, hkv, bs = q.shape[1], desc.num_kv_heads, desc.block_size
         group = hq // hkv
-        for b in range(batch):
+        for b in range(args.batch):
             q0, q1 = cu_q[b], cu_q[b + 1]
-            lq, lk = q1 - q0, lens_k[b]
+            lq = q1 - q0
             if lq == 0:
                 continue
             if args.paged:
-                pos = torch.arange(lk, device=q.device)
+                lk, pos = used[b], torch.arange(used[b], device=q.device)
                 blocks = args.block_table[b].long()[pos // bs]
                 kb, vb = k[blocks, pos % bs], v[blocks, pos % bs]  # [lk, hkv, d]
-            else:
-                kb, vb = k[0, starts_k[b]:starts_k[b] + lk], v[0, starts_k[b]:starts_k[b] + lk]
+            else:  # one block of total_k tokens: sequence b's keys start at cu_seqlens_k[b]
+                k0, lk = cu_k[b], min(cu_k[b + 1] - cu_k[b], used[b])
+                kb, vb = k[0, k0:k0 + lk], v[0, k0:k0 + lk]
             kf, vf = _descaled(kb, args.k_descale, b), _descaled(vb, args.v_descale, b)
             # query head h reads kv head h // group: view q as [lq, hkv, group, d]
             qf = _descaled(q[q0:q1].view(lq, hkv, group, -1), args.q_descale, b)
@@ -123,40 +117,31 @@ class ReferenceBackend(Backend):
             if args.alibi_slopes is not None:
                 slopes = args.alibi_slopes if args.alibi_slopes.dim() == 1 else args.alibi_slopes[b]
                 s = s - slopes.float().reshape(hkv, group, 1, 1) * rel.abs().float()
-            seen = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
-            if args.window_right >= 0:
-                seen &= rel <= args.window_right
-            if args.window_left >= 0:
-                seen &= rel >= -args.window_left
+            wl, wr = args.window_left, args.window_right
+            seen = ((rel <= wr) | (wr < 0)) & ((rel >= -wl) | (wl < 0))  # inside both windows (-1: unbounded)
             s = s.masked_fill(~seen, float("-inf"))
             if args.s_aux is not None:  # the sink: one more logit in each row's denominator, no value
-                sink = args.s_aux.float().reshape(hkv, group, 1, 1).expand(hkv, group, lq, 1)
-                s = torch.cat([s, sink], dim=-1)
+                s = torch.cat([s, args.s_aux.float().reshape(hkv, group, 1, 1).expand(hkv, group, lq, 1)], dim=-1)
             lse = torch.logsumexp(s, dim=-1)  # [hkv, group, lq]; -inf for a row with nothing to see
             # softmax by hand so a row that sees nothing (all -inf) gives 0 weights while a NaN in
             # the inputs stays NaN (torch.softmax would give NaN for both)
-            p = torch.exp(s - torch.where(torch.isinf(lse) & (lse < 0), 0.0, lse)[..., None])
-            if args.s_aux is not None:
-                p = p[..., :lk]
-            o = _weighted_values(p, vf)
+            p = torch.exp(s - torch.where(lse == float("-inf"), 0.0, lse)[..., None])
             if args.softmax_lse is not None:
                 args.softmax_lse[:, q0:q1] = lse.reshape(hq, lq)
-            out[q0:q1] = o.reshape(lq, hq, -1).to(out.dtype)
+            out[q0:q1] = _weighted_values(p[..., :lk], vf).reshape(lq, hq, -1).to(out.dtype)  # p without the sink
 
 
 def _weighted_values(p: torch.Tensor, vf: torch.Tensor) -> torch.Tensor:
-    """``sum_j p[h, g, q, j] * vf[j, h, d]`` as ``[q, h, g, d]``, where a key of weight 0 (masked, or
-    underflowed) contributes nothing even if its value is NaN/inf (0 * NaN would be NaN): a row
-    takes the non-finite values only of the keys it weighs, with IEEE's sums of them (any NaN, or
-    +inf and -inf together: NaN; else the infinity)."""
+    """``sum_j p[h, g, q, j] * vf[j, h, d]`` as ``[q, h, g, d]``, where a key of weight 0 (masked, or underflowed)
+    contributes nothing even if its value is NaN/inf (0 * NaN would be NaN): a row takes the non-finite values only of
+    the keys it weighs, with IEEE's sums of them (any NaN, or +inf and -inf together: NaN; else the infinity)."""
     finite = torch.isfinite(vf)
     if bool(finite.all()):
         return torch.einsum("hgqk,khd->qhgd", p, vf)
     o = torch.einsum("hgqk,khd->qhgd", p, torch.where(finite, vf, 0.0))
     seen = (p > 0).to(vf.dtype)
-    nan = torch.einsum("hgqk,khd->qhgd", seen, torch.isnan(vf).to(vf.dtype)) > 0
-    pos = torch.einsum("hgqk,khd->qhgd", seen, (vf == float("inf")).to(vf.dtype)) > 0
-    neg = torch.einsum("hgqk,khd->qhgd", seen, (vf == float("-inf")).to(vf.dtype)) > 0
+    kinds = torch.stack([torch.isnan(vf), vf == float("inf"), vf == float("-inf")]).to(vf.dtype)
+    nan, pos, neg = torch.einsum("hgqk,nkhd->nqhgd", seen, kinds) > 0  # does a row weigh a NaN / +inf / -inf?
     o = torch.where(neg, float("-inf"), torch.where(pos, float("inf"), o))
     return torch.where(nan | (pos & neg) | torch.isnan(p).any(-1).permute(2, 0, 1)[..., None], float("nan"), o)
 

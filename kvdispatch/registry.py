@@ -55,16 +55,15 @@ class Registry:
     def _load(self) -> pluggy.PluginManager:
         pm = pluggy.PluginManager(hookspecs.PROJECT)
         pm.add_hookspecs(hookspecs)
-        seen = set()
+        eps = {}
         for ep in importlib.metadata.entry_points(group=self._group):
-            if ep.name in seen:  # the same distribution found twice on sys.path
-                continue
-            seen.add(ep.name)
+            eps.setdefault(ep.name, ep)  # the first of a distribution found twice on sys.path
+        for name, ep in eps.items():
             try:
-                pm.register(ep.load(), name=ep.name)
+                pm.register(ep.load(), name=name)
             except Exception as e:  # a broken plugin must not break kvdispatch
-                self._load_errors.append(_BrokenPlugin(ep.name, e))
-        if "reference" not in seen:  # a source tree never installed: the embedded default, same hook
+                self._load_errors.append(_BrokenPlugin(name, e))
+        if "reference" not in eps:  # a source tree never installed: the embedded default, same hook
             from . import reference
             pm.register(reference, name="reference")
         return pm
@@ -123,10 +122,8 @@ class Registry:
                 reason = f"not a backend for platform {platform.name!r} (serves {', '.join(b.platforms) or 'none'})"
             elif op not in b.ops:
                 reason = f"does not implement {op}"
-            else:
-                reason = b.available(platform)
-                if reason is None:
-                    reason = _declined(b, op, desc, dtype) or b.supports(op, desc, platform)
+            elif (reason := b.available(platform)) is None:
+                reason = _declined(b, op, desc, dtype) or b.supports(op, desc, platform)
             rows.append((b, reason))
         return rows
 
@@ -172,13 +169,11 @@ registry = Registry()
 
 
 def select_backend(op_name: str, tensor_or_device) -> str:
-    """Name of the backend that would run ``op_name`` (a public function's name, one of ``OPS``) for
-    tensors on this device, without running anything; honours ``KVDISPATCH_BACKEND``. A backend may
-    still decline a particular cache at call time (the error then says why)."""
+    """Name of the backend that would run ``op_name`` (one of ``OPS``) for tensors on this device, running nothing;
+    honours ``KVDISPATCH_BACKEND``. A backend may still decline a particular cache at call time (saying why)."""
     return registry.select(op_name, platform_of(tensor_or_device)).name
 
 
 def list_backends() -> list:
-    """Names of every registered backend, available or not, highest priority first (``kvdispatch info``
-    says which are available, and why not)."""
+    """Every registered backend's name, available or not, highest priority first (``kvdispatch info`` says why)."""
     return [b.name for b in registry.backends]

@@ -242,3 +242,19 @@ def test_remembered_selection_follows_the_env_and_registrations(fresh):
     kvd.reshape_and_cache_flash(key, value, kc, vc, slots)
     assert rec.calls == 2  # unregistered: the reference again
     assert len(ops._WRITE_RECENT) == 1
+
+
+def test_descriptor_write_is_the_public_write_with_its_scales(fresh):
+    """``desc.write(...)``: ``reshape_and_cache_flash`` with the descriptor's kv_cache_dtype and scales."""
+    gen = torch.Generator().manual_seed(3)
+    kc, vc = make_kv_cache("HND", NB, BS, H, D, dtype=torch.float8_e4m3fn)
+    ks, vs = torch.tensor([0.05]), torch.tensor([0.03, 0.07])
+    desc = kvd.KVCacheDescriptor.from_tensors(kc, vc, "fp8", ks, vs)
+    key, value = torch.randn(9, H, D, generator=gen), torch.randn(9, H, D, generator=gen)
+    slots = random_slots(9, NB, BS, generator=gen)
+    kr, vr, before = kc.clone(), vc.clone(), kc.clone()
+    desc.write(key, value, kc, vc, slots)
+    kvd.reshape_and_cache_flash(key, value, kr, vr, slots, "fp8", ks, vs)
+    assert torch.equal(kc.view(torch.uint8), kr.view(torch.uint8))
+    assert torch.equal(vc.view(torch.uint8), vr.view(torch.uint8))
+    assert not torch.equal(kc.view(torch.uint8), before.view(torch.uint8))  # it wrote

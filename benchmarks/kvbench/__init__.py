@@ -4,6 +4,7 @@ same ``pip install -e .`` as kvdispatch, and never imported by it.
 | module | what |
 | --- | --- |
 | ``cli.py`` | ``kvdispatch check`` and ``kvdispatch bench`` (through the ``kvdispatch.commands`` entry points); ``python -m kvbench`` |
+| ``info.py`` | ``kvdispatch info`` (same group); ``versions()`` and ``table()`` for every report |
 | ``layouts.py`` | builders of every cache layout (``make_kv_cache``, ``make_mla_cache``), random slots, block tables, fills: shared by the tests, the check and the benchmark |
 | ``compare.py`` | the one check against the reference: ``force_backend``, ``clone_views``, ``cache_mismatch`` (the fp8 rule), ``attention_mismatch`` |
 | ``selfcheck.py`` | ``kvdispatch check``: each op on a device against the reference on CPU copies |

@@ -140,7 +140,7 @@ def run_checks(dev: torch.device, quick: bool = False) -> list:
 
 def main(args) -> int:
     """Print the check's table; exit status 1 when any op failed."""
-    from kvdispatch.cli import table
+    from .info import table
 
     from .suite import default_device
 

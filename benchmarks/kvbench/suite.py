@@ -49,7 +49,7 @@ def device_of(args) -> torch.device:
 
 def bench_info(device: torch.device, platform, argv) -> dict:
     """What a result depends on: device, versions, timer, the command, the date."""
-    from kvdispatch.cli import versions
+    from .info import versions
     v = versions()
     info = dict(device=str(device), platform=str(platform), versions=v,
                 timer="median of CUDA-event-timed calls, L2 cleared before each (triton.testing.do_bench)"

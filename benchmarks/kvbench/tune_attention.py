@@ -27,7 +27,7 @@ import time
 import torch
 
 import kvdispatch as kvd
-from kvdispatch import ops
+from kvdispatch.registry import registry
 
 from .compare import attention_mismatch, bases, force_backend
 from .layouts import device_fill, make_kv_cache, random_block_table
@@ -322,7 +322,7 @@ def run_tune_attention(args, argv) -> dict:
             attention.config_for = lambda *a_, **k_: cfg
             if not f16:
                 continue  # fp8 K/V with bf16 q always computes in fp16 now (no switch in the kernel API)
-            ops.forget()  # the prepared launches hold their plans (and tiles)
+            registry.clear_selection()  # the prepared launches hold their plans (and tiles)
             kw, ref = cases[kind], refs[kind]
             nm = (f"{kind} bm{tile.block_m} bn{tile.block_n} w{tile.num_warps} s{tile.num_stages}"
                   f" splits={splits or 'auto'}" + ("" if kind != "fp8" else f" fp16={f16}"))
@@ -334,7 +334,7 @@ def run_tune_attention(args, argv) -> dict:
                          if "us" in r else {})
             measure(results, "tiles", nm, kvd_call(kw, splits), ref, lambda o: o, extra)
         attention.config_for = orig
-        ops.forget()
+        registry.clear_selection()
 
     if args.json:
         with open(args.json, "w") as f:

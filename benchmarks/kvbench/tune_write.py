@@ -233,16 +233,16 @@ def _variants(layout):
 def write_table(cfg):
     """The Triton write uses ``cfg`` for every platform inside (plans made inside come from it; the
     public calls' plans live in their signatures' dicts, cleared before and after)."""
-    from kvdispatch import ops
+    from kvdispatch.registry import registry
     from kvdispatch.backends.triton import write
     real = write.config_for
     write.config_for = lambda *a, **k: cfg
-    ops.forget()
+    registry.clear_selection()
     try:
         yield
     finally:
         write.config_for = real
-        ops.forget()
+        registry.clear_selection()
 
 
 def sweep(results, copy_bw, save):
