@@ -71,6 +71,10 @@ class AttentionConfig:
 # per SM when splitting (b4 x 16384, 128 heads: 122 us with 16 splits, 140 us with 32, 267 us for
 # the earlier 32x32 tile; 2 stages do not fit in shared memory). Split-KV: whole waves of
 # 2 programs per SM, >= 512 keys per split (the best split count of every swept case).
+# Checked again on an H200 (2026-12-02, `python3 benchmarks/long_context_ab.py`, results in
+# benchmarks/results/h200_long_context_ab.txt): B1 x 32768, 8 kv heads: the automatic count (32; 40.3-42.6 us,
+# NHD and HND alike) is the best of 8-128 forced splits (40.2-79.9 us) and of 16x32..16x256 tiles with 2-8 warps and
+# 1-3 stages (41.1 us and up).
 # MLA decode (V read from K's tile): 16x64, 4 warps, 2 stages, measured on an H200 (2026-12-02,
 # `kvdispatch bench --tune attention --sections copy,mla,tiles --tiles "mla16:..."`, results in
 # benchmarks/results/h200_mla_tiles.md): B32 x 4096, 16 q heads, page 64: 70.3 us (graph), against
