@@ -20,15 +20,15 @@ def _help(ep) -> str:
 
 
 def main(argv: Optional[list] = None) -> int:
-    """``kvdispatch COMMAND ARGS``: the function ``(argv) -> exit status`` declared as COMMAND in
-    ``kvdispatch.commands`` (its docstring's first line is its help) runs with ARGS."""
+    """``kvdispatch COMMAND ARGS``: COMMAND's ``kvdispatch.commands`` function ``(argv) -> exit status`` on ARGS."""
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {ep.name: ep for ep in importlib.metadata.entry_points(group=COMMANDS)}
     if argv and argv[0] in commands:
         return commands[argv[0]].load()(argv[1:])
-    p = argparse.ArgumentParser(prog="kvdispatch", description="kvdispatch: one call per paged-KV-cache "
-                                "operation, routed by the device of the tensors you pass.")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = argparse.ArgumentParser(prog="kvdispatch", description="kvdispatch: one call per paged-KV-cache operation, "
+                                "routed by the device of the tensors you pass." + ("" if commands else " No command is "
+                                "registered: the harness's (info, check, bench) come with `pip install -e .`."))
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     for name, ep in sorted(commands.items()):
         sub.add_parser(name, help=_help(ep))
     p.parse_args(argv)  # exits: help, or an unknown command
