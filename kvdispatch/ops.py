@@ -85,9 +85,8 @@ class _Call:
         self.backend = self.checks = self.forced = self.debug = self.generation = None
 
     def select(self, op: str, dtype: torch.dtype):
-        """The backend (``dtype``: q's / key's), selected again only when ``KVDISPATCH_BACKEND``, ``KVDISPATCH_DEBUG``
-        or the registry changed (fresh ``plans`` after ``registry.clear_selection()``, which the tuning sweeps call
-        after swapping a config); ``self.checks``: whether the value checks run before it (``checks_values``)."""
+        """The backend for q's / key's ``dtype``, selected again when ``KVDISPATCH_BACKEND``, ``KVDISPATCH_DEBUG``
+        or the registry changed (fresh ``plans`` after ``clear_selection()``); ``self.checks``: ``checks_values``."""
         forced, dbg = env_bytes(b"KVDISPATCH_BACKEND"), env_bytes(b"KVDISPATCH_DEBUG")  # raw: compared only
         if self.forced != forced or self.debug != dbg or self.generation != registry.generation \
                 or self.backend is None:
@@ -99,9 +98,8 @@ class _Call:
         return self.backend
 
 
-# The signatures seen by each op, most recent first, each behind one C++ check of its tensors' metadata
-# (dynamo's TensorGuards: dispatch keys, dtype, device, sizes, strides in ~0.2 us; a Python key costs several
-# us). Token and batch dims are left free: a hit compares them with each other as the checks relate them.
+# Each op's recent signatures, newest first, each behind one C++ check of its tensors' metadata (dynamo's TensorGuards,
+# ~0.2 us; a Python key costs several us), token and batch dims free: a hit relates them as the checks do.
 _RECENT = 16  # signatures kept per op (engines use one or two: every layer shares its metadata)
 
 
@@ -119,10 +117,11 @@ def _remember(recent: list, call: _Call, extra, tensors: tuple, free: tuple) -> 
     return call
 
 
-def _write_op(op: str, recent: list, free: tuple, check, tensors: tuple, kv_cache_dtype, k_scale, v_scale) -> None:
-    """Either write; ``tensors``: (rows, other rows, cache(s)..., slot_mapping). A remembered signature serves when
-    its kv_cache_dtype, for fp8 the descriptor's own (weakly held) scales, the guard and the checks' size relations
-    (as many other rows as rows, at most one slot per row) hold; else ``check`` (metadata) describes the cache."""
+def _write_op(op: str, recent: list, free: tuple, check, tensors: tuple, kv_cache_dtype, k_scale, v_scale) -> _Call:
+    """Either write's call, selected and value-checked; ``tensors``: (rows, other rows, cache(s)..., slot_mapping). A
+    remembered signature serves when its kv_cache_dtype, fp8 scales (the descriptor's, weakly held), guard and size
+    relations hold, else ``check`` describes the cache. Callers spell out the backend call (``*args`` + keywords:
+    ~1 us more)."""
     x, other, slots = tensors[0], tensors[1], tensors[-1]
     for guard, call, kd in recent:
         if (kv_cache_dtype.__class__ is str and kd == kv_cache_dtype
@@ -132,13 +131,10 @@ def _write_op(op: str, recent: list, free: tuple, check, tensors: tuple, kv_cach
     else:
         desc = check(*tensors, kv_cache_dtype, k_scale, v_scale)
         call = _remember(recent, _Call(desc), kv_cache_dtype, tensors, free)
-    backend = call.select(op, x.dtype)
+    call.select(op, x.dtype)
     if call.checks:
         check_slot_values(slots, call.desc)
-    if backend.takes_plans:
-        getattr(backend, op)(*tensors, call.desc, plans=call.plans)
-    else:
-        getattr(backend, op)(*tensors, call.desc)
+    return call
 
 
 # -- reshape_and_cache_flash ---------------------------------------------------------------------
@@ -149,8 +145,12 @@ _WRITE_FREE = (0, 0, None, None, 0)  # the token dim of key, value and slot_mapp
 def _write(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
            slot_mapping: torch.Tensor, kv_cache_dtype: str, k_scale: Optional[torch.Tensor],
            v_scale: Optional[torch.Tensor]) -> None:  # also the custom op's body
-    _write_op("reshape_and_cache_flash", _WRITE_RECENT, _WRITE_FREE, _check_write,
-              (key, value, key_cache, value_cache, slot_mapping), kv_cache_dtype, k_scale, v_scale)
+    c = _write_op("reshape_and_cache_flash", _WRITE_RECENT, _WRITE_FREE, _check_write,
+                  (key, value, key_cache, value_cache, slot_mapping), kv_cache_dtype, k_scale, v_scale)
+    if c.backend.takes_plans:
+        c.backend.reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, c.desc, plans=c.plans)
+    else:
+        c.backend.reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, c.desc)
 
 
 def _check_write(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale):
@@ -207,8 +207,12 @@ _MLA_FREE = (0, 0, None, 0)  # the token dim of kv_c, k_pe and slot_mapping
 
 def _write_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
                kv_cache_dtype: str, scale: Optional[torch.Tensor]) -> None:  # also the custom op's body
-    _write_op("concat_and_cache_mla", _MLA_RECENT, _MLA_FREE, _check_mla, (kv_c, k_pe, kv_cache, slot_mapping),
-              kv_cache_dtype, scale, None)
+    c = _write_op("concat_and_cache_mla", _MLA_RECENT, _MLA_FREE, _check_mla, (kv_c, k_pe, kv_cache, slot_mapping),
+                  kv_cache_dtype, scale, None)
+    if c.backend.takes_plans:
+        c.backend.concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, c.desc, plans=c.plans)
+    else:
+        c.backend.concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, c.desc)
 
 
 def _check_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale, _=None) -> KVCacheDescriptor:
@@ -293,7 +297,6 @@ def _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlen
     else:
         call = _attention_call(ts, mask, q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table,
                                q_descale, k_descale, v_descale, alibi_slopes, s_aux, softmax_lse)
-    desc = call.desc
     # scalars, every call: exact int / float types in range cost one test; the rest the full check
     if max_seqlen_q.__class__ is not int or max_seqlen_q < 0:
         _int_at_least("max_seqlen_q", max_seqlen_q, 0, "a non-negative int")
@@ -321,13 +324,13 @@ def _attention(q, k, v, out, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlen
                        bool(causal), window_left, window_right, softcap,
                        q_descale, k_descale, v_descale, alibi_slopes, s_aux, softmax_lse, num_splits, call.plans))
     if call.checks:
-        check_attention_values(args, desc, q.shape[0])
+        check_attention_values(args, call.desc, q.shape[0])
     paged = block_table is not None
     if not paged and (k.shape[0] == 0 or v.shape[0] == 0):
         _no_keys(q, out, args)
         return
     backend.flash_attn_varlen_func(q, k if paged else k.unsqueeze(0), v if paged else v.unsqueeze(0),
-                                   out, desc, args)
+                                   out, call.desc, args)
 
 
 def _attention_call(ts, mask, q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, q_descale,
@@ -443,9 +446,8 @@ def _check_attention_tensors(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k
     return desc, d
 
 
-# Engine hints that change nothing here (FA3's scheduler plans, the FA version) are keyword parameters, ignored (an
-# unmatched keyword costs Python's binding ~0.2 us); keywords taken only at their no-op value (context parallelism,
-# FA3's extra value input) arrive in ``engine_hints``; any other is a TypeError.
+# FA3's scheduler plans and the FA version are ignored keyword parameters (binding them is cheaper than **); keywords
+# taken only at their no-op value (context parallelism, FA3's q_v) arrive in ``engine_hints``; any other: TypeError.
 _DEFAULT_ONLY = {"cp_world_size": 1, "cp_rank": 0, "cp_tot_seqused_k": None, "q_v": None}
 
 
@@ -480,28 +482,26 @@ def flash_attn_varlen_func(
     """Variable-length attention, paged or not (flash-attn / vLLM signature). Returns ``out``, or
     ``(out, softmax_lse)`` with ``return_softmax_lse=True``.
 
-    q ``(total_q, num_q_heads, head_size)``, ``cu_seqlens_q`` int32 ``(batch + 1,)``. Paged (``block_table``
-    int32 ``(batch, max_blocks_per_seq)`` and ``seqused_k`` int32 ``(batch,)`` given): k, v are caches
-    ``(num_blocks, block_size, num_kv_heads, head_size[_v])`` in any memory order; not paged: ``(total_k,
-    num_kv_heads, head_size[_v])`` with ``cu_seqlens_k`` int32 ``(batch + 1,)``. num_q_heads % num_kv_heads
-    == 0 (GQA/MQA). ``causal`` is bottom-right aligned: query i sits at key position p = i + Lk - Lq
-    (Lq = 2, Lk = 5: q0 sees keys 0-3, q1 keys 0-4); ``window_size`` ``(left, right)`` (None: unbounded)
-    keeps keys in ``[p - left, p + right]``, -1 unbounded. ``softcap`` > 0: ``softcap * tanh(s / softcap)``
-    on the scaled scores; ``softmax_scale`` default ``1 / sqrt(head_size)``; ``out``: optional ``(total_q,
-    num_q_heads, head_size_v)``, written in place. ``q_descale`` / ``k_descale`` / ``v_descale``: float32,
-    one element or ``(batch, num_kv_heads)`` (stride-0 ``expand``-ed views too), multiply the stored fp8
-    values. ``alibi_slopes``: float32 ``(num_q_heads,)`` or ``(batch, num_q_heads)``, adds ``-slope * |p -
-    j|`` to the (soft-capped) score of key j. ``s_aux`` ``(num_q_heads,)``: attention-sink logits, each
-    joins its head's softmax denominator (``exp(s_aux)``) and contributes no value. ``return_softmax_lse``:
-    also float32 ``(num_q_heads, total_q)``, the natural log of each row's denominator (sink included),
-    -inf for a row that sees nothing. ``num_splits``: split-KV, 0 automatic, 1 never, n at most n.
-    ``dropout_p`` only 0.0, ``return_attn_probs`` only False (inference); ``deterministic`` accepted
-    (every backend is); ``scheduler_metadata``, ``fa_version``: FA3 hints, accepted and ignored.
-    Rows that see no key (empty sequence, window excluding all) are 0.
+    q ``(total_q, num_q_heads, head_size)``, ``cu_seqlens_q`` int32 ``(batch + 1,)``. Paged (``block_table`` int32
+    ``(batch, max_blocks_per_seq)``, ``seqused_k`` int32 ``(batch,)``): k, v are caches ``(num_blocks, block_size,
+    num_kv_heads, head_size[_v])`` in any memory order; else ``(total_k, num_kv_heads, head_size[_v])`` with
+    ``cu_seqlens_k`` int32 ``(batch + 1,)``. num_q_heads % num_kv_heads == 0 (GQA/MQA). ``causal``: bottom-right
+    aligned, query i sits at key position p = i + Lk - Lq (Lq = 2, Lk = 5: q0 sees keys 0-3, q1 keys 0-4);
+    ``window_size`` ``(left, right)`` (None: unbounded) keeps keys in ``[p - left, p + right]``, -1 unbounded.
+    ``softcap`` > 0: ``softcap * tanh(s / softcap)`` on the scaled scores; ``softmax_scale`` default ``1 /
+    sqrt(head_size)``; ``out``: optional ``(total_q, num_q_heads, head_size_v)``, written in place. ``q/k/v_descale``:
+    float32, one element or ``(batch, num_kv_heads)`` (``expand``-ed views too), multiply the stored fp8 values.
+    ``alibi_slopes``: float32 ``(num_q_heads,)`` or ``(batch, num_q_heads)``, adds ``-slope * |p - j|`` to the
+    (soft-capped) score of key j. ``s_aux`` ``(num_q_heads,)``: sink logits, each joins its head's softmax
+    denominator and contributes no value. ``return_softmax_lse``: also float32 ``(num_q_heads, total_q)``, the log of
+    each row's denominator (sink included), -inf for a row that sees nothing. ``num_splits``: split-KV, 0 automatic, 1
+    never, n at most n. ``dropout_p`` only 0.0, ``return_attn_probs`` only False; ``deterministic`` accepted (every
+    backend is); ``scheduler_metadata``, ``fa_version``: FA3 hints, ignored. A row that sees no key is 0.
     """
     if engine_hints or dropout_p or return_attn_probs:
         _check_hints(engine_hints, dropout_p, return_attn_probs)
-    _tensor(q, "q")
+    if out is None or return_softmax_lse:
+        _tensor(q, "q")
     if out is None:
         _tensor(v, "v")
         if q.dim() != 3 or v.dim() not in (3, 4):
