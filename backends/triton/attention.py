@@ -4,9 +4,17 @@ Work split: program ``(tile, b * num_kv_heads + kvh, split)`` owns ``BLOCK_M`` *
 ``b`` and kv head ``kvh``; row ``r`` is query token ``r // GROUP`` and query head
 ``kvh * GROUP + r % GROUP``. Packing the GQA group into rows means a decode step (q_len 1) fills
 its tile with the heads that read the same keys, so K/V are loaded once per kv head, and prefill
-reuses every K/V tile for all heads of the group as well. The grid's tile count comes from the
-``max_seqlen_q`` hint; a program walks its sequence's REAL tiles with the grid's size as stride
+reuses every K/V tile for all heads of the group as well.
+
+Two grids. Decode launches (``max_seqlen_q`` within the decode tile): the grid's tile count comes from
+the ``max_seqlen_q`` hint, and a program walks its sequence's REAL tiles with the grid's size as stride
 (one tile or none when the hint holds), so a hint below the longest query never leaves rows unwritten.
+Prefill launches (``FLAT``): axis 0 numbers the q tiles of all sequences (``total_q * GROUP //
+BLOCK_M + batch`` programs per kv head, no hint involved) and a program finds its sequence by binary
+search over ``cu_seqlens_q``; a sequence of at most ``SMALL_M`` rows (a decode of a mixed batch)
+takes the config's ``mixed`` tile instead of the prefill tile. A mixed batch so costs neither a
+prefill-sized tile per decode nor a grid of hint-sized rows of idle programs, and its compute-bound
+prefill tiles and memory-bound decodes run side by side.
 
 Keys are walked ``BLOCK_N`` at a time (online softmax in base 2). Key ``j`` of a paged sequence
 lives at ``block_table[b, j // PAGE] * S_BLOCK + (j % PAGE) * S_TOKEN + kvh * S_HEAD + d``
@@ -248,20 +256,145 @@ def _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, 
     return acc, l_i, m_new
 
 
+@triton.jit
+def _q_tile(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_ml_ptr, alibi_ptr, sink_ptr, lse_ptr, bt_row,
+            tile, b, kvh, split, q_start, lq, lk, k_start, split_keys, split_hi, qk_scale, out_scale,
+            softcap, window_left, window_right, total_q, s_qt, s_qh, s_ot, s_oh, al_sb, al_sh, s_lh, s_lt,
+            K_SB: tl.constexpr, K_ST: tl.constexpr, K_SH: tl.constexpr,
+            V_SB: tl.constexpr, V_ST: tl.constexpr, V_SH: tl.constexpr,
+            NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr, NUM_BLOCKS: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+            DA: tl.constexpr, DB: tl.constexpr, DB_VALID: tl.constexpr,
+            DV: tl.constexpr, DV_VALID: tl.constexpr, PAGED: tl.constexpr, INT64: tl.constexpr,
+            KV_MODE: tl.constexpr, Q_MODE: tl.constexpr, COMPUTE: tl.constexpr, Q_PRE: tl.constexpr,
+            DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+            SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+            HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_LSE: tl.constexpr, V_IS_K: tl.constexpr,
+            SPLIT: tl.constexpr, INTERPRET: tl.constexpr):
+    """Rows ``[tile * BLOCK_M, tile * BLOCK_M + BLOCK_M)`` of sequence ``b`` (``tile * BLOCK_M < lq * GROUP``)
+    and kv head ``kvh`` over its keys (with SPLIT: this split's, ``[split * split_keys, split_hi)``): the q
+    tile, the three key regions (their loops pipelined ``STAGES`` deep), the epilogue."""
+    row0 = tile * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < lq * GROUP
+    q_tok = rows // GROUP
+    head = kvh * GROUP + rows % GROUP
+    p_row = q_tok + lk - lq  # key position each row is aligned to (bottom-right)
+    p_min = row0 // GROUP + lk - lq
+    p_max = tl.minimum((row0 + BLOCK_M - 1) // GROUP, lq - 1) + lk - lq
+
+    # the keys this tile can see, cut to this program's split
+    lo = 0
+    hi = lk
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, p_max + window_right + 1)
+    if HAS_LEFT:
+        lo = tl.maximum(p_min - window_left, 0) // BLOCK_N * BLOCK_N
+    if SPLIT:
+        lo = tl.maximum(lo, split * split_keys)
+        hi = tl.minimum(hi, split_hi)
+    hi = tl.maximum(hi, lo)
+    # [full_lo, full_hi): tiles every row sees whole (no mask needed)
+    full_lo = lo
+    if HAS_LEFT:
+        full_lo = tl.maximum(lo, tl.cdiv(tl.maximum(p_max - window_left, 0), BLOCK_N) * BLOCK_N)
+    full_lo = tl.minimum(full_lo, hi)
+    vis_end = lk
+    if HAS_RIGHT:
+        vis_end = tl.minimum(vis_end, p_min + window_right + 1)
+    full_hi = vis_end // BLOCK_N * BLOCK_N
+    if SPLIT:
+        full_hi = tl.minimum(full_hi, split_hi)
+    full_hi = tl.maximum(full_hi, full_lo)
+
+    # q tile, in two column parts (power of two + remainder)
+    q_rows = (q_start + q_tok).to(tl.int64) * s_qt + head * s_qh
+    offs_da = tl.arange(0, DA)
+    qa = tl.load(q_ptr + q_rows[:, None] + offs_da[None, :], mask=row_ok[:, None], other=0.0)
+    if Q_PRE != 1.0:
+        qa = qa.to(tl.float32) * Q_PRE
+    qa = _to_compute(qa, Q_MODE, COMPUTE)
+    if DB > 0:
+        offs_db = DA + tl.arange(0, DB)
+        qb = tl.load(q_ptr + q_rows[:, None] + offs_db[None, :],
+                     mask=row_ok[:, None] & (offs_db[None, :] < DA + DB_VALID), other=0.0)
+        if Q_PRE != 1.0:
+            qb = qb.to(tl.float32) * Q_PRE
+        qb = _to_compute(qb, Q_MODE, COMPUTE)
+    else:
+        qb = qa
+
+    if HAS_ALIBI:
+        slope2 = tl.load(alibi_ptr + b * al_sb + head * al_sh, mask=row_ok, other=0.0).to(tl.float32) \
+            * 1.4426950408889634
+    else:
+        slope2 = qk_scale  # unused
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV], tl.float32)
+
+    # the three key regions: masked edge tiles, whole tiles (no masks), masked tiles at the end
+    for region in tl.static_range(3):
+        r_lo = lo if region == 0 else (full_lo if region == 1 else full_hi)
+        r_hi = full_lo if region == 0 else (full_hi if region == 1 else hi)
+        if INTERPRET:
+            r_lo, r_hi = _host_int(r_lo), _host_int(r_hi)
+        for start in tl.range(r_lo, r_hi, BLOCK_N, num_stages=STAGES):
+            acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, p_row,
+                                  window_left, window_right, qk_scale, softcap, slope2, K_SB, K_ST, K_SH, V_SB,
+                                  V_ST, V_SH, PAGE, NUM_BLOCKS, BLOCK_N, DA, DB, DB_VALID, DV, DV_VALID, PAGED,
+                                  INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP, HAS_LEFT, HAS_RIGHT, HAS_ALIBI,
+                                  V_IS_K, region != 1)
+
+    offs_dv = tl.arange(0, DV)
+    dv_ok = offs_dv[None, :] < DV_VALID
+    if SPLIT:
+        ws_row = (split * total_q + q_start + q_tok).to(tl.int64) * (NUM_KV_HEADS * GROUP) + head
+        tl.store(ws_o_ptr + ws_row[:, None] * DV_VALID + offs_dv[None, :], acc * out_scale,
+                 mask=row_ok[:, None] & dv_ok)
+        tl.store(ws_ml_ptr + ws_row * 2, m_i, mask=row_ok)
+        tl.store(ws_ml_ptr + ws_row * 2 + 1, l_i, mask=row_ok)
+    else:
+        o_scale = out_scale
+        if HAS_SINKS:
+            # the sink joins the denominator with no value: rescale (l, m) to max(m, sink) so a
+            # row that saw no key (m = -inf) gets l = 1 at m = sink (out 0, lse = sink)
+            sink2 = tl.load(sink_ptr + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+            m_s = tl.maximum(m_i, sink2)
+            m_s_use = tl.where(m_s == float("-inf"), 0.0, m_s)
+            alpha = tl.math.exp2(m_i - m_s_use)
+            l_i = l_i * alpha + tl.math.exp2(sink2 - m_s_use)
+            o_scale = out_scale * alpha
+            m_i = m_s
+        # rows that saw no key (and have no sink) have acc == 0 and l == 0: they come out 0
+        o = acc * (o_scale / tl.where(l_i > 0.0, l_i, 1.0))[:, None]
+        o_rows = (q_start + q_tok).to(tl.int64) * s_ot + head * s_oh
+        tl.store(out_ptr + o_rows[:, None] + offs_dv[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & dv_ok)
+        if HAS_LSE:
+            # natural log: (m + log2(l)) / log2(e); -inf for a row with an empty denominator
+            lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0))) * 0.6931471805599453,
+                           float("-inf"))
+            tl.store(lse_ptr + head.to(tl.int64) * s_lh + (q_start + q_tok).to(tl.int64) * s_lt, lse,
+                     mask=row_ok)
+
+
 # Values that change from step to step are not specialized on, so one compiled kernel serves every
 # step of a plan and can be launched directly (see ``_launch``).
-@triton.jit(do_not_specialize=["total_q", "kv_limit", "split_keys", "s_bt", "al_sb", "al_sh", "s_lh", "s_lt"])
+@triton.jit(do_not_specialize=["total_q", "kv_limit", "split_keys", "batch", "s_bt", "al_sb", "al_sh", "s_lh", "s_lt"])
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_ml_ptr,
     cu_q_ptr, cu_k_ptr, seqused_ptr, bt_ptr,
     qd_ptr, kd_ptr, vd_ptr, alibi_ptr, sink_ptr, lse_ptr,
-    scale, softcap, v_factor, window_left, window_right, total_q, kv_limit, split_keys,
+    scale, softcap, v_factor, window_left, window_right, total_q, kv_limit, split_keys, batch,
     s_qt, s_qh, s_ot, s_oh, s_bt, qd_sb, qd_sh, kd_sb, kd_sh, vd_sb, vd_sh,
     al_sb, al_sh, s_lh, s_lt,
     K_SB: tl.constexpr, K_ST: tl.constexpr, K_SH: tl.constexpr,
     V_SB: tl.constexpr, V_ST: tl.constexpr, V_SH: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr, NUM_BLOCKS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+    SMALL_M: tl.constexpr, SMALL_N: tl.constexpr, SMALL_STAGES: tl.constexpr, FLAT: tl.constexpr,
     DA: tl.constexpr, DB: tl.constexpr, DB_VALID: tl.constexpr,
     DV: tl.constexpr, DV_VALID: tl.constexpr,
     PAGED: tl.constexpr, HAS_SEQUSED: tl.constexpr, INT64: tl.constexpr,
@@ -287,17 +420,32 @@ def _attention_kernel(
     A sequence whose indices are out of range gets a garbage-but-safe result; the others are exact.
     Each is a min/max on a value already loaded (no extra load).
     """
-    # Program p of axis 0 takes the sequence's q tiles t = P - 1 - p, t + P, t + 2P, ... below its
-    # real tile count (from cu_seqlens_q), P the grid's size along axis 0. P comes from the
-    # max_seqlen_q hint: when the hint holds (P >= every sequence's tile count) each program has
-    # one tile or none, the longest (causal: most keys) tiles first and the shorter ones filling
-    # the tail; a hint below the real length only costs parallelism, never an unwritten row.
-    programs = tl.num_programs(0)
-    first = programs - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
     split = tl.program_id(2)
-    b = bh // NUM_KV_HEADS
-    kvh = bh % NUM_KV_HEADS
+    if FLAT:
+        # axis 0 numbers the q tiles of every sequence, axis 1 is the kv head: sequence b's tiles
+        # are numbered from start(b) = cu_seqlens_q[b] * GROUP // BLOCK_M + b, which counts at least
+        # the tiles of the sequences before it (a sequence may have one number more than tiles), so
+        # a program finds its sequence by binary search over cu_seqlens_q and the grid,
+        # total_q * GROUP // BLOCK_M + batch programs, needs no hint. Programs of both kinds, long
+        # prefill tiles and decodes, are spread over the grid (per kv head), so a mixed batch runs
+        # them side by side. Within a sequence, the last tile (causal: the most keys) comes first.
+        i = tl.program_id(0)
+        b = batch * 0
+        hi_b = batch
+        while hi_b - b > 1:
+            mid = (b + hi_b) // 2
+            s_mid = tl.minimum(tl.maximum(tl.load(cu_q_ptr + mid), 0), total_q) * GROUP // BLOCK_M + mid
+            b = tl.where(s_mid <= i, mid, b)
+            hi_b = tl.where(s_mid <= i, hi_b, mid)
+        kvh = tl.program_id(1)
+    else:
+        # program p of axis 0 takes the sequence's q tiles t = P - 1 - p, t + P, t + 2P, ... below its
+        # real tile count (from cu_seqlens_q), P the grid's size along axis 0, which comes from the
+        # max_seqlen_q hint: when the hint holds each program has one tile or none, the longest
+        # (causal: most keys) first; a hint below the real length only costs parallelism, never an
+        # unwritten row
+        b = tl.program_id(1) // NUM_KV_HEADS
+        kvh = tl.program_id(1) % NUM_KV_HEADS
 
     # query rows within q's real rows [0, total_q), whatever cu_seqlens_q says: start clamped to
     # [0, total_q], end to [start, total_q] (so lq is in [0, total_q - start]: no int32 wrap-around
@@ -305,6 +453,16 @@ def _attention_kernel(
     q_start = tl.minimum(tl.maximum(tl.load(cu_q_ptr + b), 0), total_q)
     lq = tl.minimum(tl.maximum(tl.load(cu_q_ptr + b + 1), q_start), total_q) - q_start
     n_tiles = tl.cdiv(lq * GROUP, BLOCK_M)
+    if FLAT:
+        # this program's one tile (none: the spare number of a sequence, or a non-monotone
+        # cu_seqlens_q's garbage)
+        first = n_tiles - 1 - (i - (q_start * GROUP // BLOCK_M + b))
+        programs = tl.maximum(n_tiles, 1)
+        if first < 0:
+            return
+    else:
+        programs = tl.num_programs(0)
+        first = programs - 1 - tl.program_id(0)
     if first >= n_tiles:
         return
     if PAGED:
@@ -342,113 +500,24 @@ def _attention_kernel(
     if INTERPRET:
         first, n_tiles, programs = _host_int(first), _host_int(n_tiles), _host_int(programs)
     for tile in range(first, n_tiles, programs):
-        # rows [tile * BLOCK_M, tile * BLOCK_M + BLOCK_M) of sequence b (tile * BLOCK_M < lq * GROUP),
-        # kv head kvh, over its keys (with SPLIT: this split's, [split * split_keys, split_hi)):
-        # the q tile, the three key regions, the epilogue
-        row0 = tile * BLOCK_M
-        rows = row0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < lq * GROUP
-        q_tok = rows // GROUP
-        head = kvh * GROUP + rows % GROUP
-        p_row = q_tok + lk - lq  # key position each row is aligned to (bottom-right)
-        p_min = row0 // GROUP + lk - lq
-        p_max = tl.minimum((row0 + BLOCK_M - 1) // GROUP, lq - 1) + lk - lq
-
-        # the keys this tile can see, cut to this program's split
-        lo = 0
-        hi = lk
-        if HAS_RIGHT:
-            hi = tl.minimum(hi, p_max + window_right + 1)
-        if HAS_LEFT:
-            lo = tl.maximum(p_min - window_left, 0) // BLOCK_N * BLOCK_N
-        if SPLIT:
-            lo = tl.maximum(lo, split * split_keys)
-            hi = tl.minimum(hi, split_hi)
-        hi = tl.maximum(hi, lo)
-        # [full_lo, full_hi): tiles every row sees whole (no mask needed)
-        full_lo = lo
-        if HAS_LEFT:
-            full_lo = tl.maximum(lo, tl.cdiv(tl.maximum(p_max - window_left, 0), BLOCK_N) * BLOCK_N)
-        full_lo = tl.minimum(full_lo, hi)
-        vis_end = lk
-        if HAS_RIGHT:
-            vis_end = tl.minimum(vis_end, p_min + window_right + 1)
-        full_hi = vis_end // BLOCK_N * BLOCK_N
-        if SPLIT:
-            full_hi = tl.minimum(full_hi, split_hi)
-        full_hi = tl.maximum(full_hi, full_lo)
-
-        # q tile, in two column parts (power of two + remainder)
-        q_rows = (q_start + q_tok).to(tl.int64) * s_qt + head * s_qh
-        offs_da = tl.arange(0, DA)
-        qa = tl.load(q_ptr + q_rows[:, None] + offs_da[None, :], mask=row_ok[:, None], other=0.0)
-        if Q_PRE != 1.0:
-            qa = qa.to(tl.float32) * Q_PRE
-        qa = _to_compute(qa, Q_MODE, COMPUTE)
-        if DB > 0:
-            offs_db = DA + tl.arange(0, DB)
-            qb = tl.load(q_ptr + q_rows[:, None] + offs_db[None, :],
-                         mask=row_ok[:, None] & (offs_db[None, :] < DA + DB_VALID), other=0.0)
-            if Q_PRE != 1.0:
-                qb = qb.to(tl.float32) * Q_PRE
-            qb = _to_compute(qb, Q_MODE, COMPUTE)
+        if SMALL_M > 0 and lq * GROUP <= SMALL_M:
+            # a sequence with few rows in a launch of prefill tiles (a decode in a mixed batch):
+            # the decode tile, so its keys are not multiplied against BLOCK_M - SMALL_M empty rows
+            _q_tile(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_ml_ptr, alibi_ptr, sink_ptr, lse_ptr, bt_row,
+                    tile, b, kvh, split, q_start, lq, lk, k_start, split_keys, split_hi, qk_scale, out_scale,
+                    softcap, window_left, window_right, total_q, s_qt, s_qh, s_ot, s_oh, al_sb, al_sh, s_lh, s_lt,
+                    K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, NUM_KV_HEADS, GROUP, PAGE, NUM_BLOCKS,
+                    SMALL_M, SMALL_N, SMALL_STAGES, DA, DB, DB_VALID, DV, DV_VALID, PAGED, INT64,
+                    KV_MODE, Q_MODE, COMPUTE, Q_PRE, DOT_F32, IEEE, SOFTCAP, HAS_LEFT, HAS_RIGHT,
+                    HAS_ALIBI, HAS_SINKS, HAS_LSE, V_IS_K, SPLIT, INTERPRET)
         else:
-            qb = qa
-
-        if HAS_ALIBI:
-            slope2 = tl.load(alibi_ptr + b * al_sb + head * al_sh, mask=row_ok, other=0.0).to(tl.float32) \
-                * 1.4426950408889634
-        else:
-            slope2 = qk_scale  # unused
-
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, DV], tl.float32)
-
-        # the three key regions: masked edge tiles, whole tiles (no masks), masked tiles at the end
-        for region in tl.static_range(3):
-            r_lo = lo if region == 0 else (full_lo if region == 1 else full_hi)
-            r_hi = full_lo if region == 0 else (full_hi if region == 1 else hi)
-            if INTERPRET:
-                r_lo, r_hi = _host_int(r_lo), _host_int(r_hi)
-            for start in range(r_lo, r_hi, BLOCK_N):
-                acc, l_i, m_i = _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, p_row,
-                                      window_left, window_right, qk_scale, softcap, slope2, K_SB, K_ST, K_SH, V_SB,
-                                      V_ST, V_SH, PAGE, NUM_BLOCKS, BLOCK_N, DA, DB, DB_VALID, DV, DV_VALID, PAGED,
-                                      INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP, HAS_LEFT, HAS_RIGHT, HAS_ALIBI,
-                                      V_IS_K, region != 1)
-
-        offs_dv = tl.arange(0, DV)
-        dv_ok = offs_dv[None, :] < DV_VALID
-        if SPLIT:
-            ws_row = (split * total_q + q_start + q_tok).to(tl.int64) * (NUM_KV_HEADS * GROUP) + head
-            tl.store(ws_o_ptr + ws_row[:, None] * DV_VALID + offs_dv[None, :], acc * out_scale,
-                     mask=row_ok[:, None] & dv_ok)
-            tl.store(ws_ml_ptr + ws_row * 2, m_i, mask=row_ok)
-            tl.store(ws_ml_ptr + ws_row * 2 + 1, l_i, mask=row_ok)
-        else:
-            o_scale = out_scale
-            if HAS_SINKS:
-                # the sink joins the denominator with no value: rescale (l, m) to max(m, sink) so a
-                # row that saw no key (m = -inf) gets l = 1 at m = sink (out 0, lse = sink)
-                sink2 = tl.load(sink_ptr + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
-                m_s = tl.maximum(m_i, sink2)
-                m_s_use = tl.where(m_s == float("-inf"), 0.0, m_s)
-                alpha = tl.math.exp2(m_i - m_s_use)
-                l_i = l_i * alpha + tl.math.exp2(sink2 - m_s_use)
-                o_scale = out_scale * alpha
-                m_i = m_s
-            # rows that saw no key (and have no sink) have acc == 0 and l == 0: they come out 0
-            o = acc * (o_scale / tl.where(l_i > 0.0, l_i, 1.0))[:, None]
-            o_rows = (q_start + q_tok).to(tl.int64) * s_ot + head * s_oh
-            tl.store(out_ptr + o_rows[:, None] + offs_dv[None, :], o.to(out_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & dv_ok)
-            if HAS_LSE:
-                # natural log: (m + log2(l)) / log2(e); -inf for a row with an empty denominator
-                lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0))) * 0.6931471805599453,
-                               float("-inf"))
-                tl.store(lse_ptr + head.to(tl.int64) * s_lh + (q_start + q_tok).to(tl.int64) * s_lt, lse,
-                         mask=row_ok)
+            _q_tile(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_ml_ptr, alibi_ptr, sink_ptr, lse_ptr, bt_row,
+                    tile, b, kvh, split, q_start, lq, lk, k_start, split_keys, split_hi, qk_scale, out_scale,
+                    softcap, window_left, window_right, total_q, s_qt, s_qh, s_ot, s_oh, al_sb, al_sh, s_lh, s_lt,
+                    K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, NUM_KV_HEADS, GROUP, PAGE, NUM_BLOCKS,
+                    BLOCK_M, BLOCK_N, STAGES, DA, DB, DB_VALID, DV, DV_VALID, PAGED, INT64,
+                    KV_MODE, Q_MODE, COMPUTE, Q_PRE, DOT_F32, IEEE, SOFTCAP, HAS_LEFT, HAS_RIGHT,
+                    HAS_ALIBI, HAS_SINKS, HAS_LSE, V_IS_K, SPLIT, INTERPRET)
 
 
 @triton.jit(do_not_specialize=["total_q", "batch", "s_lh", "s_lt"])
@@ -541,6 +610,11 @@ def plan_for(q: torch.Tensor, out: torch.Tensor, desc, args, decode: bool, v_is_
     cfg = config_for(desc.platform, interp)
     dk, dv = desc.head_size_k, desc.head_size_v
     tile = cfg.tile(("decode_shared_kv" if v_is_k else "decode") if decode else "prefill", max(dk, dv))
+    # a prefill launch serves a sequence of at most the config's mixed tile's rows (a decode of a
+    # mixed batch) with that tile, pipelined at most as deep as the prefill tile
+    small = cfg.tile("mixed", max(dk, dv)) if cfg.mixed and not decode else None
+    if small is not None and small.block_m >= tile.block_m:
+        small = None
     da = _pow2_floor(dk)
     rest = dk - da
     db = _pow2_ceil(rest) if rest else 0
@@ -572,7 +646,9 @@ def plan_for(q: torch.Tensor, out: torch.Tensor, desc, args, decode: bool, v_is_
         V_SB=vs.block if paged else 0, V_ST=vs.token, V_SH=vs.head,
         NUM_KV_HEADS=desc.num_kv_heads, GROUP=group, PAGE=desc.block_size if paged else 1,
         NUM_BLOCKS=desc.num_blocks,
-        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, STAGES=tile.num_stages,
+        SMALL_M=small.block_m if small else 0, SMALL_N=small.block_n if small else 0,
+        SMALL_STAGES=min(small.num_stages, tile.num_stages) if small else 0, FLAT=not decode,
         DA=da, DB=db, DB_VALID=rest, DV=_pow2_ceil(max(dv, 16)), DV_VALID=dv,
         PAGED=paged, HAS_SEQUSED=args.seqused_k is not None, INT64=not desc.int32_offsets,
         KV_MODE=kv_mode, Q_MODE=q_mode, COMPUTE=compute, Q_PRE=q_pre,
@@ -637,7 +713,7 @@ class _Prepared:
 
     __slots__ = ("plan", "decode", "device", "direct", "statics", "kv_limit", "tails", "group", "hkv", "scale_factor",
                  "block_m", "block_n", "sms", "strided", "kernels", "merges", "merge_tail", "merge_statics",
-                 "gathers", "last_split")
+                 "gathers", "last_split", "flat")
 
     def __init__(self, plan: Plan, decode: bool, device: int, direct: bool):
         self.plan, self.decode, self.device, self.direct = plan, decode, device, direct
@@ -645,7 +721,7 @@ class _Prepared:
         self.merges: dict = {}  # num_splits -> the same for the merge kernel
         self.tails: dict = {}  # split -> the launch's last arguments (static ints, constexprs, SPLIT, INTERPRET)
         self.gathers: dict = {}  # split -> the direct launch's pointer gatherer (launch.gatherer)
-        # the last call's split: ((batch, q_tiles, max_seqlen_k, num_splits), (splits, keys per split));
+        # the last call's split: ((grid axis 0, axis 1, max_seqlen_k, num_splits), (splits, keys per split));
         # an engine's layers repeat one step's metadata, so the heuristic runs once per step
         self.last_split = (None, None)
 
@@ -683,7 +759,9 @@ def _prepare(q, k, out, desc, args, decode: bool, v_is_k: bool, device: int) -> 
     p.scale_factor = plan.k_factor * plan.q_factor
     p.group = c["GROUP"]
     p.hkv = desc.num_kv_heads
-    p.block_m, p.block_n = c["BLOCK_M"], c["BLOCK_N"]
+    # splits hold whole key tiles of both paths (powers of two: the larger is a multiple of the other)
+    p.block_m, p.block_n = c["BLOCK_M"], max(c["BLOCK_N"], c["SMALL_N"])
+    p.flat = c["FLAT"]
     p.sms = desc.platform.multiprocessors or 1
     p.merge_tail = (q.shape[1], c["DV"], c["DV_VALID"], args.s_aux is not None, lse is not None)
     p.merge_statics = (out.stride(0), out.stride(1), s_lh, s_lt)
@@ -751,7 +829,8 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
 
 
 def _splits(prep: _Prepared, args, batch: int, q_tiles: int) -> tuple:
-    """(splits, keys per split) of this call: ``args.num_splits``, or ``choose_splits``' count for 0."""
+    """(splits, keys per split) of this call: ``args.num_splits``, or ``choose_splits``' count for 0
+    (``batch x kv heads x q_tiles``: the programs of the unsplit launch)."""
     n = args.num_splits
     if n == 0:
         n = choose_splits(batch, prep.hkv, q_tiles, args.max_seqlen_k, prep.block_n, prep.plan.config, prep.sms,
@@ -772,15 +851,19 @@ def _launch(prep: _Prepared, q, k, v, out, args, total_q: int, batch: int) -> No
     if prep.strided:
         args = _contiguous_indices(args)
     plan = prep.plan
-    # the hint only sets how many programs share a sequence's q tiles (at least one: a hint of 0
-    # below the real length must not skip the call); the kernel walks the real tile count
-    q_tiles = max(1, -(-args.max_seqlen_q * prep.group // prep.block_m))
-    key = (batch, q_tiles, args.max_seqlen_k, args.num_splits)
+    if prep.flat:
+        # every sequence's q tiles along axis 0, the kv heads along axis 1 (see the kernel)
+        grid0, grid1 = total_q * prep.group // prep.block_m + batch, prep.hkv
+    else:
+        # the hint only sets how many programs share a sequence's q tiles (at least one: a hint of
+        # 0 below the real length must not skip the call); the kernel walks the real tile count
+        grid0, grid1 = max(1, -(-args.max_seqlen_q * prep.group // prep.block_m)), batch * prep.hkv
+    key = (grid0, grid1, args.max_seqlen_k, args.num_splits)
     last, got = prep.last_split
     if key == last:
         num_splits, split_keys = got
     else:
-        num_splits, split_keys = got = _splits(prep, args, batch, q_tiles)
+        num_splits, split_keys = got = _splits(prep, args, grid1 // prep.hkv, grid0)
         prep.last_split = (key, got)
     split = num_splits > 1
     if split:
@@ -797,9 +880,9 @@ def _launch(prep: _Prepared, q, k, v, out, args, total_q: int, batch: int) -> No
         if direct is not None and _no_launch_hooks():
             # the compiled kernel of exactly this specialization (see _Prepared), with raw arguments
             launch, head = direct
-            launch(q_tiles, batch * prep.hkv, num_splits, _stream(prep.device), *head, *ptrs,
+            launch(grid0, grid1, num_splits, _stream(prep.device), *head, *ptrs,
                    args.softmax_scale * prep.scale_factor, args.softcap, plan.v_factor, args.window_left,
-                   args.window_right, total_q, prep.kv_limit, split_keys, *prep.tails[split])
+                   args.window_right, total_q, prep.kv_limit, split_keys, batch, *prep.tails[split])
             if split:
                 _merge(prep, ws_o, ws_ml, out, cu, args.s_aux, args.softmax_lse, total_q, batch, num_splits, True)
             return
@@ -813,8 +896,8 @@ def _launch(prep: _Prepared, q, k, v, out, args, total_q: int, batch: int) -> No
         args.k_descale, args.v_descale, args.alibi_slopes, args.s_aux, args.softmax_lse))
     # fp8 bit decoding leaves a power-of-two factor on K (scores) and V (output): folded here
     runtime_args = (args.softmax_scale * prep.scale_factor, args.softcap, plan.v_factor, args.window_left,
-                    args.window_right, total_q, prep.kv_limit, split_keys, *prep.statics)
-    grid = (q_tiles, batch * prep.hkv, num_splits)
+                    args.window_right, total_q, prep.kv_limit, split_keys, batch, *prep.statics)
+    grid = (grid0, grid1, num_splits)
     while True:
         try:
             compiled = _attention_kernel[grid](
@@ -829,7 +912,9 @@ def _launch(prep: _Prepared, q, k, v, out, args, total_q: int, batch: int) -> No
             # nothing has run yet, so retrying with fewer stages is safe.
             if plan.tile.num_stages <= 1:
                 raise
-            plan = prep.plan = plan._replace(tile=dataclasses.replace(plan.tile, num_stages=plan.tile.num_stages - 1))
+            stages = plan.tile.num_stages - 1
+            c = dict(c, STAGES=stages, SMALL_STAGES=min(c["SMALL_STAGES"], stages))
+            plan = prep.plan = plan._replace(tile=dataclasses.replace(plan.tile, num_stages=stages), constexprs=c)
     if keep:
         _keep(prep.kernels, split, compiled)
         prep.tails[split] = (*prep.statics, *tuple(plan.constexprs.values()), split, False)

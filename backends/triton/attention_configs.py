@@ -47,9 +47,13 @@ class AttentionConfig:
     # decode tiles where V is read from K's tile (MLA's latent cache as both, ``v_aliases_k``): only
     # K's tile takes shared memory there; empty: the decode tiles
     decode_shared_kv: tuple = ()
+    # tiles for the short sequences (at most block_m rows: the decodes of a mixed batch) of a prefill
+    # launch; their buffers come on top of the prefill tile's (shared memory). Empty: none, the
+    # prefill tile serves every sequence (platforms where the sum was not measured to fit)
+    mixed: tuple = ()
 
     def tile(self, kind: str, head_size: int) -> TileConfig:
-        if kind == "decode_shared_kv" and not self.decode_shared_kv:
+        if not getattr(self, kind):
             kind = "decode"
         for t in getattr(self, kind):
             if head_size <= t.max_head_size:
@@ -63,9 +67,13 @@ class AttentionConfig:
 # benchmarks/results/attention_h100.md). Decode: 128-key tiles, 4 warps, 2 stages (194 us at batch
 # 32 x 4096 vs 200 us for 64-key tiles and 201-208 us for 256;
 # fp8 e4m3 b32: 108 us, vs 114-178 us for 8 warps, 3 stages, 256-key tiles or 2-4 splits).
-# Prefill head 128: 128x32, 4 warps, 3 stages (8 x 2048 causal: 326 TFLOP/s, against 306 for
-# 128x64/8 warps/2 stages, 317 for 128x128/8/3, 224-310 for the other swept tiles; ptxas of
-# triton 3.6 crashes (SIGSEGV) on some 3-stage kernels: the launcher retries with fewer stages).
+# Prefill head 128: 64x64, 4 warps, 2 stages, with the mixed tile below, measured on an H200
+# (2026-12-02, `python3 benchmarks/mixed_ab.py`, benchmarks/results/h200_mixed_ab.txt): 8 x 2048
+# causal 323 TFLOP/s (the H100 sweep's 128x32/4 warps/3 stages: 316 in the same run, 302 with the
+# mixed tile; 128x64/4/2 317, 128x128/8/2-3 287-297); the suite's mixed batch (60 decodes + 4 x 512
+# chunks, 4096 keys each) 548.9 us, against 570.5-694.0 for those tiles and 829.3 without the mixed
+# tile (the kernel before the flat prefill grid and the mixed tile: 852.4 us, prefill 303 TFLOP/s).
+# ptxas of triton 3.6 crashes (SIGSEGV) on some 3-stage kernels: the launcher retries with fewer stages.
 # Head 64: not swept, the earlier 128x64 tile. Wide heads (MLA 576/512, also many-head MLA decode,
 # whose 128 query rows per latent head take prefill tiles): 64x64, 8 warps, 1 stage, one program
 # per SM when splitting (b4 x 16384, 128 heads: 122 us with 16 splits, 140 us with 32, 267 us for
@@ -80,6 +88,9 @@ class AttentionConfig:
 # benchmarks/results/h200_mla_tiles.md): B32 x 4096, 16 q heads, page 64: 70.3 us (graph), against
 # 123.1 for the decode table's 16x32/8 warps/2 stages, 76.5 for 16x32/4/2, 85-93 for 64- and
 # 128-key tiles with 8 warps, 71.1 with 3 stages; automatic splits (8) beat 4 and 16.
+# Mixed (a decode inside a prefill launch): the decode tiles, wide heads at one stage (the prefill
+# tile's pipeline already takes most of the shared memory there). H200, same run as the prefill tile:
+# 16x128 gives the mixed batch 548.9 us against 648.6 for 16x64 (and 766.3 without).
 _H100 = AttentionConfig(
     decode=(
         TileConfig(128, block_m=16, block_n=128, num_warps=4, num_stages=2),
@@ -88,15 +99,21 @@ _H100 = AttentionConfig(
     ),
     prefill=(
         TileConfig(64, block_m=128, block_n=64, num_warps=8, num_stages=2),
-        TileConfig(128, block_m=128, block_n=32, num_warps=4, num_stages=3),
+        TileConfig(128, block_m=64, block_n=64, num_warps=4, num_stages=2),
         TileConfig(256, block_m=64, block_n=32, num_warps=4, num_stages=2),
         TileConfig(1024, block_m=64, block_n=64, num_warps=8, num_stages=1, programs_per_sm=1),
     ),
     split_programs_per_sm=2,
     split_min_keys=512,
     source="H100 80GB HBM3 (sm90): kvdispatch bench --tune attention, see benchmarks/results/attention_h100.md; "
-           "MLA decode tile: H200, benchmarks/results/h200_mla_tiles.md",
+           "MLA decode tile: H200, benchmarks/results/h200_mla_tiles.md; head-128 prefill and mixed tiles: H200, "
+           "benchmarks/results/h200_mixed_ab.txt",
     decode_shared_kv=(TileConfig(1024, block_m=16, block_n=64, num_warps=4, num_stages=2),),
+    mixed=(
+        TileConfig(128, block_m=16, block_n=128, num_warps=4, num_stages=2),
+        TileConfig(256, block_m=16, block_n=64, num_warps=4, num_stages=2),
+        TileConfig(1024, block_m=16, block_n=32, num_warps=4, num_stages=1),
+    ),
 )
 
 NVIDIA = {
@@ -145,10 +162,12 @@ ROCM = {"gfx90a": _CDNA3, "gfx942": _CDNA3, "gfx950": _CDNA3}
 # The CPU interpreter: small tiles so the kernel tests stay fast (and splitting exercised early).
 INTERPRETER = AttentionConfig(
     decode=(TileConfig(1024, block_m=16, block_n=16, num_warps=1, num_stages=1),),
-    prefill=(TileConfig(1024, block_m=16, block_n=16, num_warps=1, num_stages=1),),
+    # prefill rows twice the decode tile's: a mixed batch's decodes take the decode tile (as on GPUs)
+    prefill=(TileConfig(1024, block_m=32, block_n=16, num_warps=1, num_stages=1),),
     split_programs_per_sm=1,
     split_min_keys=16,
     source="CPU interpreter: small tiles so the kernel tests stay fast",
+    mixed=(TileConfig(1024, block_m=16, block_n=16, num_warps=1, num_stages=1),),
 )
 
 # Anything not in the tables (a newer GPU, Intel XPU through Triton): the H100 numbers.

@@ -563,3 +563,26 @@ def test_max_seqlen_k_below_the_real_longest_split(case, splits):
 def test_both_hints_below_the_real_longest():
     case = replace(_B, num_q_heads=8, num_kv_heads=2, q_lens=(1, 13, 0, 5), k_lens=(150, 31, 4, 90))
     _run_with_hints(case, max_seqlen_q=2, max_seqlen_k=40, num_splits=3)
+
+
+# A prefill launch numbers every sequence's q tiles along one grid axis and each program finds its
+# sequence by binary search over cu_seqlens_q; sequences of at most the mixed tile's rows (decodes)
+# take that tile. Many sequences of every kind: empty, decode, a few tokens, several q tiles.
+_MANY_Q = (0, 1, 17, 1, 2, 0, 40, 1, 1, 5, 33, 1, 0, 0, 9, 1, 64, 3, 1, 1, 16, 1, 7, 0, 1, 2, 48, 1, 1, 31, 1)
+MANY_SEQ_CASES = [
+    replace(_B, q_lens=_MANY_Q, k_lens=tuple(q + (7 * i) % 23 for i, q in enumerate(_MANY_Q))),
+    # the decodes first, the prefills last (vLLM's order), GQA 4, a window and the LSE
+    replace(_B, num_q_heads=8, num_kv_heads=2, q_lens=(1,) * 9 + (20, 3, 37), k_lens=(30,) * 9 + (60, 3, 50),
+            window=(12, 0), lse=True),
+]
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+@pytest.mark.parametrize("case", MANY_SEQ_CASES, ids=lambda c: c.id[:60])
+def test_prefill_launch_many_sequences(case, splits):
+    if DEVICE == "cpu":  # the cases take the prefill plan, with the short-sequence tile, in the interpreter
+        cfg = attention.config_for(None, True)
+        group = case.num_q_heads // case.num_kv_heads
+        assert max(case.q_lens) * group > cfg.tile("decode", 64).block_m
+        assert cfg.mixed and cfg.tile("mixed", 64).block_m < cfg.tile("prefill", 64).block_m
+    run_attention_case(replace(case, num_splits=splits), "triton", device=DEVICE)
