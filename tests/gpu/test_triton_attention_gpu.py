@@ -46,6 +46,12 @@ BIG = [
     # mixed chunked prefill with q_len 0 sequences, window + softcap with causal
     replace(_D, q_lens=(0, 300, 1, 0, 77), k_lens=(50, 1000, 2000, 0, 77)),
     replace(_D, q_lens=(0, 300, 1, 77), k_lens=(50, 1000, 2000, 77), window=(128, 0), softcap=30.0),
+    # many decodes around a few chunks (the prefill launch's binary search and its decode tile), fp8 too
+    replace(_D, q_lens=(1,) * 40 + (300, 0, 17, 129, 1, 64, 2), k_lens=tuple(3000 - 61 * i for i in range(47))),
+    replace(_D, q_lens=(5, 1, 1, 200) + (1,) * 20, k_lens=(40, 4097, 16, 900) + (1500,) * 20, fp8="e4m3",
+            layout="HND"),
+    replace(_D, layout="mla-slices", num_q_heads=16, num_kv_heads=1, head_size=576, head_size_v=512,
+            q_lens=(1, 1, 1, 20), k_lens=(3000, 100, 17, 40)),
     replace(_D, q_lens=(513, 64), k_lens=(513, 1500), layout="HND", window=(256, 0)),
     replace(_D, q_lens=(513, 64), k_lens=(513, 1500), paged=False),
     # prefill at a real size, every head size the issue lists
