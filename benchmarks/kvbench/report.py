@@ -145,7 +145,10 @@ def plot(path: str, info: dict, rows: list) -> None:
     for ax, (op, group) in zip(axes[:, 0], groups.items()):
         metric = "pct_peak" if op == "prefill" else "pct_copy"
         cases = list(OrderedDict.fromkeys(r["case"] for r in group))
-        present = [i for i in impls if any(r["impl"] == i for r in group)]
+        # implementations with something to draw here (a bar or a red x; not only "unsupported")
+        present = [i for i in impls if any(r["impl"] == i and (r["status"] in ("WRONG", "error") or
+                                                               (r["status"] == "ok" and r.get(metric) is not None))
+                                           for r in group)]
         width = 0.8 / max(1, len(present))
         for j, name in enumerate(present):
             xs, ys, bad = [], [], []
@@ -162,7 +165,9 @@ def plot(path: str, info: dict, rows: list) -> None:
             if bad:
                 ax.scatter(bad, [0] * len(bad), marker="x", color="red", zorder=3)
         ax.set_xticks(range(len(cases)))
-        ax.set_xticklabels([" ".join(c.split()[1:4]) for c in cases], rotation=30, ha="right", fontsize=7)
+        # layout, dtype, size and the page size (cases of one size may differ only there)
+        ax.set_xticklabels([" ".join(c.split()[1:4] + [w for w in c.split()[4:] if w.startswith("bs")])
+                            for c in cases], rotation=30, ha="right", fontsize=7)
         ax.set_ylabel("% of matmul peak" if metric == "pct_peak" else "% of copy bandwidth")
         ax.set_title(op)
         ax.grid(axis="y", alpha=0.3)
