@@ -98,11 +98,6 @@ def _forced(f):
         return f()
 
 
-def _forced(f):
-    with force_backend("triton"):
-        return f()
-
-
 cases = {"mixed": ([512] * 4 + [1] * 60, 4096), "prefill": ([2048] * 8, 2048)}
 if QUICK:
     cases = {"mixed": ([64] * 2 + [1] * 6, 256), "prefill": ([256] * 2, 256)}

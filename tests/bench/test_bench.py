@@ -14,6 +14,7 @@ import kvdispatch
 import kvdispatch.cli
 from kvbench.cases import Case, Workload, default_suite, quick_suite, select_cases
 from kvbench.cli import bench as main, run_bench as run
+from kvbench.compare import force_backend
 from kvbench.vendors import Unsupported, Vendor, discover_vendors
 from kvdispatch.registry import registry
 
@@ -52,8 +53,8 @@ def test_cli_quick_json(tmp_path):
 
 def test_vendor_discovery():
     names = {v.name for v in discover_vendors()}
-    assert {"flag_gems", "vllm-C", "vllm-triton", "flashinfer", "flash-attn", "ipex", "torch naive write",
-            "torch SDPA (pre-gathered K/V)"} <= names
+    assert {"flag_gems", "vllm-C", "vllm-triton", "flashinfer", "flashinfer-tc", "flash-attn", "ipex",
+            "torch naive write", "torch SDPA (pre-gathered K/V)"} <= names
     ipex = registry.get("ipex")  # IPEX is also a kvdispatch backend (XPU only, low priority)
     assert ipex.priority < registry.get("triton").priority
     assert ipex.available(kvdispatch.platform_of(torch.device("cpu"))) is not None
@@ -272,3 +273,37 @@ def test_ipex_backend_declares_what_it_serves():
     assert b.supports("reshape_and_cache_flash", nhd, xpu) is None
     assert "packed" in b.supports("reshape_and_cache_flash", hnd, xpu)
     assert "fp8" in b.supports("flash_attn_varlen_func", fp8, xpu)
+
+
+def test_decode_prefill_split_rebuilds_the_batch():
+    """The split a vendor adapter runs as two kernels (flashinfer-tc: prefill wrapper + decode wrapper): each
+    part's rows, cu_seqlens_q, page lists and block-table rows, attended on their own (reference backend) into
+    their rows of one output, give the whole batch's result."""
+    from types import SimpleNamespace
+    from kvbench.vendors.common import decode_prefill_split, paged_kv_indptr
+    case = Case("mixed", num_q_heads=4, num_kv_heads=2, head_size=64, block_size=16, batch=5, prefills=2,
+                q_len=9, kv_len=40)
+    w = Workload.build(case, "cpu")
+    pre, dec = decode_prefill_split(w)
+    assert (pre.seqs, dec.seqs) == (range(0, 2), range(2, 5))
+    assert (pre.rows, dec.rows) == (slice(0, 18), slice(18, 21))
+    out = w.new_out()
+    for part in (pre, dec):
+        b = slice(part.seqs.start, part.seqs.stop)
+        kw = dict(w.public_attention_kwargs(out[part.rows]), q=w.q[part.rows], cu_seqlens_q=part.qo_indptr,
+                  seqused_k=w.seqused_k[b], block_table=w.block_table[b])
+        with force_backend("reference"):
+            kvdispatch.flash_attn_varlen_func(**kw)
+    torch.testing.assert_close(out.float(), w.ref, atol=2e-2, rtol=2e-2)
+    # the parts' page lists are the whole batch's, cut at the split
+    whole, parts = paged_kv_indptr(w), [paged_kv_indptr(w, p.seqs) for p in (pre, dec)]
+    assert torch.equal(torch.cat([parts[0][1], parts[1][1]]), whole[1])
+    assert torch.equal(torch.cat([parts[0][2], parts[1][2]]), whole[2])
+    assert torch.equal(parts[1][0] + parts[0][0][-1], whole[0][2:])
+    # decodes first (vLLM's order) and interleaved kinds (no split)
+    order = SimpleNamespace(q_lens=[1, 1, 1, 7, 0, 3], device=torch.device("cpu"))
+    pre, dec = decode_prefill_split(order)
+    assert (pre.seqs, dec.seqs, pre.rows, dec.rows) == (range(3, 6), range(0, 3), slice(3, 13), slice(0, 3))
+    assert pre.qo_indptr.tolist() == [0, 7, 7, 10] and dec.qo_indptr.tolist() == [0, 1, 2, 3]
+    assert decode_prefill_split(SimpleNamespace(q_lens=[1, 5, 1], device="cpu")) is None
+    assert decode_prefill_split(SimpleNamespace(q_lens=[1, 1], device="cpu")) is None

@@ -19,6 +19,7 @@ until then). A third-party package adds its own through the ``kvbench.vendors`` 
 | vllm-triton | vllm (Triton ops) | write, decode, prefill, mixed |
 | vllm-flash-attn | vllm (``vllm_flash_attn``) | decode, prefill, mixed |
 | flashinfer | flashinfer | write, decode, prefill, mixed |
+| flashinfer-tc | flashinfer (tensor-core decode; a mixed batch split between the prefill and the decode wrapper) | decode, mixed |
 | flash-attn / flash-attn3 | flash_attn / flash_attn_interface | decode, prefill, mixed |
 | ipex | intel_extension_for_pytorch (XPU) | write, decode, prefill, mixed |
 | torch baselines | torch | naive write, SDPA / FlexAttention on pre-gathered contiguous K/V |
@@ -183,12 +184,12 @@ def builtin_vendors() -> list:
     """One instance of every adapter in this package."""
     from .flaggems import FlagGems
     from .flash_attn import FlashAttn2, FlashAttn3
-    from .flashinfer import FlashInfer
+    from .flashinfer import FlashInfer, FlashInferTC
     from .ipex import IpexVendor
     from .torch_baselines import FlexAttentionGathered, SdpaGathered, TorchNaiveWrite
     from .vllm import VllmC, VllmFlashAttn, VllmTriton
-    return [FlagGems(), VllmC(), VllmTriton(), VllmFlashAttn(), FlashInfer(), FlashAttn2(), FlashAttn3(),
-            IpexVendor(), TorchNaiveWrite(), SdpaGathered(), FlexAttentionGathered()]
+    return [FlagGems(), VllmC(), VllmTriton(), VllmFlashAttn(), FlashInfer(), FlashInferTC(), FlashAttn2(),
+            FlashAttn3(), IpexVendor(), TorchNaiveWrite(), SdpaGathered(), FlexAttentionGathered()]
 
 
 def _entry_point_vendors() -> list:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from . import Unsupported
@@ -42,18 +44,47 @@ def cu_seqlens_k(w) -> torch.Tensor:
     return torch.nn.functional.pad(torch.cumsum(w.seqused_k, 0, dtype=torch.int32), (1, 0))
 
 
-def paged_kv_indptr(w):
-    """FlashInfer-style page lists: (indptr int32 [B+1], indices int32 [pages], last_page_len int32 [B])."""
+def paged_kv_indptr(w, seqs=None):
+    """FlashInfer-style page lists of sequences ``seqs`` (a range; all by default): (indptr int32
+    [n+1], indices int32 [pages], last_page_len int32 [n])."""
     bs = w.case.block_size
-    pages = [-(-l // bs) for l in w.kv_lens]
+    seqs = range(len(w.kv_lens)) if seqs is None else seqs
+    pages = {b: -(-w.kv_lens[b] // bs) for b in seqs}
     indptr = [0]
-    for p in pages:
-        indptr.append(indptr[-1] + p)
-    indices = torch.cat([w.block_table[b, :p] for b, p in enumerate(pages)])
-    last = [(l - 1) % bs + 1 for l in w.kv_lens]
+    for b in seqs:
+        indptr.append(indptr[-1] + pages[b])
+    indices = torch.cat([w.block_table[b, :pages[b]] for b in seqs])
+    last = [(w.kv_lens[b] - 1) % bs + 1 for b in seqs]
     dev = w.device
     return (torch.tensor(indptr, dtype=torch.int32, device=dev), indices.to(torch.int32),
             torch.tensor(last, dtype=torch.int32, device=dev))
+
+
+class Part(NamedTuple):
+    """Sequences ``seqs`` (a range) of a batch: their q rows and their own ``cu_seqlens_q`` (from 0)."""
+    seqs: range
+    rows: slice
+    qo_indptr: torch.Tensor
+
+
+def decode_prefill_split(w):
+    """(prefills, decodes) as two :class:`Part` when the sequences of one query and the others each
+    form one run (vLLM orders a batch decodes first; the suite's mixed case has its prefills first),
+    as an engine splits a mixed batch between a prefill and a decode kernel; None otherwise."""
+    one = [q == 1 for q in w.q_lens]
+    n = len(one)
+    k = one.index(not one[0]) if (not one[0]) in one else n
+    if k == n or any(o == one[0] for o in one[k:]):
+        return None  # one kind only, or the kinds interleave
+    starts = [0]
+    for q in w.q_lens:
+        starts.append(starts[-1] + q)
+
+    def part(a, b):
+        cu = torch.tensor([s - starts[a] for s in starts[a:b + 1]], dtype=torch.int32, device=w.device)
+        return Part(range(a, b), slice(starts[a], starts[b]), cu)
+    first, second = part(0, k), part(k, n)
+    return (second, first) if one[0] else (first, second)
 
 
 def vllm_cache(cache: torch.Tensor) -> torch.Tensor:
