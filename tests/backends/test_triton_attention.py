@@ -48,8 +48,8 @@ EXTRA = [
     replace(_B, block_size=3, **_CHUNKED),
     replace(_B, layout="combined-HND", block_size=8, k_lens=(17, 9, 30)),
     replace(_B, layout="cross-layer", block_size=64, **_CHUNKED),
-    # long GQA group: one decode token spans two 16-row tiles
-    replace(_B, num_q_heads=32, num_kv_heads=1, head_size=64, k_lens=(19, 40, 2)),
+    # long GQA group: one decode token spans two row tiles (the interpreter's prefill tile has 32 rows)
+    replace(_B, num_q_heads=64, num_kv_heads=1, head_size=64, k_lens=(19, 40, 2)),
     # causal + window + softcap together, mixed batch
     replace(_B, window=(5, 0), softcap=3.0, **_CHUNKED),
     replace(_B, causal=False, window=(2, 7), softcap=2.0, paged=False, **_CHUNKED),
