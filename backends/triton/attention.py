@@ -713,7 +713,7 @@ class _Prepared:
 
     __slots__ = ("plan", "decode", "device", "direct", "statics", "kv_limit", "tails", "group", "hkv", "scale_factor",
                  "block_m", "block_n", "sms", "strided", "kernels", "merges", "merge_tail", "merge_statics",
-                 "gathers", "last_split", "flat")
+                 "gathers", "last_split")
 
     def __init__(self, plan: Plan, decode: bool, device: int, direct: bool):
         self.plan, self.decode, self.device, self.direct = plan, decode, device, direct
@@ -761,7 +761,6 @@ def _prepare(q, k, out, desc, args, decode: bool, v_is_k: bool, device: int) -> 
     p.hkv = desc.num_kv_heads
     # splits hold whole key tiles of both paths (powers of two: the larger is a multiple of the other)
     p.block_m, p.block_n = c["BLOCK_M"], max(c["BLOCK_N"], c["SMALL_N"])
-    p.flat = c["FLAT"]
     p.sms = desc.platform.multiprocessors or 1
     p.merge_tail = (q.shape[1], c["DV"], c["DV_VALID"], args.s_aux is not None, lse is not None)
     p.merge_statics = (out.stride(0), out.stride(1), s_lh, s_lt)
@@ -851,8 +850,8 @@ def _launch(prep: _Prepared, q, k, v, out, args, total_q: int, batch: int) -> No
     if prep.strided:
         args = _contiguous_indices(args)
     plan = prep.plan
-    if prep.flat:
-        # every sequence's q tiles along axis 0, the kv heads along axis 1 (see the kernel)
+    if not prep.decode:
+        # a prefill launch (FLAT): every sequence's q tiles along axis 0, the kv heads along axis 1
         grid0, grid1 = total_q * prep.group // prep.block_m + batch, prep.hkv
     else:
         # the hint only sets how many programs share a sequence's q tiles (at least one: a hint of
