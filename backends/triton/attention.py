@@ -32,7 +32,9 @@ MLA 576 = 512 + 64), so no padded lanes are loaded for K. FP8 caches (and fp8 q)
 the compute type, fp16 unless q is float32 (a bf16 q enters fp16 scaled by 1/16; see ``plan_for``),
 by the hardware conversion where Triton has one for the platform, else
 by moving the bits into an fp16 pattern (exact for e4m3fn, e5m2, e4m3fnuz, NaN codes NaN and
-e5m2's inf inf; the power-of-two exponent-bias difference is folded into the descales).
+e5m2's inf inf; the power-of-two exponent-bias difference is folded into the descales). An e4m3 q
+over an e4m3 cache (``FP8_DOT``, sm90) skips the decoding for QK^T: the fp8 tensor cores take q and K
+as stored (exact products, fp32 sums); PV stays 16-bit (see ``_fp8_dot``).
 
 Split-KV (flash-decoding): when batch x kv heads x tiles leaves the GPU underfilled and keys are
 long, each program takes one of ``num_splits`` key ranges and writes an unnormalized partial
@@ -134,7 +136,7 @@ def _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, 
           PAGED: tl.constexpr, INT64: tl.constexpr, KV_MODE: tl.constexpr,
           COMPUTE: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
           SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-          HAS_ALIBI: tl.constexpr, V_IS_K: tl.constexpr, MASKED: tl.constexpr):
+          HAS_ALIBI: tl.constexpr, V_IS_K: tl.constexpr, FP8_DOT: tl.constexpr, MASKED: tl.constexpr):
     """One key tile ``[start, start + BLOCK_N)``: scores, (ALiBi), (masks), online-softmax update.
 
     ``slope2`` (HAS_ALIBI): each row's ALiBi slope in base-2 units (slope * log2(e)); unused otherwise.
@@ -178,12 +180,16 @@ def _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, 
         ka = tl.load(k_ptr + k_rows[None, :] + offs_da[:, None], mask=key_ok[None, :], other=0.0)
     else:
         ka = tl.load(k_ptr + k_rows[None, :] + offs_da[:, None])
-    ka = _to_compute(ka, KV_MODE, COMPUTE)
-    if DOT_F32:
+    if FP8_DOT:
+        s = tl.dot(qa, ka)  # fp8 q and K as stored: fp8 tensor cores, exact products, fp32 sums
+    elif DOT_F32:
+        ka = _to_compute(ka, KV_MODE, COMPUTE)
         s = tl.dot(qa.to(tl.float32), ka.to(tl.float32), input_precision="ieee")
     elif IEEE:
+        ka = _to_compute(ka, KV_MODE, COMPUTE)
         s = tl.dot(qa, ka, input_precision="ieee")
     else:
+        ka = _to_compute(ka, KV_MODE, COMPUTE)
         s = tl.dot(qa, ka)
     if DB > 0:
         offs_db = DA + tl.arange(0, DB)
@@ -191,12 +197,16 @@ def _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, 
         if MASKED:
             kb_mask = kb_mask & key_ok[None, :]
         kb = tl.load(k_ptr + k_rows[None, :] + offs_db[:, None], mask=kb_mask, other=0.0)
-        kb = _to_compute(kb, KV_MODE, COMPUTE)
-        if DOT_F32:
+        if FP8_DOT:
+            s += tl.dot(qb, kb)
+        elif DOT_F32:
+            kb = _to_compute(kb, KV_MODE, COMPUTE)
             s += tl.dot(qb.to(tl.float32), kb.to(tl.float32), input_precision="ieee")
         elif IEEE:
+            kb = _to_compute(kb, KV_MODE, COMPUTE)
             s += tl.dot(qb, kb, input_precision="ieee")
         else:
+            kb = _to_compute(kb, KV_MODE, COMPUTE)
             s += tl.dot(qb, kb)
 
     if SOFTCAP:
@@ -270,7 +280,7 @@ def _q_tile(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_ml_ptr, alibi_ptr, sink_p
             DOT_F32: tl.constexpr, IEEE: tl.constexpr,
             SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
             HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_LSE: tl.constexpr, V_IS_K: tl.constexpr,
-            SPLIT: tl.constexpr, INTERPRET: tl.constexpr):
+            FP8_DOT: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr):
     """Rows ``[tile * BLOCK_M, tile * BLOCK_M + BLOCK_M)`` of sequence ``b`` (``tile * BLOCK_M < lq * GROUP``)
     and kv head ``kvh`` over its keys (with SPLIT: this split's, ``[split * split_keys, split_hi)``): the q
     tile, the three key regions (their loops pipelined ``STAGES`` deep), the epilogue."""
@@ -313,14 +323,16 @@ def _q_tile(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_ml_ptr, alibi_ptr, sink_p
     qa = tl.load(q_ptr + q_rows[:, None] + offs_da[None, :], mask=row_ok[:, None], other=0.0)
     if Q_PRE != 1.0:
         qa = qa.to(tl.float32) * Q_PRE
-    qa = _to_compute(qa, Q_MODE, COMPUTE)
+    if not FP8_DOT:
+        qa = _to_compute(qa, Q_MODE, COMPUTE)
     if DB > 0:
         offs_db = DA + tl.arange(0, DB)
         qb = tl.load(q_ptr + q_rows[:, None] + offs_db[None, :],
                      mask=row_ok[:, None] & (offs_db[None, :] < DA + DB_VALID), other=0.0)
         if Q_PRE != 1.0:
             qb = qb.to(tl.float32) * Q_PRE
-        qb = _to_compute(qb, Q_MODE, COMPUTE)
+        if not FP8_DOT:
+            qb = _to_compute(qb, Q_MODE, COMPUTE)
     else:
         qb = qa
 
@@ -345,7 +357,7 @@ def _q_tile(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_ml_ptr, alibi_ptr, sink_p
                                   window_left, window_right, qk_scale, softcap, slope2, K_SB, K_ST, K_SH, V_SB,
                                   V_ST, V_SH, PAGE, NUM_BLOCKS, BLOCK_N, DA, DB, DB_VALID, DV, DV_VALID, PAGED,
                                   INT64, KV_MODE, COMPUTE, DOT_F32, IEEE, SOFTCAP, HAS_LEFT, HAS_RIGHT, HAS_ALIBI,
-                                  V_IS_K, region != 1)
+                                  V_IS_K, FP8_DOT, region != 1)
 
     offs_dv = tl.arange(0, DV)
     dv_ok = offs_dv[None, :] < DV_VALID
@@ -403,7 +415,7 @@ def _attention_kernel(
     HAS_QD: tl.constexpr, HAS_KD: tl.constexpr, HAS_VD: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_LSE: tl.constexpr, V_IS_K: tl.constexpr,
-    SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
+    FP8_DOT: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """q ``(total_q, Hq, Dk)``, caches via the constexpr strides, out ``(total_q, Hq, Dv)``.
 
@@ -509,7 +521,7 @@ def _attention_kernel(
                     K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, NUM_KV_HEADS, GROUP, PAGE, NUM_BLOCKS,
                     SMALL_M, SMALL_N, SMALL_STAGES, DA, DB, DB_VALID, DV, DV_VALID, PAGED, INT64,
                     KV_MODE, Q_MODE, COMPUTE, Q_PRE, DOT_F32, IEEE, SOFTCAP, HAS_LEFT, HAS_RIGHT,
-                    HAS_ALIBI, HAS_SINKS, HAS_LSE, V_IS_K, SPLIT, INTERPRET)
+                    HAS_ALIBI, HAS_SINKS, HAS_LSE, V_IS_K, FP8_DOT, SPLIT, INTERPRET)
         else:
             _q_tile(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_ml_ptr, alibi_ptr, sink_ptr, lse_ptr, bt_row,
                     tile, b, kvh, split, q_start, lq, lk, k_start, split_keys, split_hi, qk_scale, out_scale,
@@ -517,7 +529,7 @@ def _attention_kernel(
                     K_SB, K_ST, K_SH, V_SB, V_ST, V_SH, NUM_KV_HEADS, GROUP, PAGE, NUM_BLOCKS,
                     BLOCK_M, BLOCK_N, STAGES, DA, DB, DB_VALID, DV, DV_VALID, PAGED, INT64,
                     KV_MODE, Q_MODE, COMPUTE, Q_PRE, DOT_F32, IEEE, SOFTCAP, HAS_LEFT, HAS_RIGHT,
-                    HAS_ALIBI, HAS_SINKS, HAS_LSE, V_IS_K, SPLIT, INTERPRET)
+                    HAS_ALIBI, HAS_SINKS, HAS_LSE, V_IS_K, FP8_DOT, SPLIT, INTERPRET)
 
 
 @triton.jit(do_not_specialize=["total_q", "batch", "s_lh", "s_lt"])
@@ -609,7 +621,8 @@ def plan_for(q: torch.Tensor, out: torch.Tensor, desc, args, decode: bool, v_is_
            args.s_aux is not None, args.softmax_lse is not None, interp, desc.platform, v_is_k)
     cfg = config_for(desc.platform, interp)
     dk, dv = desc.head_size_k, desc.head_size_v
-    tile = cfg.tile(("decode_shared_kv" if v_is_k else "decode") if decode else "prefill", max(dk, dv))
+    tile = cfg.tile(("decode_shared_kv" if v_is_k else "decode") if decode else
+                    "prefill_fp8" if desc.cache_dtype in _FP8 else "prefill", max(dk, dv))
     # a prefill launch serves a sequence of at most the config's mixed tile's rows (a decode of a
     # mixed batch) with that tile, pipelined at most as deep as the prefill tile
     small = cfg.tile("mixed", max(dk, dv)) if cfg.mixed and not decode else None
@@ -617,11 +630,12 @@ def plan_for(q: torch.Tensor, out: torch.Tensor, desc, args, decode: bool, v_is_
         small = None
     da = _pow2_floor(dk)
     rest = dk - da
+    fp8_dot = _fp8_dot(q.dtype, desc, v_is_k, interp, da)
     db = _pow2_ceil(rest) if rest else 0
-    if db and db < 16:
-        db = 16  # tl.dot needs K >= 16
-    kv_mode = _mode(desc.cache_dtype, desc.platform, interp)
-    q_mode = _mode(q.dtype, desc.platform, interp)
+    if db and db < (32 if fp8_dot else 16):
+        db = 32 if fp8_dot else 16  # tl.dot needs K >= 16 (fp8: 32)
+    kv_mode = FP8_NATIVE if fp8_dot else _mode(desc.cache_dtype, desc.platform, interp)
+    q_mode = FP8_NATIVE if fp8_dot else _mode(q.dtype, desc.platform, interp)
     if q.dtype == torch.float32:
         compute = tl.float32
     elif q.dtype in _FP8:
@@ -657,12 +671,26 @@ def plan_for(q: torch.Tensor, out: torch.Tensor, desc, args, decode: bool, v_is_
         HAS_VD=args.v_descale is not None, SOFTCAP=args.softcap > 0,
         HAS_LEFT=args.window_left >= 0, HAS_RIGHT=args.window_right >= 0,
         HAS_ALIBI=args.alibi_slopes is not None, HAS_SINKS=args.s_aux is not None,
-        HAS_LSE=args.softmax_lse is not None, V_IS_K=v_is_k,
+        HAS_LSE=args.softmax_lse is not None, V_IS_K=v_is_k, FP8_DOT=fp8_dot,
     )
     kv_factor = _BITS_FACTOR.get(kv_mode, 1.0)
     return Plan(key, tile, constexprs, kv_factor, kv_factor, _BITS_FACTOR.get(q_mode, 1.0) / q_pre, cfg)
 
 
+def _fp8_dot(q_dtype, desc, v_is_k: bool, interp: bool, da: int) -> bool:
+    """``FP8_DOT``: QK^T on the fp8 tensor cores, q and K as stored, when both are float8_e4m3fn (the
+    caller quantized q, with ``q_descale``, as vLLM does for FA3) and Triton drives the platform's fp8
+    tensor cores (NVIDIA sm90, measured; the interpreter computes the same dot exactly). Exact: fp8
+    products summed in fp32, as the 16-bit dot of the decoded values. PV stays 16-bit: fp8 wgmma wants
+    V key-contiguous in shared memory, which Triton 3.6 builds through registers, unpipelined (H200,
+    8 x 2048: 155-261 TFLOP/s with P in fp8, against 351-458 for QK^T alone;
+    benchmarks/results/h200_fp8_ab.txt). Compiled fp8 dots need 32 along K: the head's power-of-two part."""
+    if q_dtype != torch.float8_e4m3fn or desc.cache_dtype != torch.float8_e4m3fn or v_is_k:
+        return False
+    if interp:
+        return True
+    plat = desc.platform
+    return plat.is_nvidia and (plat.capability or (0, 0)) >= (9, 0) and da >= 32
 
 
 def _descale_strides(t: Optional[torch.Tensor]):

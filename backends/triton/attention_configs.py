@@ -51,14 +51,18 @@ class AttentionConfig:
     # launch; their buffers come on top of the prefill tile's (shared memory). Empty: none, the
     # prefill tile serves every sequence (platforms where the sum was not measured to fit)
     mixed: tuple = ()
+    # prefill tiles over fp8 caches (their K/V tiles take half the shared memory); a head size none
+    # of them serves takes the prefill tiles
+    prefill_fp8: tuple = ()
 
     def tile(self, kind: str, head_size: int) -> TileConfig:
-        if not getattr(self, kind):
-            kind = "decode"
-        for t in getattr(self, kind):
+        tiles = getattr(self, kind)
+        for t in tiles:
             if head_size <= t.max_head_size:
                 return t
-        return getattr(self, kind)[-1]
+        if kind == "prefill_fp8":
+            return self.tile("prefill", head_size)
+        return tiles[-1] if tiles else self.tile("decode", head_size)
 
 
 # NVIDIA, by compute capability ------------------------------------------------------------------
@@ -91,6 +95,10 @@ class AttentionConfig:
 # Mixed (a decode inside a prefill launch): the decode tiles, wide heads at one stage (the prefill
 # tile's pipeline already takes most of the shared memory there). H200, same run as the prefill tile:
 # 16x128 gives the mixed batch 548.9 us against 648.6 for 16x64 (and 766.3 without).
+# Prefill over fp8 caches, head 128: 128x64, 4 warps, 2 stages, measured on an H200 (2026-12-02,
+# `python3 benchmarks/fp8_ab.py`, benchmarks/results/h200_fp8_ab.txt), 8 x 2048 causal, e4m3 cache: bf16 q
+# 302 TFLOP/s, fp8 q (QK^T on the fp8 tensor cores) 458, against 250 / 351 for the bf16 table's 64x64/4/2
+# and 231-281 / 312-387 for 128x64/8/2, 128x128/8/2, 64x128/4/2, 128x32/4/3.
 _H100 = AttentionConfig(
     decode=(
         TileConfig(128, block_m=16, block_n=128, num_warps=4, num_stages=2),
@@ -114,6 +122,7 @@ _H100 = AttentionConfig(
         TileConfig(256, block_m=16, block_n=64, num_warps=4, num_stages=2),
         TileConfig(1024, block_m=16, block_n=32, num_warps=4, num_stages=1),
     ),
+    prefill_fp8=(TileConfig(128, block_m=128, block_n=64, num_warps=4, num_stages=2),),
 )
 
 NVIDIA = {

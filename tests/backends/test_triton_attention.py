@@ -57,6 +57,8 @@ EXTRA = [
     replace(_B, q_lens=(6, 2), k_lens=(3, 2)),
     # fp8 q (out bf16), fp8 caches with per-(batch, head) descales, e5m2 and fnuz
     replace(_B, fp8="e4m3", q_fp8=True, descale="batch_head", **_CHUNKED),
+    # fp8 q over e4m3 (QK^T in fp8 where compiled): a remainder part (80 = 64 + 16), many key tiles
+    replace(_B, fp8="e4m3", q_fp8=True, head_size=80, q_lens=(20, 1, 3), k_lens=(70, 33, 3)),
     replace(_B, fp8="e5m2", q_fp8=True, layout="combined"),
     replace(_B, fp8="e4m3fnuz", descale="batch_head", layout="HND", **_CHUNKED),
     # out in another dtype than q
@@ -327,6 +329,49 @@ def test_plan_key_covers_extras():
         assert (c["HAS_ALIBI"], c["HAS_SINKS"], c["HAS_LSE"]) == (
             "alibi_slopes" in extra, "s_aux" in extra, "softmax_lse" in extra)
     assert len({p.key for p in plans.values()}) == 4
+
+
+def _on(desc, platform):
+    """``desc`` said to be on ``platform`` (the plan reads only the descriptor's fields)."""
+    other = object.__new__(kvd.KVCacheDescriptor)
+    for slot in kvd.KVCacheDescriptor.__slots__:
+        setattr(other, slot, getattr(desc, slot))
+    other.platform = platform
+    return other
+
+
+@pytest.mark.parametrize("fp8", ["e4m3", "e5m2"])
+def test_fp8_dot_only_for_e4m3_q_over_an_e4m3_cache_on_sm90(monkeypatch, fp8):
+    """QK^T runs on the fp8 tensor cores for an fp8 q over a cache of the same e4m3 kind on sm90 (measured
+    there); a bf16 q, e5m2, MLA's shared K/V tile, sm80/sm89 and ROCm keep the 16-bit dots. Prefill
+    launches over fp8 caches take the fp8 prefill tile where the table has one."""
+    from kvdispatch.backends.triton.attention_configs import NVIDIA
+    from kvdispatch.registry import AttentionArgs
+    monkeypatch.setattr(attention, "_interpreting", lambda: False)
+    sm = {c: Platform(name="nvidia", device_type="cuda", arch=f"sm{c[0]}{c[1]}", capability=c, multiprocessors=132)
+          for c in ((9, 0), (8, 9), (8, 0))}
+    rocm = Platform(name="rocm", device_type="cuda", arch="gfx942", multiprocessors=304)
+    case = replace(_B, fp8=fp8, q_fp8=True, head_size=128, q_lens=(40, 1), k_lens=(60, 9))
+    kw = make_attention_inputs(case, DEVICE)
+    desc = kvd.KVCacheDescriptor.from_tensors(kw["k"], kw["v"])
+    args = AttentionArgs(kw["cu_seqlens_q"], kw["max_seqlen_q"], None, kw["seqused_k"], kw["max_seqlen_k"],
+                         kw["block_table"], 0.125, True, -1, 0, 0.0, None, None, None)
+    q16 = kw["q"].to(torch.bfloat16)
+    for plat, q, v_is_k, want in ((sm[(9, 0)], kw["q"], False, fp8 == "e4m3"), (sm[(9, 0)], q16, False, False),
+                                  (sm[(9, 0)], kw["q"], True, False), (sm[(8, 9)], kw["q"], False, False),
+                                  (sm[(8, 0)], kw["q"], False, False), (rocm, kw["q"], False, False)):
+        for decode in (True, False):
+            plan = attention.plan_for(q, kw["out"], _on(desc, plat), args, decode, v_is_k)
+            c = plan.constexprs
+            assert c["FP8_DOT"] == want, (plat, q.dtype, v_is_k, decode)
+            if want:  # q and K as stored: no bit decoding, no factor
+                assert (c["KV_MODE"], c["Q_MODE"], plan.k_factor, plan.q_factor) == (
+                    attention.FP8_NATIVE, attention.FP8_NATIVE, 1.0, 1.0)
+    plan = attention.plan_for(q16, kw["out"], _on(desc, sm[(9, 0)]), args, False)
+    fp8_tile = NVIDIA[(9, 0)].prefill_fp8[0]
+    assert (plan.constexprs["BLOCK_M"], plan.constexprs["BLOCK_N"]) == (fp8_tile.block_m, fp8_tile.block_n)
+    wide = NVIDIA[(9, 0)].tile("prefill_fp8", 256)  # no fp8 tile that wide: the prefill table's
+    assert wide == NVIDIA[(9, 0)].tile("prefill", 256)
 
 
 def test_choose_splits_fills_the_gpu_only_when_needed():

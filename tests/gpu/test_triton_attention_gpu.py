@@ -64,6 +64,12 @@ BIG = [
             q_lens=(1, 1), k_lens=(9000, 4000)),
     # fp8 q and caches, out bf16
     replace(_D, q_lens=(1, 5, 1), k_lens=(3000, 200, 17), fp8="e4m3", q_fp8=True, descale="batch_head"),
+    # prefill over fp8 caches (the fp8 prefill tile): fp8 q (QK^T on the fp8 tensor cores) and bf16 q
+    replace(_D, q_lens=(700, 129, 1), k_lens=(700, 900, 3000), fp8="e4m3", q_fp8=True, descale="batch_head",
+            layout="HND"),
+    replace(_D, q_lens=(700, 129), k_lens=(700, 200), fp8="e4m3", q_fp8=True, head_size=80, num_q_heads=8,
+            num_kv_heads=2, window=(300, 0), softcap=30.0),
+    replace(_D, q_lens=(700, 129), k_lens=(700, 200), fp8="e4m3", descale="batch_head"),
     # other page sizes
     replace(_D, q_lens=(1, 40), k_lens=(1000, 333), block_size=1),
     replace(_D, q_lens=(1, 40), k_lens=(1000, 333), block_size=64, layout="combined"),
