@@ -21,10 +21,10 @@ from typing import Optional
 import torch
 
 from .compare import attention_mismatch, base, bases, caches_mismatch, clone_views, force_backend
-from .layouts import block_slots, device_fill, make_kv_cache, make_mla_cache, random_block_table, random_slots
+from .layouts import block_slots, device_fill, fp8_max, make_kv_cache, make_mla_cache, random_block_table, random_slots
 
 __all__ = ["OPS", "Case", "Workload", "default_suite", "quick_suite", "select_cases",
-           "ATTENTION_OPS", "WRITE_OPS", "DTYPES"]
+           "ATTENTION_OPS", "WRITE_OPS", "DTYPES", "FP8_CASE_DTYPES", "CASE_DTYPES"]
 
 WRITE_OPS = ("write", "mla-write")
 ATTENTION_OPS = ("decode", "prefill", "mixed")
@@ -33,6 +33,9 @@ PUBLIC_OP = {"write": "reshape_and_cache_flash", "mla-write": "concat_and_cache_
              "decode": "flash_attn_varlen_func", "prefill": "flash_attn_varlen_func",
              "mixed": "flash_attn_varlen_func"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# case dtypes with an fp8 cache and bf16 activations ("fp8q": q quantized to the cache's fp8 type too)
+FP8_CASE_DTYPES = ("fp8", "fp8q")
+CASE_DTYPES = tuple(DTYPES) + FP8_CASE_DTYPES
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,10 @@ class Case:
 
     ``dtype`` is the activation dtype ("bf16", "fp16"); "fp8" means bf16 activations with an fp8
     e4m3 cache (writes quantize with per-tensor scales, attention dequantizes with descales).
+    "fp8q" (attention only) is "fp8" with q itself quantized to the cache's fp8 type with a
+    per-tensor ``q_descale``, as vLLM calls FA3 with an fp8 cache; the output stays bf16. It
+    measures the fp8 x fp8 path of a kernel, which "fp8" (bf16 q) does not reach. A write case
+    given "fp8q" is an "fp8" write (writes have no q).
     Writes use ``tokens``; attention uses ``batch`` sequences of ``kv_len`` keys with ``q_len``
     queries each; "mixed" makes the first ``prefills`` sequences chunked prefills of ``q_len``
     queries and the rest decodes (one query). ``slots`` (writes): "random" (every token in a random
@@ -67,14 +74,19 @@ class Case:
 
     @property
     def act_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.dtype == "fp8" else DTYPES[self.dtype]
+        return torch.bfloat16 if self.dtype in FP8_CASE_DTYPES else DTYPES[self.dtype]
 
     @property
     def kv_cache_dtype(self) -> str:
-        return "fp8" if self.dtype == "fp8" else "auto"
+        return "fp8" if self.dtype in FP8_CASE_DTYPES else "auto"
 
     def cache_dtype(self, fp8_dtype: torch.dtype = torch.float8_e4m3fn) -> torch.dtype:
-        return fp8_dtype if self.dtype == "fp8" else self.act_dtype
+        return fp8_dtype if self.dtype in FP8_CASE_DTYPES else self.act_dtype
+
+    @property
+    def fp8_q(self) -> bool:
+        """q is quantized to the cache's fp8 type (attention cases of dtype "fp8q")."""
+        return self.dtype == "fp8q" and self.op in ATTENTION_OPS
 
     @property
     def size(self) -> str:
@@ -115,7 +127,8 @@ class Case:
 def default_suite() -> list:
     """The standard GPU suite, anchored on the issue's H100 configs (bf16, 8 kv heads x 128,
     block 16: writes of 256 / 4096 / 32768 tokens; decode 32q/8kv, batch 32 and 128 x 4096 keys;
-    prefill 8 x 2048 causal), plus layouts, fp8, MLA and a chunked-prefill mix."""
+    prefill 8 x 2048 causal), plus layouts, fp8 (the prefill also with an fp8 q), MLA and a
+    chunked-prefill mix."""
     w = Case("write", num_kv_heads=8, head_size=128, block_size=16)
     cases = [replace(w, tokens=t) for t in (256, 4096, 32768)]
     for layout in ("HND", "combined", "combined-HND", "cross-layer", "head-major"):
@@ -139,7 +152,7 @@ def default_suite() -> list:
                       head_size_v=512, block_size=64, batch=32, kv_len=4096))
     p = Case("prefill", num_q_heads=32, num_kv_heads=8, head_size=128, block_size=16, batch=8,
              q_len=2048, kv_len=2048)
-    cases += [p, replace(p, layout="HND"), replace(p, dtype="fp8")]
+    cases += [p, replace(p, layout="HND"), replace(p, dtype="fp8"), replace(p, dtype="fp8q")]
     cases.append(Case("mixed", num_q_heads=32, num_kv_heads=8, head_size=128, block_size=16,
                       batch=64, prefills=4, q_len=512, kv_len=4096))
     return cases
@@ -149,11 +162,12 @@ def quick_suite() -> list:
     """Tiny sizes for CPU smoke runs and tests (seconds with the reference backend)."""
     w = Case("write", num_kv_heads=2, head_size=64, block_size=16, tokens=64)
     d = Case("decode", num_q_heads=4, num_kv_heads=2, head_size=64, block_size=16, batch=3, kv_len=80)
+    p = Case("prefill", num_q_heads=4, num_kv_heads=2, head_size=64, block_size=16, batch=2, q_len=48, kv_len=48)
     return [
         w, replace(w, layout="HND"), replace(w, dtype="fp8"), replace(w, tokens=256),
         Case("mla-write", layout="MLA", kv_lora_rank=64, rope_dim=16, block_size=16, tokens=48),
         d, replace(d, layout="HND"), replace(d, dtype="fp8"),
-        Case("prefill", num_q_heads=4, num_kv_heads=2, head_size=64, block_size=16, batch=2, q_len=48, kv_len=48),
+        p, replace(p, dtype="fp8q"),
         Case("mixed", num_q_heads=4, num_kv_heads=2, head_size=64, block_size=16, batch=4, prefills=1,
              q_len=16, kv_len=64),
     ]
@@ -184,6 +198,10 @@ def select_cases(cases: list, ops=None, layouts=None, dtypes=None, sizes=None, t
         bad = [o for o in ops if o not in OPS]
         if bad:
             raise ValueError(f"--ops: unknown {bad}; expected some of {list(OPS)}")
+    if dtypes:
+        bad = [d for d in dtypes if d not in CASE_DTYPES]
+        if bad:
+            raise ValueError(f"--dtypes: unknown {bad}; expected some of {list(CASE_DTYPES)}")
     out = []
     seen = set()
 
@@ -229,6 +247,7 @@ class Workload:
       attention: ``q`` [total_q, Hq, Dk], ``key_cache`` / ``value_cache`` (4-D views),
       ``cu_seqlens_q`` int32 [B+1], ``seqused_k`` int32 [B], ``block_table`` int32 [B, max_blocks],
       ``max_seqlen_q`` / ``max_seqlen_k``, ``k_descale`` / ``v_descale`` (fp8: float32 [B, Hkv]),
+      ``q_descale`` (fp8q: float32 [1], q is then fp8; None otherwise: check it before reading q),
       ``softmax_scale``, ``causal``, ``q_lens`` / ``kv_lens`` (python lists).
     """
 
@@ -275,7 +294,7 @@ class Workload:
                       slot_mapping=(block_slots if c.slots == "prefill" else random_slots)(
                           t, nb, c.block_size, dtype=torch.int64).to(dev),
                       k_scale=None, v_scale=None, kv_cache_dtype=c.kv_cache_dtype)
-        if c.dtype == "fp8":
+        if c.kv_cache_dtype == "fp8":
             self.t.update(k_scale=torch.tensor([0.02], device=dev), v_scale=torch.tensor([0.03], device=dev))
         in_b, cache_b = torch.empty((), dtype=act).element_size(), kc.element_size()
         self.bytes = t * h * (dk + dv) * (in_b + cache_b) + t * 8
@@ -296,7 +315,7 @@ class Workload:
         act = c.act_dtype
         self.t.update(kv_c=torch.randn(t, r, device=dev, dtype=act), k_pe=torch.randn(t, p, device=dev, dtype=act),
                       kv_cache=cache, slot_mapping=random_slots(t, nb, c.block_size, dtype=torch.int64).to(dev),
-                      scale=torch.tensor([0.02], device=dev) if c.dtype == "fp8" else None,
+                      scale=torch.tensor([0.02], device=dev) if c.kv_cache_dtype == "fp8" else None,
                       kv_cache_dtype=c.kv_cache_dtype)
         in_b, cache_b = torch.empty((), dtype=act).element_size(), cache.element_size()
         self.bytes = t * (r + p) * (in_b + cache_b) + t * 8
@@ -326,21 +345,27 @@ class Workload:
         cu_q = [0]
         for l in q_lens:
             cu_q.append(cu_q[-1] + l)
+        q, q_descale = torch.randn(total_q, hq, dk, device=dev, dtype=act), None
+        if c.fp8_q:
+            # vLLM's per-tensor quantization of q for FA3 with an fp8 cache: q ~= q_fp8 * q_descale
+            fmax = fp8_max(kc.dtype)
+            q_descale = (q.float().abs().amax() / fmax).clamp_min(1e-12).reshape(1)
+            q = (q.float() / q_descale).clamp(-fmax, fmax).to(kc.dtype)
         self.t.update(
-            q=torch.randn(total_q, hq, dk, device=dev, dtype=act), key_cache=kc, value_cache=vc,
+            q=q, q_descale=q_descale, key_cache=kc, value_cache=vc,
             cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32, device=dev),
             seqused_k=torch.tensor(kv_lens, dtype=torch.int32, device=dev),
             block_table=random_block_table(kv_lens, nb, c.block_size).to(dev),
             max_seqlen_q=max(q_lens), max_seqlen_k=max(kv_lens), q_lens=q_lens, kv_lens=kv_lens,
             softmax_scale=1.0 / math.sqrt(dk), causal=c.causal, k_descale=None, v_descale=None,
             head_size_v=dv)
-        if c.dtype == "fp8":
+        if c.kv_cache_dtype == "fp8":
             self.t.update(k_descale=torch.rand(c.batch, hk, device=dev) * 0.02 + 0.01,
                           v_descale=torch.rand(c.batch, hk, device=dev) * 0.02 + 0.01)
         cache_b = kc.element_size()
         kv_dims = dk if c.layout == "mla-slices" else dk + dv  # V is a slice of K there: read once
-        act_b = torch.empty((), dtype=act).element_size()
-        self.bytes = sum(kv_lens) * hk * kv_dims * cache_b + total_q * hq * (dk + dv) * act_b
+        act_b, q_b = torch.empty((), dtype=act).element_size(), q.element_size()
+        self.bytes = sum(kv_lens) * hk * kv_dims * cache_b + total_q * hq * (dk * q_b + dv * act_b)
         pairs = 0
         for lq, lk in zip(q_lens, kv_lens):
             if c.causal:  # bottom-right aligned: query i sees keys <= i + lk - lq
@@ -358,18 +383,19 @@ class Workload:
         return dict(q=self.q, k=self.key_cache, v=self.value_cache, max_seqlen_q=self.max_seqlen_q,
                     cu_seqlens_q=self.cu_seqlens_q, max_seqlen_k=self.max_seqlen_k, seqused_k=self.seqused_k,
                     softmax_scale=self.softmax_scale, causal=self.causal, block_table=self.block_table,
-                    out=out, k_descale=self.k_descale, v_descale=self.v_descale)
+                    out=out, q_descale=self.q_descale, k_descale=self.k_descale, v_descale=self.v_descale)
 
     def new_out(self) -> torch.Tensor:
+        """A NaN-filled output in the activation dtype (bf16 also for an fp8 q)."""
         return torch.full((self.q.shape[0], self.q.shape[1], self.head_size_v), float("nan"),
-                          dtype=self.q.dtype, device=self.device)
+                          dtype=self.case.act_dtype, device=self.device)
 
     def gathered_kv(self, dtype: Optional[torch.dtype] = None):
         """Per sequence, contiguous K/V ``[Hkv, kv_len, D]`` gathered from the paged cache (fp8:
-        dequantized to ``dtype``): what a "no paging" baseline gets for free."""
+        dequantized to ``dtype``, by default the activation dtype): what a "no paging" baseline gets for free."""
         ks, vs = [], []
         bs = self.case.block_size
-        dtype = dtype or self.q.dtype
+        dtype = dtype or self.case.act_dtype
         for b, lk in enumerate(self.kv_lens):
             blocks = self.block_table[b, :-(-lk // bs)].long()
             k = self.key_cache[blocks].flatten(0, 1)[:lk]  # [lk, Hkv, D]
@@ -402,10 +428,10 @@ class Workload:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         if self.case.op in WRITE_OPS:
-            return caches_mismatch(self._caches, self.ref, self.case.dtype == "fp8", self.fp8_dtype)
+            return caches_mismatch(self._caches, self.ref, self.case.kv_cache_dtype == "fp8", self.fp8_dtype)
         if not isinstance(result, torch.Tensor):
             return f"returned {type(result).__name__}, expected the output tensor"
-        tol = 3e-2 if self.case.dtype in ("bf16", "fp8") else 1e-2 if self.case.dtype == "fp16" else 1e-4
+        tol = 3e-2 if self.case.dtype in ("bf16",) + FP8_CASE_DTYPES else 1e-2 if self.case.dtype == "fp16" else 1e-4
         why, rel = attention_mismatch(result, self.ref, tol)
         if why:
             return why

@@ -58,7 +58,7 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", metavar="PATH", help="write the tables as markdown")
     p.add_argument("--ops", help="comma list of: write, mla-write, decode, prefill, mixed")
     p.add_argument("--layouts", help="comma list, e.g. NHD,HND,combined,cross-layer,head-major,diffkv,MLA,mla-slices")
-    p.add_argument("--dtypes", help="comma list of: bf16, fp16, fp8")
+    p.add_argument("--dtypes", help="comma list of: bf16, fp16, fp8, fp8q (fp8 cache and fp8 q: attention only)")
     p.add_argument("--sizes", help="keep cases whose size label is listed, e.g. T4096,B32xL4096")
     p.add_argument("--tokens", help="write sizes (tokens) replacing the suite's, e.g. 256,4096,32768")
     p.add_argument("--decode", help="decode sizes BATCHxKVLEN replacing the suite's, e.g. 32x4096,128x4096")

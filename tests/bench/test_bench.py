@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import kvdispatch.cli
 from kvbench.cases import Case, Workload, default_suite, quick_suite, select_cases
 from kvbench.cli import bench as main, run_bench as run
 from kvbench.compare import force_backend
-from kvbench.vendors import Unsupported, Vendor, discover_vendors
+from kvbench.vendors import KvdispatchImpl, Unsupported, Vendor, discover_vendors
 from kvdispatch.registry import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -224,6 +225,82 @@ def test_byte_and_flop_counts():
     # causal, q_len 3 of kv_len 5 (bottom-right): rows see 3, 4, 5 keys
     c = Case("mixed", num_q_heads=1, num_kv_heads=1, head_size=16, block_size=16, batch=1, prefills=1, q_len=3, kv_len=5)
     assert Workload.build(c, "cpu").flops == 2 * (3 + 4 + 5) * 32
+
+
+class _Bf16QOnly(Vendor):
+    """A correct attention adapter that was written for bf16 q: the runner must not hand it an fp8 one."""
+    name, platforms, ops = "fake-bf16-q", ("*",), ("prefill",)
+    prepared = 0  # prepare calls, per instance
+
+    def prepare(self, op, w):
+        self.prepared += 1
+        kw = w.public_attention_kwargs()
+        return lambda: kvdispatch.flash_attn_varlen_func(**kw)
+
+
+class _Fp8Q(_Bf16QOnly):
+    name, fp8_q = "fake-fp8-q", True
+
+
+def test_fp8q_prefill_workload_and_rows():
+    """dtype "fp8q": q quantized per tensor to the cache's fp8 type (vLLM's FA3 convention), bf16 out; kvdispatch
+    checks ok against the reference, an implementation without ``fp8_q`` is "unsupported" before ``prepare``."""
+    from kvbench.layouts import fp8_max
+    from kvbench.runner import run_case
+    from kvbench.vendors.torch_baselines import SdpaGathered
+    from kvdispatch.platform import interpreting
+
+    case = next(c for c in quick_suite() if c.dtype == "fp8q")
+    assert case.op == "prefill" and case.kv_cache_dtype == "fp8" and case.act_dtype == torch.bfloat16
+    w = Workload.build(case, "cpu")
+    assert w.q.dtype == torch.float8_e4m3fn and w.key_cache.dtype == torch.float8_e4m3fn
+    assert w.q_descale.dtype == torch.float32 and w.q_descale.shape == (1,)
+    assert w.q.float().abs().amax() == fp8_max(torch.float8_e4m3fn)  # the largest |q| maps to the fp8 max
+    assert w.k_descale.shape == (case.batch, case.num_kv_heads)
+    assert w.new_out().dtype == torch.bfloat16 and w.gathered_kv()[0][0].dtype == torch.bfloat16
+    total_q, kv = case.batch * case.q_len, case.batch * case.kv_len
+    assert w.bytes == kv * 2 * 128 * 1 + total_q * 4 * (64 * 1 + 64 * 2)  # fp8 K/V and q, bf16 out
+    # the same case with a bf16 q: the reference sees the quantized q, so it differs from it by q's rounding
+    w16 = Workload.build(replace(case, dtype="fp8"), "cpu")
+    assert w16.q_descale is None and w16.q.dtype == torch.bfloat16
+    assert 1e-3 < (w.ref - w16.ref).norm() / w16.ref.norm() < 3e-2
+
+    impls = [KvdispatchImpl(registry.get("reference"))]
+    if interpreting():  # tests/conftest.py without a GPU: the Triton kernels on CPU tensors
+        impls.append(KvdispatchImpl(registry.get("triton")))
+    for impl in impls:
+        r = run_case(case, w, impl, 1.0, 1.0, rep_ms=1)
+        assert r["status"] == "ok" and r["rel_err"] < 3e-2 and r["us"] > 0, r
+    bf16_q, fp8_q = _Bf16QOnly(), _Fp8Q()
+    for impl in (bf16_q, SdpaGathered()):
+        r = run_case(case, w, impl, 1.0, 1.0, rep_ms=1)
+        assert r["status"] == "unsupported" and r["reason"] == "fp8 q (q_descale)" and r["us"] is None, r
+    assert bf16_q.prepared == 0
+    assert run_case(case, w, fp8_q, 1.0, 1.0, rep_ms=1)["status"] == "ok" and fp8_q.prepared == 1
+    # the bf16-q adapter still runs the fp8 (bf16 q) case
+    assert run_case(replace(case, dtype="fp8"), w16, _Bf16QOnly(), 1.0, 1.0, rep_ms=1)["status"] == "ok"
+
+
+def test_fp8q_is_attention_only():
+    """No suite has fp8q writes; a write case given "fp8q" is an fp8 write (writes have no q); every attention
+    workload has ``q_descale``."""
+    for suite in (default_suite(), quick_suite()):
+        sel = select_cases(suite, dtypes="fp8q")
+        assert sel and all(c.op in ("decode", "prefill", "mixed") for c in sel)
+    ids = [c.id for c in default_suite()]
+    fp8 = "prefill NHD fp8 B8xL2048 32q/8kv xD128 bs16 causal"
+    assert ids[ids.index(fp8) + 1] == fp8.replace("fp8", "fp8q")
+    with pytest.raises(ValueError, match="--dtypes"):
+        select_cases(default_suite(), dtypes="fp8,int8")
+    w = Workload.build(Case("write", dtype="fp8q", num_kv_heads=2, head_size=64, block_size=16, tokens=10), "cpu")
+    assert w.kv_cache_dtype == "fp8" and w.k_scale is not None and w.key_cache.dtype == torch.float8_e4m3fn
+    with force_backend("reference"):
+        kvdispatch.reshape_and_cache_flash(w.key, w.value, w.key_cache, w.value_cache, w.slot_mapping,
+                                           w.kv_cache_dtype, w.k_scale, w.v_scale)
+    assert w.check(None) is None
+    for c in quick_suite():
+        if c.op in ("decode", "prefill", "mixed"):
+            assert (Workload.build(c, "cpu").q_descale is None) == (c.dtype != "fp8q")
 
 
 def test_suite_selection_and_anchors():

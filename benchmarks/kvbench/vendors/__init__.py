@@ -55,6 +55,9 @@ class Vendor:
     * ``distribution``: the pip distribution whose version is reported.
     * ``platforms``: platform names it runs on (``"*"``: any).
     * ``ops``: bench op names (``"write"``, ``"mla-write"``, ``"decode"``, ``"prefill"``, ``"mixed"``).
+    * ``fp8_q``: takes an fp8 q with a per-tensor ``q_descale`` (attention cases of dtype "fp8q").
+      The runner reports such a case "unsupported" for an adapter without it before ``prepare``,
+      so an adapter written for bf16 q never sees an fp8 one (it would raise or compute garbage).
     """
 
     name: str = ""
@@ -63,6 +66,7 @@ class Vendor:
     distribution: Optional[str] = None
     platforms: tuple = ("nvidia", "rocm")
     ops: tuple = ()
+    fp8_q: bool = False
 
     def available(self, platform: Platform) -> Optional[str]:
         """None when usable on ``platform``, else why not (not installed, wrong platform)."""
@@ -110,6 +114,7 @@ class KvdispatchImpl(Vendor):
     kind = "kvdispatch"
     platforms = ("*",)
     ops = tuple(PUBLIC_OP)
+    fp8_q = True  # the public API takes q_descale; a backend that declines fp8 q is unsupported at prepare
 
     def __init__(self, backend):
         self.backend = backend

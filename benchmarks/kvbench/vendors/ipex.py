@@ -22,7 +22,7 @@ class IpexVendor(Vendor):
         PagedAttention, why = paged_attention_module()
         if why:
             raise Unsupported(why)
-        if w.case.layout != "NHD" or w.case.dtype == "fp8":
+        if w.case.layout != "NHD" or w.case.kv_cache_dtype != "auto":
             raise Unsupported("packed NHD bf16/fp16 caches only")
         if op == "write":
             a = (w.key, w.value, w.key_cache, w.value_cache, w.slot_mapping)
