@@ -115,7 +115,7 @@ _H100 = AttentionConfig(
     split_min_keys=512,
     source="H100 80GB HBM3 (sm90): kvdispatch bench --tune attention, see benchmarks/results/attention_h100.md; "
            "MLA decode tile: H200, benchmarks/results/h200_mla_tiles.md; head-128 prefill and mixed tiles: H200, "
-           "benchmarks/results/h200_mixed_ab.txt",
+           "benchmarks/results/h200_mixed_ab.txt; fp8 prefill tile: H200, benchmarks/results/h200_fp8_tiles.txt",
     decode_shared_kv=(TileConfig(1024, block_m=16, block_n=64, num_warps=4, num_stages=2),),
     mixed=(
         TileConfig(128, block_m=16, block_n=128, num_warps=4, num_stages=2),
