@@ -682,9 +682,9 @@ def _fp8_dot(q_dtype, desc, v_is_k: bool, interp: bool, da: int) -> bool:
     caller quantized q, with ``q_descale``, as vLLM does for FA3) and Triton drives the platform's fp8
     tensor cores (NVIDIA sm90, measured; the interpreter computes the same dot exactly). Exact: fp8
     products summed in fp32, as the 16-bit dot of the decoded values. PV stays 16-bit: fp8 wgmma wants
-    V key-contiguous in shared memory, which Triton 3.6 builds through registers, unpipelined (H200,
-    8 x 2048: 155-261 TFLOP/s with P in fp8, against 351-458 for QK^T alone;
-    benchmarks/results/h200_fp8_ab.txt). Compiled fp8 dots need 32 along K: the head's power-of-two part."""
+    V key-contiguous in shared memory, which Triton 3.6 builds through registers (H200, 8 x 2048:
+    155-261 TFLOP/s with P in fp8, against 351-458 for QK^T alone; benchmarks/results/h200_fp8_ab.txt).
+    Compiled fp8 dots need 32 along K: the head's power-of-two part."""
     if q_dtype != torch.float8_e4m3fn or desc.cache_dtype != torch.float8_e4m3fn or v_is_k:
         return False
     if interp:

@@ -171,7 +171,10 @@ def plot(path: str, info: dict, rows: list) -> None:
         ax.set_ylabel("% of matmul peak" if metric == "pct_peak" else "% of copy bandwidth")
         ax.set_title(op)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", ncol=min(4, len(present)))
+        # headroom above the tallest bar: the legend sits there, not over the bars
+        top = max([r[metric] for r in group if r["status"] == "ok" and r.get(metric) is not None] or [1.0])
+        ax.set_ylim(0, top * 1.3)
+        ax.legend(fontsize=7, loc="upper left", ncol=min(5, max(1, len(present))))
     fig.suptitle(f"kvdispatch bench on {info.get('device_name', info['device'])} "
                  f"(copy {info['copy']['GBps']:.0f} GB/s; red x = WRONG/error)")
     fig.tight_layout()

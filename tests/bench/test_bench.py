@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -384,3 +385,19 @@ def test_decode_prefill_split_rebuilds_the_batch():
     assert pre.qo_indptr.tolist() == [0, 7, 7, 10] and dec.qo_indptr.tolist() == [0, 1, 2, 3]
     assert decode_prefill_split(SimpleNamespace(q_lens=[1, 5, 1], device="cpu")) is None
     assert decode_prefill_split(SimpleNamespace(q_lens=[1, 1], device="cpu")) is None
+
+
+@pytest.mark.parametrize("script", ["fp8_ab.py", "size_ceilings.py",
+                                    pytest.param("mixed_ab.py", marks=pytest.mark.slow)])  # 90 s on 2 cores
+def test_ab_scripts_smoke(script):
+    """The GPU A/B scripts the tuning tables cite run end to end on the CPU (Triton interpreter, tiny
+    sizes): every variant checked against the reference, none WRONG, none raising."""
+    path = [ROOT, os.path.join(ROOT, "benchmarks")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                                         if p]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(path))
+    r = subprocess.run([sys.executable, os.path.join("benchmarks", script), "--quick", "--device", "cpu"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert len(lines) >= 3, r.stdout
+    assert not [x for x in lines if "WRONG" in x or "Error" in x], r.stdout
