@@ -98,7 +98,8 @@ class AttentionConfig:
 # Prefill over fp8 caches, head 128: 128x64, 4 warps, 2 stages, measured on an H200 (2026-12-02,
 # `python3 benchmarks/fp8_ab.py`, benchmarks/results/h200_fp8_ab.txt), 8 x 2048 causal, e4m3 cache: bf16 q
 # 302 TFLOP/s, fp8 q (QK^T on the fp8 tensor cores) 458, against 250 / 351 for the bf16 table's 64x64/4/2
-# and 231-281 / 312-387 for 128x64/8/2, 128x128/8/2, 64x128/4/2, 128x32/4/3.
+# and 231-281 / 312-387 for 128x64/8/2, 128x128/8/2, 64x128/4/2, 128x32/4/3; the mixed batch over an e4m3 cache
+# 599.9 / 471.5 us against 693.9 / 557.6 with 64x64 (benchmarks/results/h200_fp8_mixed.txt).
 _H100 = AttentionConfig(
     decode=(
         TileConfig(128, block_m=16, block_n=128, num_warps=4, num_stages=2),
