@@ -182,15 +182,14 @@ def _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, 
         ka = tl.load(k_ptr + k_rows[None, :] + offs_da[:, None])
     if FP8_DOT:
         s = tl.dot(qa, ka)  # fp8 q and K as stored: fp8 tensor cores, exact products, fp32 sums
-    elif DOT_F32:
-        ka = _to_compute(ka, KV_MODE, COMPUTE)
-        s = tl.dot(qa.to(tl.float32), ka.to(tl.float32), input_precision="ieee")
-    elif IEEE:
-        ka = _to_compute(ka, KV_MODE, COMPUTE)
-        s = tl.dot(qa, ka, input_precision="ieee")
     else:
         ka = _to_compute(ka, KV_MODE, COMPUTE)
-        s = tl.dot(qa, ka)
+        if DOT_F32:
+            s = tl.dot(qa.to(tl.float32), ka.to(tl.float32), input_precision="ieee")
+        elif IEEE:
+            s = tl.dot(qa, ka, input_precision="ieee")
+        else:
+            s = tl.dot(qa, ka)
     if DB > 0:
         offs_db = DA + tl.arange(0, DB)
         kb_mask = offs_db[:, None] < DA + DB_VALID
@@ -199,15 +198,14 @@ def _tile(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, bt_row, start, k_start, kvh, lk, 
         kb = tl.load(k_ptr + k_rows[None, :] + offs_db[:, None], mask=kb_mask, other=0.0)
         if FP8_DOT:
             s += tl.dot(qb, kb)
-        elif DOT_F32:
-            kb = _to_compute(kb, KV_MODE, COMPUTE)
-            s += tl.dot(qb.to(tl.float32), kb.to(tl.float32), input_precision="ieee")
-        elif IEEE:
-            kb = _to_compute(kb, KV_MODE, COMPUTE)
-            s += tl.dot(qb, kb, input_precision="ieee")
         else:
             kb = _to_compute(kb, KV_MODE, COMPUTE)
-            s += tl.dot(qb, kb)
+            if DOT_F32:
+                s += tl.dot(qb.to(tl.float32), kb.to(tl.float32), input_precision="ieee")
+            elif IEEE:
+                s += tl.dot(qb, kb, input_precision="ieee")
+            else:
+                s += tl.dot(qb, kb)
 
     if SOFTCAP:
         # softcap * tanh(x / softcap) on the scaled score, then to base 2 for exp2
@@ -632,8 +630,9 @@ def plan_for(q: torch.Tensor, out: torch.Tensor, desc, args, decode: bool, v_is_
     rest = dk - da
     fp8_dot = _fp8_dot(q.dtype, desc, v_is_k, interp, da)
     db = _pow2_ceil(rest) if rest else 0
-    if db and db < (32 if fp8_dot else 16):
-        db = 32 if fp8_dot else 16  # tl.dot needs K >= 16 (fp8: 32)
+    min_k = 32 if fp8_dot else 16  # tl.dot's smallest K (fp8: 32)
+    if db and db < min_k:
+        db = min_k
     kv_mode = FP8_NATIVE if fp8_dot else _mode(desc.cache_dtype, desc.platform, interp)
     q_mode = FP8_NATIVE if fp8_dot else _mode(q.dtype, desc.platform, interp)
     if q.dtype == torch.float32:
